@@ -1,0 +1,130 @@
+"""Command line: argument parsing only; every subcommand calls into a module.
+
+    m3tgossip node --topology FILE --id NODE [--config FILE] [options]
+    m3tgossip topology check FILE [--target 1e-6] [--json]
+    m3tgossip status ENDPOINT [--timeout 3]
+    m3tgossip testbed --topology FILE --workload consensus --rounds 60 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from m3tgossip import __version__
+from m3tgossip.errors import ConfigError
+
+
+def _option(text: str) -> tuple[str, Any]:
+    """Parse `key=value` with a TOML value (`size=4096`, `mode="separate"`, `lr=1e-3`)."""
+    import tomllib
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value  # a bare word is a string
+    return key.strip(), parsed
+
+
+def _node_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("node", help="run one node daemon", description="Run one node daemon.")
+    p.add_argument("--config", help="node config file (TOML); command-line options override it")
+    p.add_argument("--topology", help="topology spec (TOML) shared by the federation")
+    p.add_argument("--id", help="this node's id in the topology")
+    p.add_argument("--workload", help="consensus | edu")
+    p.add_argument("--rounds", type=int, help="rounds to run (0: until stopped)")
+    p.add_argument("--seed", type=int, help="federation seed")
+    p.add_argument("--state-dir", dest="state_dir", help="folder for checkpoint and metrics")
+    p.add_argument("--metrics", help="metrics file (JSON lines)")
+    p.add_argument("--bind", help="endpoint to bind, e.g. tcp://0.0.0.0:5701")
+    p.add_argument("--fresh", action="store_true", default=None, help="ignore an existing checkpoint")
+    p.add_argument("--mode", dest="gossip.mode", help="sync | push-sum")
+    p.add_argument("--deadline", dest="gossip.round_deadline_s", type=float, help="round deadline (s)")
+    p.add_argument("--startup-grace", dest="gossip.startup_grace_s", type=float, help="seconds to wait for neighbours at start")
+    p.add_argument(
+        "--option", "-o", action="append", type=_option, default=[], metavar="KEY=VALUE",
+        help="workload option (repeatable), e.g. -o size=100000",
+    )
+
+
+def _cmd_node(args: argparse.Namespace) -> int:
+    from m3tgossip.config import load_node_config
+    from m3tgossip.node import run_node
+
+    keys = ("topology", "id", "workload", "rounds", "seed", "state_dir", "metrics", "bind", "fresh",
+            "gossip.mode", "gossip.round_deadline_s", "gossip.startup_grace_s")
+    overrides: dict[str, Any] = {k: getattr(args, k) for k in keys}
+    for key, value in args.option:
+        overrides[f"workload.{key}"] = value
+    config = load_node_config(args.config, overrides)
+    return run_node(config)
+
+
+def _cmd_topology_check(args: argparse.Namespace) -> int:
+    from m3tgossip.topology import check_report, format_report, load_topology
+
+    topo = load_topology(args.file)
+    report = check_report(topo, target_error=args.target)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0 if report.get("connected", False) else 1
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from m3tgossip.status import query_status
+
+    state = query_status(args.endpoint, timeout_s=args.timeout)
+    print(json.dumps(state, indent=2, sort_keys=True))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="m3tgossip",
+        description="Decentralized gossip learning of multi-modal multi-task models for education.",
+    )
+    parser.add_argument("--version", action="version", version=f"m3tgossip {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _node_parser(sub)
+    topo = sub.add_parser("topology", help="inspect topology specs")
+    topo_sub = topo.add_subparsers(dest="topology_command", required=True)
+    check = topo_sub.add_parser("check", help="validate a spec and predict consensus speed")
+    check.add_argument("file")
+    check.add_argument("--target", type=float, default=1e-6, help="relative consensus error (default 1e-6)")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    status = sub.add_parser("status", help="query a running node")
+    status.add_argument("endpoint", help="the node's endpoint, e.g. tcp://127.0.0.1:5701")
+    status.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    sub.add_parser("testbed", help="run a multi-process testbed on this machine", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["testbed"]:
+        from m3tgossip.testbed import main as testbed_main
+
+        return testbed_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "node":
+            return _cmd_node(args)
+        if args.command == "topology":
+            return _cmd_topology_check(args)
+        if args.command == "status":
+            return _cmd_status(args)
+    except ConfigError as exc:
+        print(f"m3tgossip: error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError, TimeoutError) as exc:
+        print(f"m3tgossip: error: {exc}", file=sys.stderr)
+        return 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Consensus steps: Metropolis-Hastings weights, spectral prediction, in-place mixing, push-sum.
+
+This module owns the arithmetic of averaging and nothing else: it sees numpy arrays and graphs,
+never sockets, messages or torch. Weights always come from the topology spec that every node
+shares (`node_weights`), never from degrees a peer reports about itself. Round logic that needs
+them (deadlines, quorum, who was heard) lives in the daemon; it calls `renormalise` with the
+neighbours it heard from and then `mix_into` or `choco_mix_into`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import networkx as nx
+import numpy as np
+
+if TYPE_CHECKING:
+    from m3tgossip.topology import Topology
+
+#: eigenvalue moduli this close to 1 are reported as exactly 1 (a disconnected graph)
+SLEM_ONE_TOLERANCE = 1e-12
+
+
+def metropolis_hastings(graph: nx.Graph, order: Sequence[str] | None = None) -> np.ndarray:
+    """Metropolis-Hastings mixing matrix of an undirected graph.
+
+    `W[i, j] = 1 / (1 + max(d_i, d_j))` for every edge, `W[i, i] = 1 - sum_j W[i, j]`, zero
+    elsewhere. The result is symmetric and doubly stochastic with a positive diagonal. Rows and
+    columns follow `order` (default: the graph's node order).
+    """
+    nodes = list(graph.nodes) if order is None else list(order)
+    if len(nodes) != graph.number_of_nodes() or set(nodes) != set(graph.nodes):
+        raise ValueError("order must list every node of the graph exactly once")
+    if nx.number_of_selfloops(graph):
+        raise ValueError("Metropolis-Hastings weights need a graph without self-loops")
+    index = {node: i for i, node in enumerate(nodes)}
+    degree = dict(graph.degree())
+    W = np.zeros((len(nodes), len(nodes)))
+    for u, v in graph.edges():
+        i, j = index[u], index[v]
+        W[i, j] = W[j, i] = 1.0 / (1.0 + max(degree[u], degree[v]))
+    W[np.diag_indices_from(W)] = 1.0 - W.sum(axis=1)
+    return W
+
+
+def slem(W: np.ndarray) -> float:
+    """Second largest eigenvalue modulus of a symmetric doubly stochastic matrix.
+
+    It is the factor by which one synchronous round shrinks the distance to the average (in the
+    worst case). A 1x1 matrix has nothing to mix and gives 0; a disconnected graph gives 1.
+    """
+    W = np.asarray(W, dtype=float)
+    if W.ndim != 2 or W.shape[0] != W.shape[1]:
+        raise ValueError(f"a mixing matrix must be square, got shape {W.shape}")
+    if not np.allclose(W, W.T):
+        raise ValueError("slem needs a symmetric mixing matrix")
+    if W.shape[0] == 1:
+        return 0.0
+    moduli = np.sort(np.abs(np.linalg.eigvalsh(W)))[::-1]
+    value = float(moduli[1])
+    return 1.0 if value >= 1.0 - SLEM_ONE_TOLERANCE else value
+
+
+def predicted_rounds(slem: float, target_error: float, initial_error: float = 1.0) -> int | None:
+    """Smallest `t` with `initial_error * slem**t <= target_error`.
+
+    0 when the error is already at or under the target; None when `slem >= 1` (the graph is
+    disconnected and the error never shrinks to the target).
+    """
+    if target_error <= 0.0:
+        raise ValueError(f"target_error must be positive, got {target_error}")
+    if initial_error < 0.0:
+        raise ValueError(f"initial_error must not be negative, got {initial_error}")
+    if slem < 0.0:
+        raise ValueError(f"slem must not be negative, got {slem}")
+    if initial_error <= target_error:
+        return 0
+    if slem >= 1.0:
+        return None
+    if slem == 0.0:
+        return 1
+    t = max(1, math.ceil(math.log(target_error / initial_error) / math.log(slem)))
+    # the logarithms can be off by one ulp either way; settle on the exact smallest t
+    while initial_error * slem**t > target_error:
+        t += 1
+    while t > 1 and initial_error * slem ** (t - 1) <= target_error:
+        t -= 1
+    return t
+
+
+def node_weights(topology: Topology, node_id: str, component: str) -> dict[str, float]:
+    """Row `node_id` of the Metropolis-Hastings matrix of `component`'s holder subgraph.
+
+    Returns `{node_id: w_ii, neighbour: w_ij, ...}` (self first, then neighbours sorted). The
+    degrees come from the shared topology spec only. Raises KeyError if the node does not hold
+    the component shared.
+    """
+    graph = topology.component_graph(component)
+    if node_id not in graph:
+        raise KeyError(f'node "{node_id}" does not hold component "{component}" shared')
+    own_degree = graph.degree(node_id)
+    neighbours = sorted(graph.neighbors(node_id))
+    row = {j: 1.0 / (1.0 + max(own_degree, graph.degree(j))) for j in neighbours}
+    return {node_id: 1.0 - sum(row.values()), **row}
+
+
+def renormalise(
+    weights: Mapping[str, float], self_id: str, heard: Collection[str]
+) -> dict[str, float]:
+    """Drop the neighbours not heard from this round and move their weight to `self_id`.
+
+    The row still sums to 1, so mixing stays an average. Ids in `heard` that have no weight
+    (not neighbours for this component) are ignored.
+    """
+    if self_id not in weights:
+        raise ValueError(f'weights have no entry for self "{self_id}"')
+    kept = {j: w for j, w in weights.items() if j != self_id and j in heard}
+    missing = sum(w for j, w in weights.items() if j != self_id and j not in heard)
+    return {self_id: weights[self_id] + missing, **kept}
+
+
+def mix_into(
+    own: np.ndarray,
+    self_id: str,
+    values: Mapping[str, np.ndarray],
+    weights: Mapping[str, float],
+) -> None:
+    """`own[:] = w_ii * own + sum_j w_ij * values[j]`, in place.
+
+    Uses one scratch array the size of `own`; neighbour values of another dtype are cast.
+    Every neighbour in `weights` must have a value (call `renormalise` first).
+    """
+    if self_id not in weights:
+        raise ValueError(f'weights have no entry for self "{self_id}"')
+    neighbours = sorted(j for j in weights if j != self_id)
+    for j in neighbours:
+        if j not in values:
+            raise KeyError(f'no value from neighbour "{j}"; renormalise over those heard first')
+        if values[j].shape != own.shape:
+            raise ValueError(f'value from "{j}" has shape {values[j].shape}, expected {own.shape}')
+    own *= weights[self_id]
+    if not neighbours:
+        return
+    scratch = np.empty_like(own)
+    for j in neighbours:
+        np.multiply(values[j], weights[j], out=scratch, casting="same_kind")
+        own += scratch
+
+
+def choco_mix_into(
+    own: np.ndarray,
+    replica_self: np.ndarray,
+    replicas: Mapping[str, np.ndarray],
+    weights: Mapping[str, float],
+    gamma: float = 1.0,
+) -> None:
+    """CHOCO-gossip step: `own += gamma * sum_j w_ij * (replicas[j] - replica_self)`, in place.
+
+    `replica_self` is the public copy of this node's state that its neighbours hold and
+    `replicas[j]` this node's copy of neighbour j's; both are kept up to date from compressed
+    deltas elsewhere. `weights` is a row from `node_weights`/`renormalise`: its one key without a
+    replica is the node itself, whose term is zero. With `gamma = 1` and exact replicas this
+    equals `mix_into`.
+    """
+    without_replica = sorted(j for j in weights if j not in replicas)
+    if len(without_replica) > 1:
+        raise KeyError(
+            f"no replica for {without_replica}; only the node itself may lack one "
+            "(renormalise over the neighbours heard first)"
+        )
+    if replica_self.shape != own.shape:
+        raise ValueError(f"replica_self has shape {replica_self.shape}, expected {own.shape}")
+    terms = sorted(j for j in weights if j in replicas)
+    for j in terms:
+        if replicas[j].shape != own.shape:
+            raise ValueError(
+                f'replica of "{j}" has shape {replicas[j].shape}, expected {own.shape}'
+            )
+    if not terms:
+        return
+    scratch = np.empty_like(own)
+    for j in terms:
+        np.multiply(replicas[j], gamma * weights[j], out=scratch, casting="same_kind")
+        own += scratch
+    off_diagonal = sum(weights[j] for j in terms)
+    np.multiply(replica_self, gamma * off_diagonal, out=scratch, casting="same_kind")
+    own -= scratch
+
+
+class PushSum:
+    """Asynchronous push-sum (Kempe, Dobra, Gehrke 2003) for directed or lossy links.
+
+    A node carries a value `x` and a scalar weight `w`; `x / w` tends to the network average as
+    long as the total mass (sum of `x` and of `w`) is conserved: a share that is not delivered
+    must be absorbed back by its sender.
+    """
+
+    def __init__(self, x: np.ndarray, w: float = 1.0) -> None:
+        if not w > 0.0:
+            raise ValueError(f"push-sum weight must be positive, got {w}")
+        self.x = np.array(x, dtype=np.float64)
+        self.w = float(w)
+
+    def split(self, n_out: int) -> tuple[np.ndarray, float]:
+        """Keep a `1/(n_out+1)` share; return the equal share to send to each out-neighbour."""
+        if n_out < 0:
+            raise ValueError(f"n_out must not be negative, got {n_out}")
+        fraction = 1.0 / (n_out + 1)
+        self.x *= fraction
+        self.w *= fraction
+        return self.x.copy(), self.w
+
+    def absorb(self, x: np.ndarray, w: float) -> None:
+        """Add a received (or undelivered, returned) share."""
+        if np.shape(x) != self.x.shape:
+            raise ValueError(f"push-sum share has shape {np.shape(x)}, expected {self.x.shape}")
+        if w < 0.0:
+            raise ValueError(f"push-sum share weight must not be negative, got {w}")
+        self.x += x
+        self.w += w
+
+    def estimate(self) -> np.ndarray:
+        """The current estimate of the average, `x / w`."""
+        return self.x / self.w
+
+
+def simulate_sync(W: np.ndarray, X0: np.ndarray, rounds: int) -> np.ndarray:
+    """Relative consensus error of synchronous mixing `X <- W X` for `rounds` rounds.
+
+    Entry `t` of the result is `||X_t - mean|| / ||X0 - mean||` (entry 0 is 1, or 0 if `X0` is
+    already at consensus). For symmetric doubly stochastic `W` it never exceeds `slem(W)**t`.
+    """
+    X = np.array(X0, dtype=np.float64)
+    if X.shape[0] != W.shape[0]:
+        raise ValueError(f"X0 has {X.shape[0]} rows, W has {W.shape[0]}")
+    mean = X.mean(axis=0)
+    initial = float(np.linalg.norm(X - mean))
+    errors = np.zeros(rounds + 1)
+    for t in range(rounds + 1):
+        if t:
+            X = W @ X
+        errors[t] = float(np.linalg.norm(X - mean)) / initial if initial else 0.0
+    return errors

@@ -1,0 +1,668 @@
+"""The node daemon: one loop that works locally, exchanges with neighbours, mixes, checkpoints.
+
+A round (sync mode) is: local work (`Workload.local_step`), one message to every neighbour with
+the delta of each shared component against the replica the neighbours hold (CHOCO-style; a
+`state` message instead where a neighbour lost its replica), collection of the neighbours'
+messages for the same round until all expected ones arrived or the deadline passed (never
+forever), mixing over the replicas with Metropolis-Hastings weights re-normalised over the
+neighbours heard from, a checkpoint, and one JSON line of metrics.
+
+Messages that arrive early (a neighbour already in the next round) wait in a bounded queue and
+are applied when this node reaches that round, so both ends of an edge always mix the same pair
+of replica versions and the network mean is preserved exactly. A malformed message is logged
+with its reason and dropped; nothing a peer sends can raise out of the loop.
+
+Push-sum mode runs asynchronous ticks instead: each tick a node keeps a share of its (value,
+weight) pair and pushes equal shares to its neighbours, absorbing whatever has arrived.
+
+This one thread owns the sockets. Signals only set a flag that the loop checks between polls.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from m3tgossip import checkpoint, wire
+from m3tgossip.config import NodeConfig
+from m3tgossip.errors import ProtocolError
+from m3tgossip.log import get_logger
+from m3tgossip.metrics import MetricsWriter
+from m3tgossip.mixing import PushSum, choco_mix_into, node_weights, renormalise
+from m3tgossip.topology import Topology, load_topology
+from m3tgossip.transport import Transport, is_loopback
+from m3tgossip.workloads import make_workload
+from m3tgossip.workloads.base import Workload
+
+log = get_logger(__name__)
+
+#: early messages buffered per neighbour before the oldest are dropped (and a resync asked)
+MAX_PENDING = 64
+#: seconds between HELLO retries while waiting for neighbours at start-up
+HELLO_RETRY_S = 0.25
+#: longest single poll, so signals and heartbeats are noticed promptly
+POLL_SLICE_MS = 50
+
+
+@dataclass
+class Peer:
+    """What this node knows about one neighbour."""
+
+    id: str
+    endpoint: str
+    components: tuple[str, ...]
+    session: str | None = None
+    last_seq: int = -1
+    model_ok: bool = True
+    left: bool = False
+    missed: int = 0
+    last_heard: float = 0.0
+    round: int = -1
+    replicas: dict[str, np.ndarray] = field(default_factory=dict)
+    versions: dict[str, int] = field(default_factory=dict)
+    heard: dict[str, int] = field(default_factory=dict)
+    pending: list[wire.Message] = field(default_factory=list)
+    need_state: set[str] = field(default_factory=set)
+    resync_asked: int = -1
+    bytes_in: int = 0
+    bytes_out: int = 0
+    dropped_out: int = 0
+
+    def reset(self, session: str | None) -> None:
+        """A new incarnation of the neighbour: forget its replicas, send it full state."""
+        self.session = session
+        self.last_seq = -1
+        self.replicas.clear()
+        self.versions.clear()
+        self.heard.clear()
+        self.pending.clear()
+        self.need_state = set(self.components)
+        self.left = False
+        self.missed = 0
+
+
+class Node:
+    """One daemon. `run()` blocks until the rounds are done or a signal arrives."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        topology: Topology | None = None,
+        workload: Workload | None = None,
+    ) -> None:
+        self.config = config
+        self.topology = topology or load_topology(config.topology)
+        self.spec = self.topology.node(config.id)
+        self.id = config.id
+        self.session = wire.new_session()
+        self.seq = 0
+        self.round = 0
+        self.started = time.time()
+        self.stop_reason: str | None = None
+        self.workload: Workload = workload or make_workload(
+            config.workload,
+            topology=self.topology,
+            node_id=self.id,
+            seed=config.seed,
+            options=config.workload_options,
+        )
+        self.model_id = self.workload.model_id()
+        self.shared = self.workload.shared()
+        held = set(self.shared)
+        self.peers: dict[str, Peer] = {}
+        for nid in self.topology.neighbours(self.id):
+            spec = self.topology.node(nid)
+            common = tuple(sorted(held & set(spec.shared_components)))
+            self.peers[nid] = Peer(nid, spec.endpoint if spec.port else "", common)
+        self.weights = {c: node_weights(self.topology, self.id, c) for c in self.shared}
+        self.out_replica = {c: np.zeros_like(x) for c, x in self.shared.items()}
+        self.out_version = {c: 0 for c in self.shared}
+        self.ps: dict[str, PushSum] = {}
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.rejected = 0
+        self.resumed_from: int | None = None
+        self._resume()
+        for peer in self.peers.values():
+            peer.need_state = set(peer.components)
+
+    # ----------------------------------------------------------------------------- start-up
+
+    def _resume(self) -> None:
+        if self.config.fresh:
+            return
+        found = checkpoint.load(self.config.state_path)
+        if found is None:
+            return
+        arrays, meta = found
+        if meta.get("model_id") != self.model_id:
+            raise RuntimeError(
+                f"{self.config.state_path}/{checkpoint.FILENAME}: checkpoint is for model "
+                f"{meta.get('model_id')!r}, this node runs {self.model_id!r}; "
+                "use --fresh to start over"
+            )
+        self.workload.load_state(arrays)
+        self.round = int(meta["round"])
+        self.resumed_from = self.round
+        log.info("%s: resumed from checkpoint at round %d", self.id, self.round)
+
+    def _bind_endpoint(self) -> str:
+        if self.config.bind:
+            return self.config.bind
+        if self.spec.port is None:
+            raise RuntimeError(f"node {self.id} has no port in {self.topology.source}; pass --bind")
+        return self.spec.endpoint
+
+    def _install_signals(self) -> None:
+        def handler(signum: int, _frame: Any) -> None:
+            self.stop_reason = signal.Signals(signum).name
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    # ----------------------------------------------------------------------------- messaging
+
+    def _message(self, type_: wire.MsgType, body: dict[str, Any], **kw: Any) -> wire.Message:
+        self.seq += 1
+        return wire.Message(
+            type=type_,
+            sender=self.id,
+            session=self.session,
+            seq=self.seq,
+            round=self.round,
+            body=body,
+            **kw,
+        )
+
+    def _send(self, peer: Peer, msg: wire.Message) -> bool:
+        frames = wire.encode(msg)
+        ok = self.transport.send(peer.id, frames)
+        if ok:
+            n = wire.frames_nbytes(frames)
+            peer.bytes_out += n
+            self.bytes_out += n
+        else:
+            peer.dropped_out += 1
+        return ok
+
+    def _hello(self, peer: Peer, answer: bool = False) -> None:
+        body = {
+            "model": self.model_id,
+            "components": list(peer.components),
+            "listen": self.transport.endpoint,
+            "round": self.round,
+            "answer": answer,
+        }
+        self._send(peer, self._message(wire.MsgType.HELLO, body))
+
+    def _poll(self, timeout_ms: int) -> None:
+        for routing_id, frames in self.transport.poll(timeout_ms):
+            self._handle(routing_id, frames)
+
+    def _handle(self, routing_id: bytes, frames: list[Any]) -> None:
+        """Decode, authenticate against the routing id, check session and sequence, dispatch."""
+        who = routing_id.decode("utf-8", "replace")[:64]
+        try:
+            msg = wire.decode(frames)
+        except ProtocolError as exc:
+            self.rejected += 1
+            log.warning("%s: dropped message from %r: %s", self.id, who, exc)
+            return
+        if msg.type is wire.MsgType.STATUS_REQUEST:
+            self._reply_status(routing_id)
+            return
+        if msg.sender != who:
+            self.rejected += 1
+            log.warning("%s: dropped %s: header says sender %r, link is %r", self.id, msg.type.value, msg.sender, who)
+            return
+        peer = self.peers.get(msg.sender)
+        if peer is None:
+            self.rejected += 1
+            log.warning("%s: dropped %s from %r: not a neighbour in the topology", self.id, msg.type.value, who)
+            return
+        size = wire.frames_nbytes(frames)
+        peer.bytes_in += size
+        self.bytes_in += size
+        if msg.session != peer.session:
+            if peer.session is not None:
+                log.info("%s: %s restarted (new session %s)", self.id, peer.id, msg.session[:8])
+            peer.reset(msg.session)
+            # A new incarnation needs our session and round; a hello gets its answer below.
+            if msg.type is not wire.MsgType.HELLO:
+                self._hello(peer)
+        elif msg.seq <= peer.last_seq:
+            self.rejected += 1
+            log.warning("%s: dropped %s from %s: sequence %d not after %d (replay or duplicate)", self.id, msg.type.value, peer.id, msg.seq, peer.last_seq)
+            return
+        peer.last_seq = msg.seq
+        peer.last_heard = time.monotonic()
+        peer.missed = 0
+        handler = self._handlers.get(msg.type)
+        if handler is None:
+            log.warning("%s: dropped %s from %s: not expected by a node", self.id, msg.type.value, peer.id)
+            return
+        handler(self, peer, msg)
+
+    def _on_hello(self, peer: Peer, msg: wire.Message) -> None:
+        """A neighbour (re)started or answers ours: check its model, note its round, answer."""
+        if msg.body["model"] != self.model_id:
+            if peer.model_ok:
+                log.error(
+                    "%s: rejecting neighbour %s: it runs model %r, this node runs %r",
+                    self.id, peer.id, msg.body["model"], self.model_id,
+                )
+            peer.model_ok = False
+            return
+        peer.model_ok = True
+        peer.round = max(peer.round, msg.round)
+        if not msg.body.get("answer", False):
+            self._hello(peer, answer=True)
+
+    def _on_update(self, peer: Peer, msg: wire.Message) -> None:
+        """`delta` or `state` for round `msg.round`: apply now, or hold until we get there."""
+        peer.round = max(peer.round, msg.round)
+        if not peer.model_ok:
+            return
+        if msg.round > self.round:
+            if len(peer.pending) >= MAX_PENDING:
+                peer.pending.pop(0)
+                peer.replicas.clear()
+                peer.versions.clear()
+                self._ask_resync(peer, "early-message queue overflow")
+            peer.pending.append(msg)
+            return
+        self._apply(peer, msg)
+
+    def _apply(self, peer: Peer, msg: wire.Message) -> None:
+        gaps: list[str] = []
+        for name, tensor in msg.tensors.items():
+            if name not in peer.components:
+                log.warning("%s: ignored %s from %s: component not shared between us", self.id, name, peer.id)
+                continue
+            own = self.shared[name]
+            if tensor.shape != own.shape:
+                log.warning("%s: ignored %s from %s: shape %s, expected %s", self.id, name, peer.id, tensor.shape, own.shape)
+                continue
+            base = msg.meta[name].base
+            if msg.type is wire.MsgType.STATE:
+                peer.replicas[name] = np.array(tensor, dtype=own.dtype)
+                peer.versions[name] = base + 1
+            elif peer.versions.get(name) == base and name in peer.replicas:
+                peer.replicas[name] += tensor
+                peer.versions[name] = base + 1
+            else:
+                gaps.append(name)
+                peer.replicas.pop(name, None)
+                peer.versions.pop(name, None)
+                continue
+            peer.heard[name] = msg.round
+        if gaps:
+            self._ask_resync(peer, f"delta for a replica version this node does not have ({', '.join(gaps)})")
+
+    def _ask_resync(self, peer: Peer, reason: str) -> None:
+        if peer.resync_asked == self.round:
+            return
+        peer.resync_asked = self.round
+        comps = [c for c in peer.components if c not in peer.replicas]
+        if comps:
+            self._send(peer, self._message(wire.MsgType.RESYNC, {"components": comps, "reason": reason}))
+
+    def _on_resync(self, peer: Peer, msg: wire.Message) -> None:
+        """The neighbour lost our replica of some components: send them as full state next."""
+        peer.need_state |= set(msg.body["components"]) & set(peer.components)
+
+    def _on_heartbeat(self, peer: Peer, msg: wire.Message) -> None:
+        peer.round = max(peer.round, msg.round)
+
+    def _on_leave(self, peer: Peer, msg: wire.Message) -> None:
+        """The neighbour stops: stop waiting for it and forget its replicas until it returns."""
+        log.info("%s: neighbour %s left (%s)", self.id, peer.id, msg.body["reason"])
+        peer.reset(None)
+        peer.left = True
+
+    def _on_push(self, peer: Peer, msg: wire.Message) -> None:
+        """Push-sum share: add the value and weight to ours (or keep it for a later tick)."""
+        weights = msg.body.get("weights", {})
+        for name, tensor in msg.tensors.items():
+            if name in self.ps and name in peer.components and tensor.shape == self.shared[name].shape:
+                self.ps[name].absorb(tensor, float(weights.get(name, 0.0)))
+                peer.heard[name] = msg.round
+
+    _handlers = {
+        wire.MsgType.HELLO: _on_hello,
+        wire.MsgType.DELTA: _on_update,
+        wire.MsgType.STATE: _on_update,
+        wire.MsgType.RESYNC: _on_resync,
+        wire.MsgType.HEARTBEAT: _on_heartbeat,
+        wire.MsgType.LEAVE: _on_leave,
+    }
+
+    def _reply_status(self, routing_id: bytes) -> None:
+        msg = self._message(wire.MsgType.STATUS, {"state": self.status()})
+        self.transport.reply(routing_id, wire.encode(msg))
+
+    def status(self) -> dict[str, Any]:
+        """What `m3tgossip status` prints: a JSON-able summary of this node."""
+        now = time.monotonic()
+        return {
+            "node": self.id,
+            "session": self.session,
+            "pid": os.getpid(),
+            "endpoint": self.transport.endpoint,
+            "workload": self.workload.name,
+            "model": self.model_id,
+            "mode": self.config.gossip.mode,
+            "round": self.round,
+            "rounds": self.config.rounds,
+            "uptime_s": round(time.time() - self.started, 3),
+            "resumed_from": self.resumed_from,
+            "components": {c: int(x.size) for c, x in self.shared.items()},
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "rejected": self.rejected,
+            "neighbours": {
+                p.id: {
+                    "session": p.session,
+                    "round": p.round,
+                    "left": p.left,
+                    "model_ok": p.model_ok,
+                    "missed_rounds": p.missed,
+                    "heard_s_ago": round(now - p.last_heard, 3) if p.last_heard else None,
+                    "bytes_in": p.bytes_in,
+                    "bytes_out": p.bytes_out,
+                }
+                for p in self.peers.values()
+            },
+        }
+
+    # ----------------------------------------------------------------------------- the loop
+
+    def run(self) -> int:
+        """Bind, announce READY, run rounds, shut down cleanly. Returns the exit code."""
+        self._install_signals()
+        bind = self._bind_endpoint()
+        if not is_loopback(bind):
+            log.warning("%s: plaintext transport on %s: traffic is neither encrypted nor authenticated", self.id, bind)
+        neighbours = {p.id: p.endpoint for p in self.peers.values() if p.endpoint}
+        self.transport = Transport(self.id, bind, neighbours, self.config.transport)
+        self.metrics = MetricsWriter(self.config.metrics_path)
+        ready = {
+            "node": self.id,
+            "endpoint": self.transport.endpoint,
+            "session": self.session,
+            "pid": os.getpid(),
+            "round": self.round,
+            "workload": self.workload.name,
+        }
+        print("READY " + json.dumps(ready, separators=(",", ":")), flush=True)
+        try:
+            self._startup()
+            if self.config.gossip.mode == "push-sum":
+                self._run_push_sum()
+            else:
+                self._run_sync()
+        finally:
+            self._shutdown()
+        return 0
+
+    def _done(self) -> bool:
+        return self.stop_reason is not None or (0 < self.config.rounds <= self.round)
+
+    def _startup(self) -> None:
+        """Say hello until every neighbour answered or the grace period ran out."""
+        deadline = time.monotonic() + self.config.gossip.startup_grace_s
+        next_hello = 0.0
+        while self.stop_reason is None and time.monotonic() < deadline:
+            missing = [p for p in self.peers.values() if p.session is None]
+            if not missing:
+                break
+            if time.monotonic() >= next_hello:
+                for peer in missing:
+                    self._hello(peer)
+                next_hello = time.monotonic() + HELLO_RETRY_S
+            self._poll(POLL_SLICE_MS)
+        silent = [p.id for p in self.peers.values() if p.session is None]
+        if silent:
+            log.warning("%s: starting without hello from %s", self.id, ", ".join(silent))
+        # A node that restarts behind its neighbours joins them at their round.
+        ahead = max((p.round for p in self.peers.values() if p.model_ok), default=-1)
+        if ahead > self.round:
+            log.info("%s: neighbours are at round %d; joining there (was %d)", self.id, ahead, self.round)
+            self.round = ahead
+
+    def _run_sync(self) -> None:
+        g = self.config.gossip
+        while not self._done():
+            t0 = time.perf_counter()
+            local = self.workload.local_step(self.round)
+            t1 = time.perf_counter()
+            self._send_round()
+            t2 = time.perf_counter()
+            closed = self._collect(g.round_deadline_s)
+            t3 = time.perf_counter()
+            if not closed:
+                break  # stopping: abandon the round, keep local progress
+            heard, distance = self._mix()
+            self.workload.after_mix(self.round)
+            t4 = time.perf_counter()
+            evaluation = self.workload.evaluate(self.round)
+            self.round += 1
+            if self.round % g.checkpoint_every == 0 or self._done():
+                self._checkpoint()
+            t5 = time.perf_counter()
+            self._record(local, evaluation, heard, distance, (t0, t1, t2, t3, t4, t5))
+
+    def _send_round(self) -> None:
+        """Delta of every shared component against the neighbours' replica; state where needed."""
+        deltas: dict[str, np.ndarray] = {}
+        bases: dict[str, int] = {}
+        for comp, x in self.shared.items():
+            delta = x - self.out_replica[comp]  # a fresh array: safe to send without copying
+            self.out_replica[comp] += delta
+            bases[comp] = self.out_version[comp]
+            self.out_version[comp] += 1
+            deltas[comp] = delta
+        for peer in self.peers.values():
+            if not peer.components or not peer.model_ok:
+                continue
+            state = sorted(peer.need_state & set(peer.components))
+            rest = [c for c in peer.components if c not in peer.need_state]
+            if rest:
+                meta = {c: wire.TensorMeta(c, str(deltas[c].dtype), deltas[c].shape, base=bases[c]) for c in rest}
+                msg = self._message(wire.MsgType.DELTA, {}, tensors={c: deltas[c] for c in rest}, meta=meta)
+                self._send(peer, msg)
+            if state:
+                tensors = {c: self.out_replica[c].copy() for c in state}
+                meta = {
+                    c: wire.TensorMeta(c, str(t.dtype), t.shape, base=self.out_version[c] - 1)
+                    for c, t in tensors.items()
+                }
+                msg = self._message(wire.MsgType.STATE, {"reason": "replica reset"}, tensors=tensors, meta=meta)
+                if self._send(peer, msg):
+                    peer.need_state.clear()
+
+    def _expected(self) -> list[Peer]:
+        return [
+            p
+            for p in self.peers.values()
+            if p.components and p.model_ok and not p.left and p.missed < self.config.gossip.suspect_after
+        ]
+
+    def _round_heard(self, peer: Peer) -> bool:
+        return all(peer.heard.get(c) == self.round for c in peer.components)
+
+    def _collect(self, deadline_s: float) -> bool:
+        """Wait for this round's messages. False if a stop signal arrived meanwhile."""
+        g = self.config.gossip
+        for peer in self.peers.values():
+            due = [m for m in peer.pending if m.round <= self.round]
+            if due:
+                peer.pending = [m for m in peer.pending if m.round > self.round]
+                for msg in due:
+                    self._apply(peer, msg)
+        start = time.monotonic()
+        soft = start + deadline_s
+        hard = start + deadline_s * g.max_wait_factor
+        next_beat = start + g.heartbeat_s
+        while True:
+            if self.stop_reason is not None:
+                return False
+            expected = self._expected()
+            waiting = [p for p in expected if not self._round_heard(p)]
+            if not waiting:
+                break
+            now = time.monotonic()
+            heard_fraction = 1.0 - len(waiting) / max(1, len(expected))
+            if now >= hard or (now >= soft and heard_fraction >= g.quorum):
+                break
+            if now >= next_beat:
+                for peer in self.peers.values():
+                    self._send(peer, self._message(wire.MsgType.HEARTBEAT, {"round": self.round}))
+                next_beat = now + g.heartbeat_s
+            self._poll(min(POLL_SLICE_MS, max(1, int((hard - now) * 1000))))
+        for peer in self.peers.values():
+            if peer.components and not self._round_heard(peer):
+                peer.missed += 1
+                if peer.missed == g.suspect_after and not peer.left:
+                    log.warning("%s: %s missed %d rounds; not waiting for it until it is heard again", self.id, peer.id, peer.missed)
+        self._poll(0)
+        return True
+
+    def _mix(self) -> tuple[list[str], float]:
+        """CHOCO mixing over replicas heard this round; returns (heard ids, consensus distance)."""
+        heard_any: set[str] = set()
+        dist_sq = 0.0
+        norm_sq = 0.0
+        for comp, x in self.shared.items():
+            heard = {
+                p.id
+                for p in self.peers.values()
+                if comp in p.replicas and p.heard.get(comp) == self.round
+            }
+            heard_any |= heard
+            mine = self.out_replica[comp]
+            replicas = {pid: self.peers[pid].replicas[comp] for pid in heard}
+            for r in replicas.values():
+                d = r - mine
+                dist_sq = max(dist_sq, float(d @ d))
+            norm_sq += float(mine @ mine)
+            weights = renormalise(self.weights[comp], self.id, heard)
+            choco_mix_into(x, mine, replicas, weights)
+        distance = math.sqrt(dist_sq / norm_sq) if norm_sq > 0 else math.sqrt(dist_sq)
+        return sorted(heard_any), distance
+
+    def _checkpoint(self) -> float:
+        t = time.perf_counter()
+        checkpoint.save(
+            self.config.state_path,
+            self.workload.state(),
+            {
+                "node": self.id,
+                "round": self.round,
+                "model_id": self.model_id,
+                "session": self.session,
+                "time": time.time(),
+            },
+        )
+        return time.perf_counter() - t
+
+    def _record(
+        self,
+        local: dict[str, Any],
+        evaluation: dict[str, Any],
+        heard: list[str],
+        distance: float,
+        t: tuple[float, ...],
+    ) -> None:
+        record = {
+            "round": self.round - 1,
+            "node": self.id,
+            "session": self.session,
+            "time": time.time(),
+            "consensus_distance": distance,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "heard": heard,
+            "neighbours": len([p for p in self.peers.values() if p.components]),
+            "timings": {
+                "local": t[1] - t[0],
+                "send": t[2] - t[1],
+                "wait": t[3] - t[2],
+                "mix": t[4] - t[3],
+                "eval_checkpoint": t[5] - t[4],
+                "total": t[5] - t[0],
+            },
+            **({"train": local} if local else {}),
+            **evaluation,
+        }
+        self.metrics.write(record)
+
+    def _run_push_sum(self) -> None:
+        """Asynchronous push-sum ticks: keep a share, push equal shares, absorb what came in."""
+        g = self.config.gossip
+        self.ps = {c: PushSum(x.astype(np.float64)) for c, x in self.shared.items()}
+        while not self._done():
+            t0 = time.perf_counter()
+            before = {c: x.copy() for c, x in self.shared.items()}
+            local = self.workload.local_step(self.round)
+            for comp, x in self.shared.items():
+                ps = self.ps[comp]
+                ps.absorb((x - before[comp]) * ps.w, 0.0)  # local progress moves the estimate
+            t1 = time.perf_counter()
+            outgoing: dict[str, tuple[np.ndarray, float]] = {}
+            for comp, ps in self.ps.items():
+                out_degree = len(self.weights[comp]) - 1
+                outgoing[comp] = ps.split(out_degree)
+            for peer in self.peers.values():
+                if not peer.components or not peer.model_ok or peer.left:
+                    continue
+                tensors = {c: outgoing[c][0] for c in peer.components}
+                body = {"weights": {c: outgoing[c][1] for c in peer.components}}
+                self._send(peer, self._message(wire.MsgType.PUSH, body, tensors=tensors))
+            t2 = time.perf_counter()
+            end = time.monotonic() + g.push_interval_s
+            while self.stop_reason is None and time.monotonic() < end:
+                self._poll(max(1, int((end - time.monotonic()) * 1000)))
+            t3 = time.perf_counter()
+            for comp, x in self.shared.items():
+                x[...] = self.ps[comp].estimate()
+            self.workload.after_mix(self.round)
+            t4 = time.perf_counter()
+            evaluation = self.workload.evaluate(self.round)
+            self.round += 1
+            if self.round % g.checkpoint_every == 0 or self._done():
+                self._checkpoint()
+            t5 = time.perf_counter()
+            heard = sorted(p.id for p in self.peers.values() if self.round - 1 in p.heard.values())
+            self._record(local, evaluation, heard, float("nan"), (t0, t1, t2, t3, t4, t5))
+
+    def _shutdown(self) -> None:
+        """Checkpoint, tell neighbours we leave, close sockets (bounded by linger)."""
+        reason = self.stop_reason or "finished"
+        try:
+            self._checkpoint()
+        except OSError as exc:
+            log.error("%s: final checkpoint failed: %s", self.id, exc)
+        for peer in self.peers.values():
+            self._send(peer, self._message(wire.MsgType.LEAVE, {"reason": reason}))
+        self.metrics.close()
+        self.transport.close(int(self.config.gossip.leave_timeout_s * 1000))
+        log.info("%s: stopped at round %d (%s)", self.id, self.round, reason)
+
+
+def run_node(config: NodeConfig) -> int:
+    """Entry point of `m3tgossip node`."""
+    node = Node(config)
+    return node.run()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use: m3tgossip node --topology FILE --id NODE")

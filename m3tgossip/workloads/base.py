@@ -1,0 +1,43 @@
+"""The contract between the node daemon and what it trains.
+
+The daemon owns sockets, rounds, mixing and checkpoints; a workload owns the model (or the plain
+vectors of the consensus workload). They meet in flat numpy arrays: one 1-D array per shared
+component that this node holds. The daemon mixes these arrays in place, then calls `after_mix`
+so the workload can write them back into its model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class Workload(Protocol):
+    #: name written into metrics and summaries
+    name: str
+
+    def model_id(self) -> str:
+        """Identity of the base model and component layout; peers with another id are rejected."""
+
+    def shared(self) -> dict[str, np.ndarray]:
+        """The node's shared state: component name -> flat, C-contiguous 1-D array.
+
+        The daemon mixes these arrays in place; the same array objects are returned every call.
+        Only components this node holds with policy `shared` appear here.
+        """
+
+    def local_step(self, round_: int) -> dict[str, Any]:
+        """Local work for one round (training steps); returns metrics to record for the round."""
+
+    def after_mix(self, round_: int) -> None:
+        """Called after the daemon changed the arrays of `shared()`; sync them into the model."""
+
+    def evaluate(self, round_: int) -> dict[str, Any]:
+        """Metrics to record this round (may be empty on rounds that do not evaluate)."""
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Everything needed to resume (shared and local parameters, optimiser moments) as arrays."""
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore from `state()` output (after a restart)."""

@@ -1,0 +1,104 @@
+"""The consensus workload: nodes average seeded random vectors whose exact mean is known.
+
+Each node holds, for every shared component it holds in the topology, a vector drawn from a
+generator seeded by (federation seed, node id, component). Any node can therefore recompute the
+initial state of every other holder, and so the exact network mean, without asking anyone. The
+daemons average the vectors; the distance of each node to the exact mean checks the whole stack
+(transport, wire, replicas, mixing) with no training in the way. numpy only: no torch import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from typing import Any
+
+import numpy as np
+
+from m3tgossip.topology import Topology
+
+DEFAULT_SIZE = 4096
+OPTIONS = ("size", "sizes", "dtype")
+
+
+def initial_vector(seed: int, node_id: str, component: str, size: int, dtype: str) -> np.ndarray:
+    """The seeded initial state of `component` on `node_id` (the same on every machine)."""
+    key = [seed & 0xFFFFFFFF, zlib.crc32(node_id.encode()), zlib.crc32(component.encode())]
+    rng = np.random.default_rng(key)
+    return rng.standard_normal(size, dtype=np.float64).astype(dtype, copy=False)
+
+
+class ConsensusWorkload:
+    """Average-consensus on seeded vectors; reports its relative error to the exact mean."""
+
+    name = "consensus"
+
+    def __init__(
+        self, topology: Topology, node_id: str, seed: int = 0, options: dict[str, Any] | None = None
+    ) -> None:
+        options = dict(options or {})
+        unknown = set(options) - set(OPTIONS)
+        if unknown:
+            raise ValueError(f"workload options: unknown {sorted(unknown)}; known: {', '.join(OPTIONS)}")
+        size = int(options.get("size", DEFAULT_SIZE))
+        sizes = {str(k): int(v) for k, v in dict(options.get("sizes", {})).items()}
+        self.dtype = str(options.get("dtype", "float64"))
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"workload option dtype: float32 or float64, got {self.dtype!r}")
+        if size < 1 or any(v < 1 for v in sizes.values()):
+            raise ValueError("workload option size/sizes: sizes must be >= 1")
+        self.topology = topology
+        self.node_id = node_id
+        self.seed = seed
+        self.sizes = {c: sizes.get(c, size) for c in topology.node(node_id).shared_components}
+        self._shared = {
+            c: initial_vector(seed, node_id, c, n, self.dtype) for c, n in self.sizes.items()
+        }
+        self._mean = self._exact_mean()
+        self._mean_norm = float(np.sqrt(sum(float(m @ m) for m in self._mean.values())))
+        self.initial_error = self.error_to_mean()
+
+    def _exact_mean(self) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for comp, size in self.sizes.items():
+            holders = self.topology.holders(comp)
+            acc = np.zeros(size, dtype=np.float64)
+            for holder in holders:
+                acc += initial_vector(self.seed, holder, comp, size, self.dtype)
+            out[comp] = acc / len(holders)
+        return out
+
+    def model_id(self) -> str:
+        layout = ",".join(f"{c}:{n}" for c, n in sorted(self.sizes.items()))
+        digest = hashlib.sha256(f"consensus|{self.seed}|{self.dtype}|{layout}".encode()).hexdigest()
+        return f"consensus-{digest[:16]}"
+
+    def shared(self) -> dict[str, np.ndarray]:
+        return self._shared
+
+    def local_step(self, round_: int) -> dict[str, Any]:
+        return {}
+
+    def after_mix(self, round_: int) -> None:
+        pass
+
+    def error_to_mean(self) -> float:
+        """Relative distance ||x - mean|| / ||mean|| over all of this node's components."""
+        sq = 0.0
+        for comp, x in self._shared.items():
+            d = x - self._mean[comp]
+            sq += float(d @ d)
+        return float(np.sqrt(sq) / self._mean_norm) if self._mean_norm > 0 else float(np.sqrt(sq))
+
+    def evaluate(self, round_: int) -> dict[str, Any]:
+        return {"error_to_mean": self.error_to_mean(), "initial_error": self.initial_error}
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {f"shared/{c}": x for c, x in self._shared.items()}
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        for comp, x in self._shared.items():
+            saved = arrays.get(f"shared/{comp}")
+            if saved is None or saved.shape != x.shape:
+                raise ValueError(f"checkpoint has no matching state for component {comp}")
+            x[...] = saved
