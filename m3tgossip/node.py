@@ -60,6 +60,8 @@ class Peer:
     endpoint: str
     components: tuple[str, ...]
     session: str | None = None
+    #: it answered one of our hellos: our link to it works (and its link to us)
+    answered: bool = False
     last_seq: int = -1
     model_ok: bool = True
     left: bool = False
@@ -263,7 +265,9 @@ class Node:
             return
         peer.model_ok = True
         peer.round = max(peer.round, msg.round)
-        if not msg.body.get("answer", False):
+        if msg.body.get("answer", False):
+            peer.answered = True
+        else:
             self._hello(peer, answer=True)
 
     def _on_update(self, peer: Peer, msg: wire.Message) -> None:
@@ -343,6 +347,7 @@ class Node:
         wire.MsgType.RESYNC: _on_resync,
         wire.MsgType.HEARTBEAT: _on_heartbeat,
         wire.MsgType.LEAVE: _on_leave,
+        wire.MsgType.PUSH: _on_push,
     }
 
     def _reply_status(self, routing_id: bytes) -> None:
@@ -403,6 +408,9 @@ class Node:
             "workload": self.workload.name,
         }
         print("READY " + json.dumps(ready, separators=(",", ":")), flush=True)
+        if self.config.gossip.mode == "push-sum":
+            # ready before the first hello: a neighbour may push while this node starts up
+            self.ps = {c: PushSum(x.astype(np.float64)) for c, x in self.shared.items()}
         try:
             self._startup()
             if self.config.gossip.mode == "push-sum":
@@ -417,11 +425,15 @@ class Node:
         return self.stop_reason is not None or (0 < self.config.rounds <= self.round)
 
     def _startup(self) -> None:
-        """Say hello until every neighbour answered or the grace period ran out."""
+        """Say hello until every neighbour answered or the grace period ran out.
+
+        An answer proves both directions of the link work: a DEALER drops what it is given
+        before its connection is up, so rounds start only once messages can arrive.
+        """
         deadline = time.monotonic() + self.config.gossip.startup_grace_s
         next_hello = 0.0
         while self.stop_reason is None and time.monotonic() < deadline:
-            missing = [p for p in self.peers.values() if p.session is None]
+            missing = [p for p in self.peers.values() if not p.answered]
             if not missing:
                 break
             if time.monotonic() >= next_hello:
@@ -429,7 +441,7 @@ class Node:
                     self._hello(peer)
                 next_hello = time.monotonic() + HELLO_RETRY_S
             self._poll(POLL_SLICE_MS)
-        silent = [p.id for p in self.peers.values() if p.session is None]
+        silent = [p.id for p in self.peers.values() if not p.answered]
         if silent:
             log.warning("%s: starting without hello from %s", self.id, ", ".join(silent))
         # A node that restarts behind its neighbours joins them at their round.
@@ -608,7 +620,6 @@ class Node:
     def _run_push_sum(self) -> None:
         """Asynchronous push-sum ticks: keep a share, push equal shares, absorb what came in."""
         g = self.config.gossip
-        self.ps = {c: PushSum(x.astype(np.float64)) for c, x in self.shared.items()}
         while not self._done():
             t0 = time.perf_counter()
             before = {c: x.copy() for c, x in self.shared.items()}
@@ -617,16 +628,16 @@ class Node:
                 ps = self.ps[comp]
                 ps.absorb((x - before[comp]) * ps.w, 0.0)  # local progress moves the estimate
             t1 = time.perf_counter()
+            live = [p for p in self.peers.values() if p.components and p.model_ok and not p.left]
             outgoing: dict[str, tuple[np.ndarray, float]] = {}
             for comp, ps in self.ps.items():
-                out_degree = len(self.weights[comp]) - 1
-                outgoing[comp] = ps.split(out_degree)
-            for peer in self.peers.values():
-                if not peer.components or not peer.model_ok or peer.left:
-                    continue
+                outgoing[comp] = ps.split(sum(comp in p.components for p in live))
+            for peer in live:
                 tensors = {c: outgoing[c][0] for c in peer.components}
                 body = {"weights": {c: outgoing[c][1] for c in peer.components}}
-                self._send(peer, self._message(wire.MsgType.PUSH, body, tensors=tensors))
+                if not self._send(peer, self._message(wire.MsgType.PUSH, body, tensors=tensors)):
+                    for c in peer.components:  # undelivered mass comes back, so none is lost
+                        self.ps[c].absorb(*outgoing[c])
             t2 = time.perf_counter()
             end = time.monotonic() + g.push_interval_s
             while self.stop_reason is None and time.monotonic() < end:

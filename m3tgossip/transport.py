@@ -40,7 +40,7 @@ class TransportConfig:
     max_message_bytes: int = 1 << 30
     #: first and largest interval between reconnect attempts to a neighbour
     reconnect_ms: int = 100
-    reconnect_max_ms: int = 2000
+    reconnect_max_ms: int = 500
     #: ZMTP heartbeat: ping interval and time without traffic before a connection is dropped
     zmtp_heartbeat_ms: int = 1000
     zmtp_timeout_ms: int = 5000

@@ -1,0 +1,182 @@
+"""Multi-process tests of the daemon: convergence, clean shutdown, resume, bad input, status.
+
+Every wait is bounded and every child is reaped by the `children` fixture.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+
+from m3tgossip import checkpoint
+from m3tgossip.metrics import read_metrics
+from m3tgossip.status import query_status
+from m3tgossip.testbed import free_ports
+from m3tgossip import testbed
+from m3tgossip.topology import load_topology
+
+from conftest import WAIT_S, read_ready
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_spec(tmp_path: Path, kind: str = "cycle", n: int = 3) -> Path:
+    spec = tmp_path / "spec.toml"
+    spec.write_text(f'name = "t"\n[generator]\nkind = "{kind}"\nn = {n}\n')
+    topo = load_topology(spec)
+    resolved = tmp_path / "resolved.toml"
+    resolved.write_text(topo.with_ports(dict(zip(topo.ids(), free_ports(n)))).to_toml())
+    return resolved
+
+
+def wait_rounds(path: Path, rounds: int, session: str | None = None) -> list[dict]:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        recs = [r for r in read_metrics(path) if session is None or r["session"] == session]
+        if len(recs) >= rounds:
+            return recs
+        time.sleep(0.05)
+    raise AssertionError(f"{path}: fewer than {rounds} rounds within {WAIT_S} s")
+
+
+def start(children, spec: Path, nid: str, tmp_path: Path, *extra: str):
+    folder = tmp_path / nid
+    proc = children.node(
+        "--topology", str(spec), "--id", nid, "--rounds", "0", "--state-dir", str(folder),
+        "--deadline", "1", "--startup-grace", "5", "-o", "size=64", *extra,
+        log=tmp_path / f"{nid}.log",
+    )
+    return proc, read_ready(proc), folder
+
+
+def run_testbed(tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "bed"
+    code = testbed.main([*args, "--out", str(out), "--quiet", "--deadline", "2", "--timeout", "120"])
+    summary = json.loads((out / "summary.json").read_text())
+    summary["exit"] = code
+    return summary
+
+
+def test_testbed_converges_to_exact_mean(tmp_path: Path) -> None:
+    spec = tmp_path / "torus.toml"
+    spec.write_text('name = "t9"\n[generator]\nkind = "torus"\nrows = 3\ncols = 3\n')
+    s = run_testbed(tmp_path, "--topology", str(spec), "--rounds", "40", "-o", "size=256")
+    assert s["exit"] == 0 and not s["crashed"] and not s["hung"]
+    assert s["final_consensus_error"] <= 1e-6
+    assert s["measured_rounds"] <= s["predicted_rounds"]
+    assert all(done == 40 for done in s["rounds_done"].values())
+    assert all(v > 0 for v in s["bytes_sent"].values())
+
+
+def test_push_sum_converges(tmp_path: Path) -> None:
+    spec = tmp_path / "ring.toml"
+    spec.write_text('name = "r4"\n[generator]\nkind = "cycle"\nn = 4\n')
+    s = run_testbed(
+        tmp_path, "--topology", str(spec), "--rounds", "150", "--mode", "push-sum", "-o", "size=32"
+    )
+    assert s["exit"] == 0
+    assert s["final_consensus_error"] <= 1e-4
+
+
+def test_sigkill_mid_run_others_continue_and_victim_resumes(tmp_path: Path) -> None:
+    spec = tmp_path / "ring.toml"
+    spec.write_text('name = "r4"\n[generator]\nkind = "cycle"\nn = 4\n')
+    s = run_testbed(
+        tmp_path, "--topology", str(spec), "--rounds", "30", "--kill", "n1@8",
+        "--restart-after", "0.5", "-o", "size=64",
+    )
+    assert s["killed"] == ["n1"] and not s["crashed"] and not s["hung"]
+    assert s["exit"] == 0
+    assert all(done == 30 for done in s["rounds_done"].values())
+    readies = [
+        json.loads(line[6:])
+        for line in (tmp_path / "bed/nodes/n1/stdout.log").read_text().splitlines()
+        if line.startswith("READY ")
+    ]
+    assert len(readies) == 2
+    assert readies[1]["round"] >= 8 and readies[1]["session"] != readies[0]["session"]
+
+
+def test_sigterm_checkpoints_and_restart_resumes(children, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path)
+    procs = {nid: start(children, spec, nid, tmp_path) for nid in ("n0", "n1", "n2")}
+    _, ready0, folder0 = procs["n0"]
+    wait_rounds(folder0 / "metrics.jsonl", 5)
+    procs["n0"][0].send_signal(signal.SIGTERM)
+    assert procs["n0"][0].wait(timeout=WAIT_S) == 0
+    arrays, meta = checkpoint.load(folder0)
+    assert meta["round"] >= 5 and meta["session"] == ready0["session"]
+    # the neighbours were told it left
+    deadline = time.monotonic() + WAIT_S
+    while not query_status(procs["n1"][1]["endpoint"])["neighbours"]["n0"]["left"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    # a restart resumes from the checkpoint with a new session and keeps going
+    proc, ready, _ = start(children, spec, "n0", tmp_path)
+    assert ready["session"] != ready0["session"]
+    assert ready["round"] == meta["round"]
+    recs = wait_rounds(folder0 / "metrics.jsonl", 3, session=ready["session"])
+    assert recs[0]["round"] >= meta["round"]
+    assert query_status(ready["endpoint"])["resumed_from"] == meta["round"]
+    for nid, (p, _, _) in procs.items():
+        if nid != "n0":
+            p.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=WAIT_S) == 0
+    assert all(p.wait(timeout=WAIT_S) == 0 for nid, (p, _, _) in procs.items() if nid != "n0")
+
+
+GARBAGE = [
+    [b"not msgpack at all \xff\xfe"],
+    [msgpack.packb({"v": 99, "type": "hello"})],
+    [msgpack.packb([1, 2, 3])],
+    [b""] * 3,
+]
+
+
+def test_malformed_messages_are_logged_and_dropped(children, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path)
+    procs = {nid: start(children, spec, nid, tmp_path) for nid in ("n0", "n1", "n2")}
+    endpoint = procs["n1"][1]["endpoint"]
+    before = wait_rounds(procs["n1"][2] / "metrics.jsonl", 2)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTING_ID, b"intruder")
+    sock.connect(endpoint)
+    for frames in GARBAGE:
+        sock.send_multipart(frames)
+    status = query_status(endpoint)
+    deadline = time.monotonic() + WAIT_S
+    while status["rejected"] < len(GARBAGE):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+        status = query_status(endpoint)
+    sock.close()
+    ctx.term()
+    wait_rounds(procs["n1"][2] / "metrics.jsonl", len(before) + 3)  # still making rounds
+    assert procs["n1"][0].poll() is None
+    log = (tmp_path / "n1.log").read_text()
+    assert "dropped message from 'intruder'" in log
+    assert "protocol version 99 received" in log
+    for p, _, _ in procs.values():
+        p.send_signal(signal.SIGTERM)
+    assert all(p.wait(timeout=WAIT_S) == 0 for p, _, _ in procs.values())
+
+
+def test_status_reports_node_state(children, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, "path", 2)
+    procs = {nid: start(children, spec, nid, tmp_path) for nid in ("n0", "n1")}
+    wait_rounds(procs["n0"][2] / "metrics.jsonl", 2)
+    status = query_status(procs["n0"][1]["endpoint"])
+    assert status["node"] == "n0" and status["workload"] == "consensus"
+    assert status["round"] >= 2 and set(status["neighbours"]) == {"n1"}
+    assert status["neighbours"]["n1"]["session"] == procs["n1"][1]["session"]
+    with pytest.raises(TimeoutError):
+        query_status(f"tcp://127.0.0.1:{free_ports(1)[0]}", timeout_s=0.3)
