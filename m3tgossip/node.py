@@ -433,7 +433,7 @@ class Node:
         deadline = time.monotonic() + self.config.gossip.startup_grace_s
         next_hello = 0.0
         while self.stop_reason is None and time.monotonic() < deadline:
-            missing = [p for p in self.peers.values() if not p.answered]
+            missing = [p for p in self.peers.values() if not p.answered and p.model_ok]
             if not missing:
                 break
             if time.monotonic() >= next_hello:

@@ -51,6 +51,8 @@ class ConsensusWorkload:
         self.node_id = node_id
         self.seed = seed
         self.sizes = {c: sizes.get(c, size) for c in topology.node(node_id).shared_components}
+        # what every node of the federation must agree on (not which components it holds)
+        self._layout = f"{size}|" + ",".join(f"{c}:{n}" for c, n in sorted(sizes.items()))
         self._shared = {
             c: initial_vector(seed, node_id, c, n, self.dtype) for c, n in self.sizes.items()
         }
@@ -69,8 +71,7 @@ class ConsensusWorkload:
         return out
 
     def model_id(self) -> str:
-        layout = ",".join(f"{c}:{n}" for c, n in sorted(self.sizes.items()))
-        digest = hashlib.sha256(f"consensus|{self.seed}|{self.dtype}|{layout}".encode()).hexdigest()
+        digest = hashlib.sha256(f"consensus|{self.seed}|{self.dtype}|{self._layout}".encode()).hexdigest()
         return f"consensus-{digest[:16]}"
 
     def shared(self) -> dict[str, np.ndarray]:
