@@ -106,8 +106,17 @@ class NodeSpec:
 
     @property
     def shared_components(self) -> tuple[str, ...]:
-        """The components the node gossips with the other holders (all but `local`), sorted."""
-        return tuple(c for c in self.components if c not in self.local)
+        """The components the node gossips with the other holders, sorted.
+
+        All but `local` ones; a `lite` node trains only heads and prompts, so it shares only
+        those (it runs the base encoders, fusion and backbone as they are).
+        """
+        return tuple(
+            c
+            for c in self.components
+            if c not in self.local
+            and (self.compute != "lite" or c.startswith(("head.", "prompt.")))
+        )
 
     @property
     def endpoint(self) -> str:

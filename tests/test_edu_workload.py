@@ -1,0 +1,123 @@
+"""The edu workload: model id, shared arrays, rounds of training, evaluation, state round trip."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from m3tgossip.topology import parse_topology
+from m3tgossip.workloads.edu import EduWorkload
+
+SPEC = {
+    "name": "edu-three",
+    "edges": [["uni", "teacher"], ["teacher", "student"]],
+    "nodes": [
+        {
+            "id": "uni",
+            "role": "institution",
+            "institution": "uni-a",
+            "modalities": ["text", "image", "signal", "clickstream", "tabular"],
+            "tasks": ["at_risk", "engagement", "stress", "handwriting", "next_response"],
+        },
+        {
+            "id": "teacher",
+            "role": "instructor",
+            "institution": "uni-a",
+            "modalities": ["clickstream", "tabular"],
+            "tasks": ["at_risk", "engagement"],
+            "local": ["head.engagement"],
+        },
+        {
+            "id": "student",
+            "role": "student",
+            "institution": "uni-a",
+            "modalities": ["clickstream"],
+            "tasks": ["next_response"],
+        },
+    ],
+}
+FAST = {"records": 60, "local_steps": 2, "eval_every": 2}
+
+
+@pytest.fixture(scope="module")
+def topology():
+    return parse_topology(SPEC, "test")
+
+
+def outputs(w: EduWorkload) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        return w.model(w.trainer.test_batch)
+
+
+def test_shared_arrays_follow_the_topology(topology):
+    w = EduWorkload(topology, "teacher", seed=1, options=FAST)
+    shared = w.shared()
+    assert shared is w.shared()
+    assert set(shared) == set(topology.node("teacher").shared_components)
+    assert "head.engagement" not in shared
+    assert all(x.dtype == np.float32 and x.ndim == 1 for x in shared.values())
+
+
+def test_model_id_is_shared_by_a_federation_and_separates_others(topology):
+    student = EduWorkload(topology, "student", seed=1, options=FAST)
+    teacher = EduWorkload(topology, "teacher", seed=1, options=FAST)
+    assert student.model_id() == teacher.model_id()
+    assert EduWorkload(topology, "student", seed=2, options=FAST).model_id() != student.model_id()
+    separate = EduWorkload(topology, "student", seed=1, options={**FAST, "lora_mode": "separate"})
+    assert separate.model_id() != student.model_id()
+    assert (
+        EduWorkload(topology, "student", seed=1, options={**FAST, "lora_rank": 8}).model_id()
+        != student.model_id()
+    )
+
+
+def test_rounds_train_and_evaluate_on_schedule(topology):
+    w = EduWorkload(topology, "uni", seed=0, options=FAST)
+    before = {c: x.copy() for c, x in w.shared().items()}
+    local = w.local_step(0)
+    assert local["steps"] == 2 and set(local["loss"]) == set(topology.node("uni").tasks)
+    assert all(not np.array_equal(before[c], x) for c, x in w.shared().items())
+    assert w.evaluate(0) == {}
+    report = w.evaluate(1)
+    json.dumps(report)
+    assert set(report["tasks"]) == set(topology.node("uni").tasks)
+    assert 0.0 <= report["mean_acc"] <= 1.0
+    assert set(report["groups"]) == {"gender", "first_generation", "language", "disability"}
+
+
+def test_mixing_in_place_is_the_model_update(topology):
+    w = EduWorkload(topology, "student", seed=0, options=FAST)
+    before = outputs(w)["next_response"].clone()
+    w.shared()["head.next_response"] *= 0.5  # what the daemon's mixing does
+    w.after_mix(0)
+    assert not torch.allclose(outputs(w)["next_response"], before)
+
+
+def test_state_round_trip_restores_outputs_and_training(topology):
+    a = EduWorkload(topology, "teacher", seed=3, options=FAST)
+    a.local_step(0)
+    a.local_step(1)
+    state = a.state()
+    assert {"param/head.engagement", "param/backbone", "trainer/step"} <= set(state)
+    b = EduWorkload(topology, "teacher", seed=3, options=FAST)
+    b.load_state(state)
+    for t, x in outputs(a).items():
+        assert torch.equal(outputs(b)[t], x)
+    a.local_step(2)
+    b.local_step(2)
+    for c, x in a.model.vectors().items():
+        assert np.array_equal(b.model.vectors()[c], x), c
+    with pytest.raises(ValueError):
+        b.load_state({k: v for k, v in state.items() if k != "param/backbone"})
+
+
+def test_bad_options_are_rejected(topology):
+    with pytest.raises(ValueError, match="unknown"):
+        EduWorkload(topology, "student", options={"local_step": 3})
+    with pytest.raises(ValueError, match="local_steps"):
+        EduWorkload(topology, "student", options={"local_steps": 0})
+    with pytest.raises(ValueError, match="lora mode"):
+        EduWorkload(topology, "student", options={"lora_mode": "average"})
