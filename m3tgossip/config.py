@@ -40,7 +40,7 @@ from typing import Any
 from m3tgossip.errors import ConfigError
 from m3tgossip.transport import TransportConfig
 
-GOSSIP_MODES = ("sync", "push-sum")
+GOSSIP_MODES = ("sync", "push-sum", "local")
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,8 @@ class GossipConfig:
     """How rounds run. Every timeout is a named parameter here, never a bare number in the loop."""
 
     #: "sync": rounds with a deadline and quorum, Metropolis-Hastings mixing over replicas;
-    #: "push-sum": asynchronous push-sum, tolerant of stragglers and directed links
+    #: "push-sum": asynchronous push-sum, tolerant of stragglers and directed links;
+    #: "local": no exchange at all (the local-only reference of the benchmarks)
     mode: str = "sync"
     #: seconds a round waits for its neighbours' messages before mixing with those heard
     round_deadline_s: float = 5.0

@@ -412,7 +412,8 @@ class Node:
             # ready before the first hello: a neighbour may push while this node starts up
             self.ps = {c: PushSum(x.astype(np.float64)) for c, x in self.shared.items()}
         try:
-            self._startup()
+            if self.config.gossip.mode != "local":
+                self._startup()
             if self.config.gossip.mode == "push-sum":
                 self._run_push_sum()
             else:
@@ -452,17 +453,19 @@ class Node:
 
     def _run_sync(self) -> None:
         g = self.config.gossip
+        exchange = g.mode != "local"
         while not self._done():
             t0 = time.perf_counter()
             local = self.workload.local_step(self.round)
             t1 = time.perf_counter()
-            self._send_round()
+            if exchange:
+                self._send_round()
             t2 = time.perf_counter()
-            closed = self._collect(g.round_deadline_s)
+            closed = self._collect(g.round_deadline_s) if exchange else self.stop_reason is None
             t3 = time.perf_counter()
             if not closed:
                 break  # stopping: abandon the round, keep local progress
-            heard, distance = self._mix()
+            heard, distance = self._mix() if exchange else ([], float("nan"))
             self.workload.after_mix(self.round)
             t4 = time.perf_counter()
             evaluation = self.workload.evaluate(self.round)

@@ -353,6 +353,31 @@ def _eval_summary(per_round: dict[str, dict[int, dict[str, Any]]]) -> dict[str, 
     return {"per_node": per_node, "final_mean_acc": sum(finals) / len(finals) if finals else None}
 
 
+def _eval_table(s: dict[str, Any]) -> list[str]:
+    """Per-node, per-task accuracy at the last evaluation, and the mean from first to last."""
+    per_node = s["per_node"]
+    tasks = sorted({t for v in per_node.values() for t in v["final"]})
+    short = {t: t[:11] for t in tasks}
+    lines = ["", "held-out accuracy per task (last evaluation); mean accuracy first -> last evaluation"]
+    lines.append(f"{'node':<14}" + "".join(f"{short[t]:>12}" for t in tasks) + f"{'mean':>16}")
+    for nid in s["nodes"]:
+        v = per_node.get(nid, {})
+        if not v or not v["final"]:
+            lines.append(f"{nid:<14}  (no evaluation recorded)")
+            continue
+        cells = "".join(
+            f"{v['final'][t]['acc']:>12.3f}" if t in v["final"] else f"{'-':>12}" for t in tasks
+        )
+        accs = v["mean_acc"]
+        lines.append(f"{nid:<14}{cells}{accs[0]:>8.3f} -> {accs[-1]:.3f}")
+    if s.get("final_mean_acc") is not None:
+        lines.append(f"mean over nodes of final mean accuracy: {s['final_mean_acc']:.3f}")
+    per_round = [b for b in s.get("bytes_per_round_per_node", []) if b is not None]
+    if per_round:
+        lines.append(f"bytes sent per round per node: {sum(per_round) / len(per_round) / 1e3:.1f} kB")
+    return lines
+
+
 def format_summary(s: dict[str, Any]) -> str:
     lines = [
         f"topology {s['topology']}  workload {s['workload']}  nodes {len(s['nodes'])}  "
@@ -373,6 +398,8 @@ def format_summary(s: dict[str, Any]) -> str:
             f"rounds to {s['target_error']:g}: measured {s['measured_rounds']}, "
             f"predicted {s['predicted_rounds']} (SLEM {s['slem']:.4f})"
         )
+    if "per_node" in s:
+        lines.extend(_eval_table(s))
     if s["killed"]:
         lines.append(f"killed by the testbed: {', '.join(s['killed'])}")
     if s["crashed"]:

@@ -180,3 +180,18 @@ def test_status_reports_node_state(children, tmp_path: Path) -> None:
     assert status["neighbours"]["n1"]["session"] == procs["n1"][1]["session"]
     with pytest.raises(TimeoutError):
         query_status(f"tcp://127.0.0.1:{free_ports(1)[0]}", timeout_s=0.3)
+
+
+def test_neighbour_with_another_model_is_rejected(children, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, "path", 2)
+    p0, ready0, folder0 = start(children, spec, "n0", tmp_path, "--seed", "1")
+    p1, ready1, folder1 = start(children, spec, "n1", tmp_path, "--seed", "2")
+    wait_rounds(folder0 / "metrics.jsonl", 2)
+    status = query_status(ready0["endpoint"])
+    assert status["neighbours"]["n1"]["model_ok"] is False
+    for p in (p0, p1):
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=WAIT_S) == 0
+    log = (tmp_path / "n0.log").read_text()
+    assert "rejecting neighbour n1: it runs model" in log
+    assert all(rec["heard"] == [] for rec in read_metrics(folder0 / "metrics.jsonl"))
