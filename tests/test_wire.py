@@ -635,13 +635,14 @@ def decode_or_protocol_error(frames: list[Any]) -> Message | None:
         return None
 
 
-@settings(max_examples=200, deadline=None)
+# Together the three fuzz tests below generate 10,000 messages.
+@settings(max_examples=2000, deadline=None)
 @given(st.lists(st.binary(max_size=64), max_size=4))
 def test_random_frames_raise_only_protocol_error(frames: list[bytes]) -> None:
     decode_or_protocol_error(frames)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mtype=st.sampled_from(list(MsgType)), data=st.data())
 def test_mutated_messages_raise_only_protocol_error(mtype: MsgType, data: st.DataObject) -> None:
     frames = [bytearray(f) for f in encode(message(mtype))]
@@ -678,7 +679,7 @@ MSGPACK_VALUES = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mtype=st.sampled_from(list(MsgType)), data=st.data())
 def test_retyped_header_fields_raise_only_protocol_error(
     mtype: MsgType, data: st.DataObject
