@@ -2,7 +2,10 @@
 
     m3tgossip node --topology FILE --id NODE [--config FILE] [options]
     m3tgossip topology check FILE [--target 1e-6] [--json]
-    m3tgossip status ENDPOINT [--timeout 3]
+    m3tgossip status ENDPOINT --key DIR/ID --server-key KEY [--timeout 3]
+    m3tgossip status --topology FILE --id NODE --key DIR/ID
+    m3tgossip status ENDPOINT --insecure
+    m3tgossip keys generate --out DIR --id NODE [--force]
     m3tgossip testbed --topology FILE --workload consensus --rounds 60 --out DIR
 """
 
@@ -43,6 +46,12 @@ def _node_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics", help="metrics file (JSON lines)")
     p.add_argument("--bind", help="endpoint to bind, e.g. tcp://0.0.0.0:5701")
     p.add_argument("--fresh", action="store_true", default=None, help="ignore an existing checkpoint")
+    p.add_argument("--key-dir", dest="key_dir", help="folder holding this node's ID.key_secret (CURVE)")
+    p.add_argument("--status-key", dest="status_keys", metavar="FILE", help="operator public keys allowed to query status")
+    p.add_argument(
+        "--insecure", action="store_true", default=None,
+        help="plaintext links, no encryption or authentication (loopback only)",
+    )
     p.add_argument("--mode", dest="gossip.mode", help="sync | push-sum")
     p.add_argument("--deadline", dest="gossip.round_deadline_s", type=float, help="round deadline (s)")
     p.add_argument("--startup-grace", dest="gossip.startup_grace_s", type=float, help="seconds to wait for neighbours at start")
@@ -57,6 +66,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
     from m3tgossip.node import run_node
 
     keys = ("topology", "id", "workload", "rounds", "seed", "state_dir", "metrics", "bind", "fresh",
+            "key_dir", "status_keys", "insecure",
             "gossip.mode", "gossip.round_deadline_s", "gossip.startup_grace_s")
     overrides: dict[str, Any] = {k: getattr(args, k) for k in keys}
     for key, value in args.option:
@@ -75,10 +85,52 @@ def _cmd_topology_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from m3tgossip.security import load_keypair, load_public
     from m3tgossip.status import query_status
 
-    state = query_status(args.endpoint, timeout_s=args.timeout)
+    endpoint, server_key = args.endpoint, args.server_key
+    if args.topology or args.id:
+        if not (args.topology and args.id):
+            raise ConfigError("status", "--topology/--id", "give both, or neither")
+        from m3tgossip.topology import load_topology
+
+        spec = load_topology(args.topology).node(args.id)
+        endpoint = endpoint or spec.endpoint
+        server_key = server_key or spec.public_key
+    if not endpoint:
+        raise ConfigError("status", "ENDPOINT", "give the node's endpoint, or --topology and --id")
+    if args.insecure:
+        state = query_status(endpoint, timeout_s=args.timeout)
+    else:
+        if not args.key:
+            raise ConfigError(
+                "status", "--key",
+                "missing: pass --key DIR/ID (an operator keypair the node allows, see "
+                "--status-key of m3tgossip node), or --insecure for a plaintext node",
+            )
+        if not server_key:
+            raise ConfigError("status", "--server-key", "missing: the node's public key (or --topology and --id)")
+        if Path(server_key).is_file():
+            server_key = load_public(server_key)
+        state = query_status(endpoint, timeout_s=args.timeout, key=load_keypair(args.key), server_key=server_key)
     print(json.dumps(state, indent=2, sort_keys=True))
+    return 0
+
+
+def _cmd_keys_generate(args: argparse.Namespace) -> int:
+    from m3tgossip.security import PUBLIC_SUFFIX, SECRET_SUFFIX, generate_keys
+
+    for node_id in args.id:
+        try:
+            pair = generate_keys(args.out, node_id, force=args.force)
+        except FileExistsError as exc:
+            raise ConfigError(args.out, node_id, str(exc)) from None
+        except ValueError as exc:
+            raise ConfigError("--id", node_id, str(exc)) from None
+        print(f"{node_id}: public_key = \"{pair.public}\"  "
+              f"(wrote {args.out}/{node_id}{PUBLIC_SUFFIX}, {node_id}{SECRET_SUFFIX} mode 600)")
     return 0
 
 
@@ -97,8 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--target", type=float, default=1e-6, help="relative consensus error (default 1e-6)")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     status = sub.add_parser("status", help="query a running node")
-    status.add_argument("endpoint", help="the node's endpoint, e.g. tcp://127.0.0.1:5701")
+    status.add_argument("endpoint", nargs="?", help="the node's endpoint, e.g. tcp://127.0.0.1:5701")
     status.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    status.add_argument("--key", metavar="DIR/ID", help="operator keypair (reads DIR/ID.key_secret)")
+    status.add_argument("--server-key", metavar="KEY", help="the node's public key (Z85 text or a .key file)")
+    status.add_argument("--topology", help="take endpoint and node key from this spec ...")
+    status.add_argument("--id", help="... for this node")
+    status.add_argument("--insecure", action="store_true", help="plaintext query (a node started with --insecure)")
+    keys = sub.add_parser("keys", help="manage CURVE keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    gen = keys_sub.add_parser("generate", help="write a keypair: DIR/ID.key (public), DIR/ID.key_secret (mode 600)")
+    gen.add_argument("--out", required=True, metavar="DIR", help="folder for the key files (created)")
+    gen.add_argument("--id", required=True, action="append", metavar="NODE", help="node or operator id (repeatable)")
+    gen.add_argument("--force", action="store_true", help="replace existing key files")
     sub.add_parser("testbed", help="run a multi-process testbed on this machine", add_help=False)
     return parser
 
@@ -117,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_topology_check(args)
         if args.command == "status":
             return _cmd_status(args)
+        if args.command == "keys":
+            return _cmd_keys_generate(args)
     except ConfigError as exc:
         print(f"m3tgossip: error: {exc}", file=sys.stderr)
         return 2

@@ -12,6 +12,9 @@ rounds = 200                        # 0 = run until stopped
 seed = 0                            # federation seed: all nodes of a federation use the same
 state_dir = "/var/lib/m3tgossip/uni-a"
 bind = "tcp://0.0.0.0:5701"         # default: the host:port of this node in the topology
+key_dir = "/etc/m3tgossip/keys"     # holds uni-a.key_secret (m3tgossip keys generate)
+status_keys = "operators.keys"      # operator public keys allowed to query status
+insecure = false                    # true: plaintext, loopback only (tests, testbeds)
 
 [gossip]
 mode = "sync"                       # sync | push-sum
@@ -38,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from m3tgossip.errors import ConfigError
+from m3tgossip.faults import FaultConfig
 from m3tgossip.transport import TransportConfig
 
 GOSSIP_MODES = ("sync", "push-sum", "local")
@@ -51,8 +55,20 @@ class GossipConfig:
     #: "push-sum": asynchronous push-sum, tolerant of stragglers and directed links;
     #: "local": no exchange at all (the local-only reference of the benchmarks)
     mode: str = "sync"
-    #: seconds a round waits for its neighbours' messages before mixing with those heard
+    #: longest a round waits for its neighbours' messages before mixing with those heard
     round_deadline_s: float = 5.0
+    #: the deadline adapts to observed neighbour latency, median + deadline_k * MAD of recent
+    #: arrivals, but never below deadline_min_s nor above round_deadline_s
+    deadline_min_s: float = 1.0
+    deadline_k: float = 6.0
+    #: how a node combines its neighbours' values: "mean" (Metropolis-Hastings weights),
+    #: "clip" (self-centred clipping) or "trimmed" (coordinate-wise trimmed mean of `trim`)
+    aggregator: str = "mean"
+    trim: int = 1
+    #: regulation-aware mixing: an edge's weight shrinks by 1 / (1 + noise_strength * v), v the
+    #: larger per-element DP noise variance of its two ends (declared, checked against an
+    #: estimate from the deltas received); 0 mixes naively. Federation-wide.
+    noise_strength: float = 0.0
     #: fraction of expected neighbours that must be heard before a round may close at the
     #: deadline; below it the round waits on, up to `max_wait_factor` deadlines
     quorum: float = 0.5
@@ -73,7 +89,15 @@ class GossipConfig:
     def __post_init__(self) -> None:
         if self.mode not in GOSSIP_MODES:
             raise ValueError(f"mode: must be one of {', '.join(GOSSIP_MODES)}, got {self.mode!r}")
-        for name in ("round_deadline_s", "max_wait_factor", "heartbeat_s", "push_interval_s"):
+        from m3tgossip.robust import AGGREGATORS
+
+        if self.aggregator not in AGGREGATORS:
+            raise ValueError(f"aggregator: one of {', '.join(AGGREGATORS)}, got {self.aggregator!r}")
+        if not isinstance(self.trim, int) or isinstance(self.trim, bool) or self.trim < 0:
+            raise ValueError(f"trim: an integer >= 0, got {self.trim!r}")
+        if not (isinstance(self.noise_strength, (int, float)) and math.isfinite(self.noise_strength) and self.noise_strength >= 0):
+            raise ValueError(f"noise_strength: a number >= 0, got {self.noise_strength!r}")
+        for name in ("round_deadline_s", "max_wait_factor", "heartbeat_s", "push_interval_s", "deadline_min_s", "deadline_k"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}: must be a positive number, got {value!r}")
@@ -108,8 +132,18 @@ class NodeConfig:
     bind: str = ""
     #: start fresh even if a checkpoint exists
     fresh: bool = False
+    #: folder holding this node's CURVE secret key, `<id>.key_secret` (mode 600)
+    key_dir: str = ""
+    #: file of operator public keys (one per line, optional name after it) allowed to query status
+    status_keys: str = ""
+    #: plaintext links instead of CURVE; refused unless every endpoint is on loopback
+    insecure: bool = False
     gossip: GossipConfig = field(default_factory=GossipConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
+    #: injected faults and attack mode (tests, chaos runs, robustness research)
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    #: the `custom` privacy profile's table (keys of m3tgossip.privacy.profile_for)
+    privacy: dict[str, Any] = field(default_factory=dict)
     workload_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -117,6 +151,8 @@ class NodeConfig:
             raise ValueError(f"rounds: must be an integer >= 0, got {self.rounds!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed: must be an integer, got {self.seed!r}")
+        if not isinstance(self.insecure, bool):
+            raise ValueError(f"insecure: must be true or false, got {self.insecure!r}")
         from m3tgossip.workloads import WORKLOADS
 
         if self.workload not in WORKLOADS:
@@ -131,9 +167,12 @@ class NodeConfig:
         return Path(self.metrics) if self.metrics else self.state_path / "metrics.jsonl"
 
 
+_TABLES = ("node", "gossip", "transport", "faults", "privacy", "workload")
 _NODE_KEYS = {f.name for f in dataclasses.fields(NodeConfig)} - {
     "gossip",
     "transport",
+    "faults",
+    "privacy",
     "workload_options",
 }
 
@@ -166,13 +205,14 @@ def load_node_config(path: str | None, overrides: dict[str, Any]) -> NodeConfig:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(path, "", f"not valid TOML: {exc}") from None
     for table in raw:
-        if table not in ("node", "gossip", "transport", "workload"):
-            raise ConfigError(source, f"[{table}]", "unknown table; known: node, gossip, transport, workload")
+        if table not in _TABLES:
+            raise ConfigError(source, f"[{table}]", f"unknown table; known: {', '.join(_TABLES)}")
         if not isinstance(raw[table], dict):
             raise ConfigError(source, table, "must be a table")
     node = dict(raw.get("node", {}))
     gossip = dict(raw.get("gossip", {}))
     transport = dict(raw.get("transport", {}))
+    faults = dict(raw.get("faults", {}))
     workload = dict(raw.get("workload", {}))
     for key, value in overrides.items():
         if value is None:
@@ -183,6 +223,8 @@ def load_node_config(path: str | None, overrides: dict[str, Any]) -> NodeConfig:
             transport[key.split(".", 1)[1]] = value
         elif key.startswith("workload."):
             workload[key.split(".", 1)[1]] = value
+        elif key.startswith("faults."):
+            faults[key.split(".", 1)[1]] = value
         else:
             node[key] = value
     for key in node:
@@ -193,7 +235,7 @@ def load_node_config(path: str | None, overrides: dict[str, Any]) -> NodeConfig:
             raise ConfigError(source, f"node.{key}", "missing (give it in [node] or on the command line)")
     if path is not None:
         base = Path(path).parent
-        for key in ("topology", "state_dir", "metrics"):
+        for key in ("topology", "state_dir", "metrics", "key_dir", "status_keys"):
             # Paths from the file are relative to the file; paths from the CLI to the cwd.
             if key in raw.get("node", {}) and overrides.get(key) is None:
                 value = Path(str(node[key]))
@@ -201,9 +243,15 @@ def load_node_config(path: str | None, overrides: dict[str, Any]) -> NodeConfig:
                     node[key] = str(base / value)
     gossip_cfg = _build(GossipConfig, gossip, source, "gossip")
     transport_cfg = _build(TransportConfig, transport, source, "transport")
+    faults_cfg = _build(FaultConfig, faults, source, "faults")
     try:
         return NodeConfig(
-            **node, gossip=gossip_cfg, transport=transport_cfg, workload_options=workload
+            **node,
+            gossip=gossip_cfg,
+            transport=transport_cfg,
+            faults=faults_cfg,
+            privacy=dict(raw.get("privacy", {})),
+            workload_options=workload,
         )
     except (ValueError, TypeError) as exc:
         raise ConfigError(source, "[node]", str(exc)) from exc

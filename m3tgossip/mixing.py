@@ -243,3 +243,101 @@ def simulate_sync(W: np.ndarray, X0: np.ndarray, rounds: int) -> np.ndarray:
             X = W @ X
         errors[t] = float(np.linalg.norm(X - mean)) / initial if initial else 0.0
     return errors
+
+
+# --- noise-aware weights ---------------------------------------------------------------------
+#
+# Neighbours may add differential-privacy noise of different strength to what they send (the
+# std per element is declared in the wire TensorMeta `noise` field). Plain Metropolis-Hastings
+# lets a heavily noised neighbour inject as much noise into a clean node as a clean neighbour
+# injects signal. The adjustment below keeps the matrix symmetric and doubly stochastic:
+#
+#     w'_ij = w_ij / (1 + strength * max(v_i, v_j))   (i != j),   w'_ii = 1 - sum_j w'_ij
+#
+# where v_i is node i's per-element noise variance. Both ends of an edge compute the same factor
+# from the same declared values, so W' stays symmetric; the removed weight goes to the diagonal,
+# so rows (and, by symmetry, columns) still sum to 1 and the network mean is preserved (with the
+# CHOCO step it is preserved exactly, noise included: sum_i sum_j w_ij (r_j - r_i) = 0). Every
+# edge keeps a positive weight, so a connected graph still reaches consensus; only slower over
+# noisy edges. An edge is as unreliable as its noisier end: a clean node listens less to a noisy
+# neighbour, and a noisy node mixes less of its own noisy public copy into clean ones. Not done,
+# on purpose: re-weighting each row by the neighbours' inverse variances. That row is stochastic
+# but the matrix is not symmetric, so the nodes no longer agree on the average (the consensus
+# value drifts towards the clean nodes' data and CHOCO's mean is lost).
+#
+# `strength` has units 1/variance: an edge whose noisier end has variance 1/strength per element
+# keeps half its weight. Every node must use the same `strength` (a federation-wide setting),
+# or the matrix is no longer symmetric.
+
+
+def noise_aware_weights(
+    weights: Mapping[str, float],
+    self_id: str,
+    noise_var: Mapping[str, float],
+    self_noise_var: float,
+    strength: float = 1.0,
+) -> dict[str, float]:
+    """Shrink each edge weight by `1 / (1 + strength * max(var_self, var_j))`; the rest to self.
+
+    `weights` is a row from `node_weights` (call this before `renormalise`), `noise_var[j]` the
+    effective per-element noise variance of neighbour j (see `effective_noise_var`), and
+    `self_noise_var` this node's own, as it declares it. Returns a row summing to 1, self
+    first, neighbours in the order of `weights`. KeyError if a neighbour has no noise variance.
+    """
+    if self_id not in weights:
+        raise ValueError(f'weights have no entry for self "{self_id}"')
+    if not (math.isfinite(strength) and strength >= 0.0):
+        raise ValueError(f"strength must be a non-negative finite number, got {strength}")
+    _check_var(self_noise_var, f'noise variance of self "{self_id}"')
+    row: dict[str, float] = {}
+    for j, w in weights.items():
+        if j == self_id:
+            continue
+        if j not in noise_var:
+            raise KeyError(f'no noise variance for neighbour "{j}"')
+        _check_var(noise_var[j], f'noise variance of "{j}"')
+        row[j] = w / (1.0 + strength * max(self_noise_var, noise_var[j]))
+    removed = sum(weights[j] - row[j] for j in row)
+    return {self_id: weights[self_id] + removed, **row}
+
+
+def _check_var(value: float, what: str) -> None:
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"{what} must be a non-negative finite number, got {value}")
+
+
+#: MAD of a standard normal: the median of |N(0, 1)|
+_MAD_NORMAL = 0.6744897501960817
+
+
+def estimate_noise_var(delta_history: Sequence[np.ndarray]) -> float:
+    """Per-element noise variance of a neighbour, estimated from the deltas it sent.
+
+    Each delta is (clipped signal + i.i.d. Gaussian noise). Per delta the estimate is the
+    squared normalised median absolute deviation, `(median|d - median(d)| / 0.6745)^2`; over
+    the history, the median of the per-delta estimates. It is consistent (tends to the true
+    variance as the size grows) whenever the noise dominates the signal per element, which
+    clipping guarantees for DP-sized noise (a clipped signal has RMS at most C / sqrt(n) per
+    element); it ignores up to half the elements carrying a large sparse signal, so a clean
+    node with a sparse update scores about 0. A dense unclipped signal reads as noise of its own
+    RMS; and a CHOCO delta also carries the sender's mixing correction, with some of its
+    neighbours' noise in it, so the estimate leans high next to noisy nodes. An empty history
+    gives 0.0.
+    """
+    estimates = []
+    for d in delta_history:
+        flat = np.asarray(d, dtype=np.float64).reshape(-1)
+        if not flat.size:
+            continue
+        if not np.all(np.isfinite(flat)):
+            raise ValueError("a delta in the history has a non-finite value")
+        mad = float(np.median(np.abs(flat - np.median(flat))))
+        estimates.append((mad / _MAD_NORMAL) ** 2)
+    return float(np.median(estimates)) if estimates else 0.0
+
+
+def effective_noise_var(declared: float, estimated: float) -> float:
+    """`max(declared, estimated)`: under-declaring one's noise gains a node no weight."""
+    _check_var(declared, "declared noise variance")
+    _check_var(estimated, "estimated noise variance")
+    return max(declared, estimated)

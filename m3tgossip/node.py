@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import deque
 import signal
 import sys
 import time
@@ -34,11 +35,23 @@ import numpy as np
 from m3tgossip import checkpoint, wire
 from m3tgossip.config import NodeConfig
 from m3tgossip.errors import ProtocolError
+from m3tgossip.faults import FaultyTransport, malicious_value
 from m3tgossip.log import get_logger
 from m3tgossip.metrics import MetricsWriter
-from m3tgossip.mixing import PushSum, choco_mix_into, node_weights, renormalise
+from m3tgossip.mixing import (
+    PushSum,
+    choco_mix_into,
+    effective_noise_var,
+    estimate_noise_var,
+    node_weights,
+    noise_aware_weights,
+    renormalise,
+)
+from m3tgossip.privacy import DeltaPrivatizer, profile_for
+from m3tgossip.robust import clipped_mix_into, trimmed_mean_into
 from m3tgossip.topology import Topology, load_topology
-from m3tgossip.transport import Transport, is_loopback
+from m3tgossip.security import for_node as node_security
+from m3tgossip.transport import Transport
 from m3tgossip.workloads import make_workload
 from m3tgossip.workloads.base import Workload
 
@@ -77,6 +90,9 @@ class Peer:
     bytes_in: int = 0
     bytes_out: int = 0
     dropped_out: int = 0
+    #: per component: declared DP noise std of its last delta, recent estimates of its variance
+    noise: dict[str, float] = field(default_factory=dict)
+    noise_estimates: dict[str, deque] = field(default_factory=dict)
 
     def reset(self, session: str | None) -> None:
         """A new incarnation of the neighbour: forget its replicas, send it full state."""
@@ -132,6 +148,23 @@ class Node:
         self.bytes_out = 0
         self.rejected = 0
         self.resumed_from: int | None = None
+        #: arrival delays (s) of neighbours' round messages after this node's round started
+        self.latencies: deque[float] = deque(maxlen=64)
+        #: differential privacy of outgoing updates (None: open profile or nothing private)
+        self.privatizer: DeltaPrivatizer | None = None
+        profile = profile_for(self.spec.privacy, config.privacy or None)
+        if getattr(self.workload, "private_data", False) and not profile.is_open:
+            self.privatizer = DeltaPrivatizer(
+                profile,
+                self.spec.modalities,
+                {c: x.size for c, x in self.shared.items()},
+                rounds_planned=config.rounds or None,
+            )
+        self.noise_std: dict[str, float] = {c: 0.0 for c in self.shared}
+        #: components whose privacy budget is spent: trained on, never sent again
+        self.retired: set[str] = set()
+        self.round_started = time.monotonic()
+        self.isolated: set[str] = set()
         self._resume()
         for peer in self.peers.values():
             peer.need_state = set(peer.components)
@@ -153,6 +186,9 @@ class Node:
             )
         self.workload.load_state(arrays)
         self.round = int(meta["round"])
+        if self.privatizer is not None and meta.get("privacy"):
+            self.privatizer.load(meta["privacy"])
+        self.retired = set(meta.get("retired", []))
         self.resumed_from = self.round
         log.info("%s: resumed from checkpoint at round %d", self.id, self.round)
 
@@ -206,11 +242,12 @@ class Node:
         self._send(peer, self._message(wire.MsgType.HELLO, body))
 
     def _poll(self, timeout_ms: int) -> None:
-        for routing_id, frames in self.transport.poll(timeout_ms):
-            self._handle(routing_id, frames)
+        for routing_id, frames, user in self.transport.poll(timeout_ms):
+            self._handle(routing_id, frames, user)
 
-    def _handle(self, routing_id: bytes, frames: list[Any]) -> None:
-        """Decode, authenticate against the routing id, check session and sequence, dispatch."""
+    def _handle(self, routing_id: bytes, frames: list[Any], user: str | None = None) -> None:
+        """Decode, authenticate against the routing id and the link's key (`user`, the node id
+        ZAP gave the connection; None on plaintext), check session and sequence, dispatch."""
         who = routing_id.decode("utf-8", "replace")[:64]
         try:
             msg = wire.decode(frames)
@@ -224,6 +261,10 @@ class Node:
         if msg.sender != who:
             self.rejected += 1
             log.warning("%s: dropped %s: header says sender %r, link is %r", self.id, msg.type.value, msg.sender, who)
+            return
+        if user is not None and msg.sender != user:
+            self.rejected += 1
+            log.warning("%s: dropped %s: header says sender %r, link authenticated the key of %r", self.id, msg.type.value, msg.sender, user)
             return
         peer = self.peers.get(msg.sender)
         if peer is None:
@@ -296,6 +337,9 @@ class Node:
                 log.warning("%s: ignored %s from %s: shape %s, expected %s", self.id, name, peer.id, tensor.shape, own.shape)
                 continue
             base = msg.meta[name].base
+            peer.noise[name] = msg.meta[name].noise
+            if msg.type is wire.MsgType.DELTA and self.config.gossip.noise_strength > 0:
+                peer.noise_estimates.setdefault(name, deque(maxlen=8)).append(estimate_noise_var([tensor]))
             if msg.type is wire.MsgType.STATE:
                 peer.replicas[name] = np.array(tensor, dtype=own.dtype)
                 peer.versions[name] = base + 1
@@ -307,6 +351,8 @@ class Node:
                 peer.replicas.pop(name, None)
                 peer.versions.pop(name, None)
                 continue
+            if peer.heard.get(name) != msg.round and msg.round == self.round:
+                self.latencies.append(time.monotonic() - self.round_started)
             peer.heard[name] = msg.round
         if gaps:
             self._ask_resync(peer, f"delta for a replica version this node does not have ({', '.join(gaps)})")
@@ -332,6 +378,16 @@ class Node:
         peer.reset(None)
         peer.left = True
 
+    def _on_retire(self, peer: Peer, msg: wire.Message) -> None:
+        """The neighbour stops sharing some components (privacy budget spent): stop expecting
+        them from it and mix them without it from now on."""
+        gone = set(msg.body["components"])
+        log.info("%s: %s no longer shares %s (%s)", self.id, peer.id, ", ".join(sorted(gone)), msg.body["reason"])
+        peer.components = tuple(c for c in peer.components if c not in gone)
+        for comp in gone:
+            peer.replicas.pop(comp, None)
+            peer.versions.pop(comp, None)
+
     def _on_push(self, peer: Peer, msg: wire.Message) -> None:
         """Push-sum share: add the value and weight to ours (or keep it for a later tick)."""
         weights = msg.body.get("weights", {})
@@ -348,6 +404,7 @@ class Node:
         wire.MsgType.HEARTBEAT: _on_heartbeat,
         wire.MsgType.LEAVE: _on_leave,
         wire.MsgType.PUSH: _on_push,
+        wire.MsgType.RETIRE: _on_retire,
     }
 
     def _reply_status(self, routing_id: bytes) -> None:
@@ -394,10 +451,15 @@ class Node:
         """Bind, announce READY, run rounds, shut down cleanly. Returns the exit code."""
         self._install_signals()
         bind = self._bind_endpoint()
-        if not is_loopback(bind):
-            log.warning("%s: plaintext transport on %s: traffic is neither encrypted nor authenticated", self.id, bind)
         neighbours = {p.id: p.endpoint for p in self.peers.values() if p.endpoint}
-        self.transport = Transport(self.id, bind, neighbours, self.config.transport)
+        # decided (and refused) before any socket is bound
+        secure = node_security(self.config, self.topology, bind, neighbours)
+        self.transport = Transport(self.id, bind, neighbours, self.config.transport, secure)
+        if self.config.faults.active:
+            log.warning("%s: injecting faults %s", self.id, self.config.faults)
+            self.transport = FaultyTransport(self.transport, self.config.faults)
+        if self.config.faults.attack:
+            log.warning("%s: running as a Byzantine node (attack %r)", self.id, self.config.faults.attack)
         self.metrics = MetricsWriter(self.config.metrics_path)
         ready = {
             "node": self.id,
@@ -456,12 +518,15 @@ class Node:
         exchange = g.mode != "local"
         while not self._done():
             t0 = time.perf_counter()
+            before = None
+            if self.privatizer is not None and exchange:
+                before = {c: x.copy() for c, x in self.shared.items() if c not in self.retired}
             local = self.workload.local_step(self.round)
             t1 = time.perf_counter()
             if exchange:
-                self._send_round()
+                self._send_round(before)
             t2 = time.perf_counter()
-            closed = self._collect(g.round_deadline_s) if exchange else self.stop_reason is None
+            closed = self._collect(self.deadline()) if exchange else self.stop_reason is None
             t3 = time.perf_counter()
             if not closed:
                 break  # stopping: abandon the round, keep local progress
@@ -475,34 +540,94 @@ class Node:
             t5 = time.perf_counter()
             self._record(local, evaluation, heard, distance, (t0, t1, t2, t3, t4, t5))
 
-    def _send_round(self) -> None:
+    def _send_round(self, before: dict[str, np.ndarray] | None = None) -> None:
         """Delta of every shared component against the neighbours' replica; state where needed."""
+        self.round_started = time.monotonic()
+        if self.config.faults.attack:
+            self._send_attack()
+            return
         deltas: dict[str, np.ndarray] = {}
         bases: dict[str, int] = {}
         for comp, x in self.shared.items():
-            delta = x - self.out_replica[comp]  # a fresh array: safe to send without copying
+            if comp in self.retired:
+                continue
+            if before is not None and comp in before:
+                if not self.privatizer.can_share(comp):
+                    self._retire(comp)
+                    continue
+                # Only the local update is private; the rest of the change since the last
+                # release came from mixing neighbours' (already noised) replicas.
+                released, std = self.privatizer.privatize(comp, x - before[comp])
+                delta = before[comp] - self.out_replica[comp]
+                delta += released
+                self.noise_std[comp] = std
+            else:
+                delta = x - self.out_replica[comp]  # a fresh array: safe to send without copying
             self.out_replica[comp] += delta
+            if before is not None and comp in before:
+                x[...] = self.out_replica[comp]  # the node goes on from what it released
             bases[comp] = self.out_version[comp]
             self.out_version[comp] += 1
             deltas[comp] = delta
         for peer in self.peers.values():
             if not peer.components or not peer.model_ok:
                 continue
-            state = sorted(peer.need_state & set(peer.components))
-            rest = [c for c in peer.components if c not in peer.need_state]
+            live = [c for c in peer.components if c in deltas]
+            state = sorted(peer.need_state & set(live))
+            rest = [c for c in live if c not in peer.need_state]
             if rest:
-                meta = {c: wire.TensorMeta(c, str(deltas[c].dtype), deltas[c].shape, base=bases[c]) for c in rest}
+                meta = {
+                    c: wire.TensorMeta(c, str(deltas[c].dtype), deltas[c].shape, base=bases[c], noise=self.noise_std[c])
+                    for c in rest
+                }
                 msg = self._message(wire.MsgType.DELTA, {}, tensors={c: deltas[c] for c in rest}, meta=meta)
                 self._send(peer, msg)
             if state:
                 tensors = {c: self.out_replica[c].copy() for c in state}
                 meta = {
-                    c: wire.TensorMeta(c, str(t.dtype), t.shape, base=self.out_version[c] - 1)
+                    c: wire.TensorMeta(c, str(t.dtype), t.shape, base=self.out_version[c] - 1, noise=self.noise_std[c])
                     for c, t in tensors.items()
                 }
                 msg = self._message(wire.MsgType.STATE, {"reason": "replica reset"}, tensors=tensors, meta=meta)
                 if self._send(peer, msg):
                     peer.need_state.clear()
+
+    def _retire(self, comp: str) -> None:
+        """The privacy budget of `comp` is spent: keep training it here, never send it again."""
+        self.retired.add(comp)
+        log.warning(
+            "%s: privacy budget of %s spent (epsilon %.3g); it is no longer shared",
+            self.id, comp, self.privatizer.spent(comp) if self.privatizer else float("nan"),
+        )
+        for peer in self.peers.values():
+            if comp in peer.components:
+                body = {"components": [comp], "reason": "privacy budget spent"}
+                self._send(peer, self._message(wire.MsgType.RETIRE, body))
+
+    def _send_attack(self) -> None:
+        """Byzantine mode: claim a malicious full state every round instead of honest deltas."""
+        f = self.config.faults
+        values: dict[str, np.ndarray] = {}
+        for comp, x in self.shared.items():
+            seen = {p.id: p.replicas[comp] for p in self.peers.values() if comp in p.replicas}
+            values[comp] = malicious_value(f.attack, f.attack_scale, x, seen)
+            self.out_version[comp] += 1
+        for peer in self.peers.values():
+            if not peer.components or not peer.model_ok:
+                continue
+            tensors = {c: values[c] for c in peer.components}
+            meta = {c: wire.TensorMeta(c, str(t.dtype), t.shape, base=self.out_version[c] - 1) for c, t in tensors.items()}
+            self._send(peer, self._message(wire.MsgType.STATE, {"reason": "replica reset"}, tensors=tensors, meta=meta))
+
+    def deadline(self) -> float:
+        """This round's deadline: median + k * MAD of recent arrival delays, within bounds."""
+        g = self.config.gossip
+        if len(self.latencies) < 8:
+            return g.round_deadline_s
+        lat = np.fromiter(self.latencies, dtype=np.float64)
+        med = float(np.median(lat))
+        mad = float(np.median(np.abs(lat - med)))
+        return min(g.round_deadline_s, max(g.deadline_min_s, med + g.deadline_k * mad))
 
     def _expected(self) -> list[Peer]:
         return [
@@ -548,8 +673,21 @@ class Node:
                 peer.missed += 1
                 if peer.missed == g.suspect_after and not peer.left:
                     log.warning("%s: %s missed %d rounds; not waiting for it until it is heard again", self.id, peer.id, peer.missed)
+        self._check_isolation()
         self._poll(0)
         return True
+
+    def _check_isolation(self) -> None:
+        """Warn when no live neighbour is left for a component: its consensus is cut off here."""
+        alive = {p.id for p in self._expected()}
+        for comp in self.shared:
+            holders = [p.id for p in self.peers.values() if comp in p.components]
+            cut = bool(holders) and not (alive & set(holders))
+            if cut and comp not in self.isolated:
+                log.warning("%s: no live neighbour holds %s: this node's part of its holder graph is disconnected", self.id, comp)
+                self.isolated.add(comp)
+            elif not cut:
+                self.isolated.discard(comp)
 
     def _mix(self) -> tuple[list[str], float]:
         """CHOCO mixing over replicas heard this round; returns (heard ids, consensus distance)."""
@@ -557,6 +695,8 @@ class Node:
         dist_sq = 0.0
         norm_sq = 0.0
         for comp, x in self.shared.items():
+            if comp in self.retired:
+                continue
             heard = {
                 p.id
                 for p in self.peers.values()
@@ -569,10 +709,32 @@ class Node:
                 d = r - mine
                 dist_sq = max(dist_sq, float(d @ d))
             norm_sq += float(mine @ mine)
-            weights = renormalise(self.weights[comp], self.id, heard)
-            choco_mix_into(x, mine, replicas, weights)
+            weights = renormalise(self._noise_aware(comp), self.id, heard)
+            aggregator = self.config.gossip.aggregator
+            if aggregator == "mean" or not replicas:
+                choco_mix_into(x, mine, replicas, weights)
+            elif aggregator == "clip":
+                clipped_mix_into(x, self.id, replicas, weights)
+            else:
+                trimmed_mean_into(x, replicas, self.config.gossip.trim)
         distance = math.sqrt(dist_sq / norm_sq) if norm_sq > 0 else math.sqrt(dist_sq)
         return sorted(heard_any), distance
+
+    def _noise_aware(self, comp: str) -> dict[str, float]:
+        """The Metropolis-Hastings row of `comp`, shrunk on edges to noisy neighbours."""
+        strength = self.config.gossip.noise_strength
+        row = self.weights[comp]
+        if strength <= 0:
+            return row
+        var = {}
+        for j in row:
+            if j == self.id:
+                continue
+            peer = self.peers[j]
+            estimates = peer.noise_estimates.get(comp)
+            estimated = float(np.median(estimates)) if estimates else 0.0
+            var[j] = effective_noise_var(peer.noise.get(comp, 0.0) ** 2, estimated)
+        return noise_aware_weights(row, self.id, var, self.noise_std[comp] ** 2, strength)
 
     def _checkpoint(self) -> float:
         t = time.perf_counter()
@@ -585,6 +747,8 @@ class Node:
                 "model_id": self.model_id,
                 "session": self.session,
                 "time": time.time(),
+                "privacy": self.privatizer.state() if self.privatizer else None,
+                "retired": sorted(self.retired),
             },
         )
         return time.perf_counter() - t
@@ -607,6 +771,14 @@ class Node:
             "bytes_out": self.bytes_out,
             "heard": heard,
             "neighbours": len([p for p in self.peers.values() if p.components]),
+            "deadline_s": self.deadline(),
+            **({"privacy": {
+                "node_epsilon": self.privatizer.node_epsilon(),
+                "epsilon": {c: self.privatizer.spent(c) for c in self.shared},
+                "retired": sorted(self.retired),
+            }} if self.privatizer else {}),
+            **({"isolated": sorted(self.isolated)} if self.isolated else {}),
+            **({"faults": self.transport.stats()} if isinstance(self.transport, FaultyTransport) else {}),
             "timings": {
                 "local": t[1] - t[0],
                 "send": t[2] - t[1],

@@ -2,11 +2,14 @@
 
     python scripts/testbed.py --topology topology/ring-8.toml --workload consensus --rounds 60 --out DIR
 
-The testbed is only a launcher and a reader of files: it picks free ports, writes the resolved
-topology into DIR, starts one `m3tgossip node` process per node (each generates its own state or
+The testbed is only a launcher and a reader of files: it picks free ports, generates a CURVE
+keypair per node into DIR/keys (plus an operator key, DIR/operator/operator.key, that every node
+allows to query status), writes the resolved topology with ports and public keys into DIR,
+starts one `m3tgossip node` process per node (each generates its own state or
 data from the federation seed, so nothing is handed out centrally), shows progress from the
 nodes' metrics files, and writes `DIR/summary.json`. It exits non-zero if a daemon crashed or
-hung, and on Ctrl+C (or any error) it stops every child it started.
+hung, and on Ctrl+C (or any error) it stops every child it started. `--insecure` runs the
+daemons on plaintext links instead (loopback only), without keys.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 from m3tgossip.errors import ConfigError
 from m3tgossip.metrics import read_metrics
 from m3tgossip.mixing import metropolis_hastings, predicted_rounds, slem
+from m3tgossip.security import generate_keys
 from m3tgossip.topology import Topology, load_topology
 
 #: seconds a started daemon has to print its READY line
@@ -78,6 +82,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--restart-after", type=float, default=None, metavar="S", help="restart killed nodes after S seconds")
     p.add_argument("--timeout", type=float, default=None, help="give up (and report hung daemons) after this many seconds")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--insecure", action="store_true", help="plaintext links between the daemons, no keys")
     return p.parse_args(argv)
 
 
@@ -89,6 +94,12 @@ class Testbed:
         base = load_topology(args.topology)
         ports = free_ports(len(base.nodes))
         self.topology: Topology = base.with_ports(dict(zip(base.ids(), ports)))
+        self.key_dir = self.out / "keys"
+        self.operator_key = self.out / "operator" / "operator.key"
+        if not args.insecure:
+            keys = {nid: generate_keys(self.key_dir, nid, force=True).public for nid in base.ids()}
+            self.topology = self.topology.with_keys(keys)
+            generate_keys(self.operator_key.parent, "operator", force=True)
         self.topology_path = self.out / "topology.toml"
         self.topology_path.write_text(self.topology.to_toml())
         self.kills: dict[str, int] = {}
@@ -110,6 +121,10 @@ class Testbed:
             "--workload", a.workload, "--rounds", str(a.rounds), "--seed", str(a.seed),
             "--state-dir", str(folder), "--deadline", str(a.deadline), "--mode", a.mode,
         ]
+        if a.insecure:
+            cmd += ["--insecure"]
+        else:
+            cmd += ["--key-dir", str(self.key_dir), "--status-key", str(self.operator_key)]
         for opt in a.option:
             cmd += ["-o", opt]
         return Child(nid, cmd, folder)

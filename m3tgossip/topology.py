@@ -215,6 +215,21 @@ class Topology:
             )
         return replace(self, nodes=nodes)
 
+    def with_keys(self, keys: Mapping[str, str]) -> Topology:
+        """A copy with these nodes' CURVE public keys (Z85, 40 characters) set."""
+        for node_id, key in keys.items():
+            self.node(node_id)
+            if not isinstance(key, str) or len(key) != 40 or not set(key) <= _Z85:
+                raise ValueError(f'public key for "{node_id}" must be 40 characters of Z85 text')
+        nodes = tuple(
+            replace(n, public_key=keys[n.id]) if n.id in keys else n for n in self.nodes
+        )
+        owners: dict[str, str] = {}
+        for n in nodes:
+            if n.public_key is not None and owners.setdefault(n.public_key, n.id) != n.id:
+                raise ValueError(f'nodes "{owners[n.public_key]}" and "{n.id}" have the same key')
+        return replace(self, nodes=nodes)
+
     def to_toml(self) -> str:
         """The spec in explicit-edges form, every attribute spelled out; loads back equal."""
         lines = [f"name = {_toml_str(self.name)}"]

@@ -7,16 +7,22 @@ block: a full queue or an unreachable peer makes `send` return False and the cal
 drop. Exactly one thread (the daemon loop) may call into a `Transport`.
 
 Security is a seam: `Security.server(socket)` and `Security.client(socket, peer)` configure
-sockets before bind/connect. `Plaintext` is the only policy here; CURVE with a ZAP allow-list
-plugs in through the same two calls.
+sockets before bind/connect. `Plaintext` lives here; CURVE with a ZAP allow-list is
+`security.Curve`. When the policy authenticates (`uses_zap`), this transport binds the ZAP
+handler socket (`inproc://zeromq.zap.01`, in its own context) and answers ZAP requests in
+`poll`, from the same loop that owns the other sockets: no background thread. The policy
+decides (`Security.zap(request) -> reply`); the transport only moves the frames. Each received
+message carries the user id that ZAP gave its connection, so the daemon can check that a
+header's `sender` is the peer whose key the link authenticated.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 from urllib.parse import urlsplit
 
 import zmq
@@ -54,18 +60,41 @@ class TransportConfig:
                 raise ValueError(f"transport.{name}: must be a non-negative integer, got {value!r}")
 
 
+#: where libzmq sends ZAP requests (RFC 27); one handler per context
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+
+
 class Security(Protocol):
     """Configures sockets before bind/connect (plaintext, CURVE, ...)."""
+
+    #: True if the server socket asks ZAP about every connection (then `zap` answers)
+    uses_zap: bool
 
     def server(self, socket: zmq.Socket) -> None: ...
 
     def client(self, socket: zmq.Socket, peer: str) -> None: ...
 
+    def zap(self, request: Sequence[bytes]) -> list[bytes]: ...
+
     def close(self) -> None: ...
+
+
+class Incoming(NamedTuple):
+    """One received message: who sent it and how the link authenticated them."""
+
+    routing_id: bytes
+    frames: list[zmq.Frame]
+    #: user id ZAP gave the connection (the node id of its CURVE key); None on plaintext
+    user_id: str | None
 
 
 class Plaintext:
     """No encryption or authentication. Safe only on loopback or an isolated test network."""
+
+    uses_zap = False
+
+    def zap(self, request: Sequence[bytes]) -> list[bytes]:
+        return [b"1.0", request[1] if len(request) > 1 else b"", b"400", b"no ZAP policy", b"", b""]
 
     def server(self, socket: zmq.Socket) -> None:
         pass
@@ -117,6 +146,12 @@ class Transport:
         self.security: Security = security or Plaintext()
         self.context = zmq.Context(io_threads=1)
         self.context.setsockopt(zmq.MAX_SOCKETS, 4096)
+        self.zap: zmq.Socket | None = None
+        if self.security.uses_zap:
+            # Bound before the ROUTER exists, so no handshake ever finds no handler.
+            self.zap = self.context.socket(zmq.REP)
+            self.zap.setsockopt(zmq.LINGER, 0)
+            self.zap.bind(ZAP_ENDPOINT)
         self.router = self.context.socket(zmq.ROUTER)
         _common_options(self.router, self.config)
         # Unroutable replies raise EHOSTUNREACH instead of vanishing.
@@ -135,6 +170,8 @@ class Transport:
             self.connect(peer, endpoint)
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
+        if self.zap is not None:
+            self.poller.register(self.zap, zmq.POLLIN)
 
     def connect(self, peer: str, endpoint: str) -> None:
         """Open the DEALER towards `peer`; its routing id is this node's id."""
@@ -178,18 +215,49 @@ class Transport:
             return False
         return True
 
-    def poll(self, timeout_ms: int, max_messages: int = 256) -> list[tuple[bytes, list[zmq.Frame]]]:
-        """Wait up to `timeout_ms` for messages; return (routing id, frames) pairs, frames uncopied."""
-        out: list[tuple[bytes, list[zmq.Frame]]] = []
-        if not self.poller.poll(max(0, timeout_ms)):
-            return out
+    def poll(self, timeout_ms: int, max_messages: int = 256) -> list[Incoming]:
+        """Wait up to `timeout_ms` for messages, answering ZAP requests meanwhile.
+
+        Returns (routing id, frames, authenticated user id) triples; frames are not copied.
+        """
+        out: list[Incoming] = []
+        deadline = time.monotonic() + max(0, timeout_ms) / 1000
+        while True:
+            remaining = max(0, int((deadline - time.monotonic()) * 1000))
+            events = dict(self.poller.poll(remaining))
+            if self.zap is not None and self.zap in events:
+                self._answer_zap()
+            if self.router in events or remaining == 0:
+                break
+        authenticated = self.zap is not None
         while len(out) < max_messages:
             try:
                 parts = self.router.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            out.append((parts[0].bytes, parts[1:]))
+            user = None
+            if authenticated and len(parts) > 1:
+                try:
+                    user = parts[1].get("User-Id")
+                except zmq.ZMQError:
+                    user = ""  # an authenticated link always has one; "" matches no sender
+            out.append(Incoming(parts[0].bytes, parts[1:], user))
         return out
+
+    def _answer_zap(self) -> None:
+        """Answer every queued ZAP request (REP: one reply per request, in order)."""
+        assert self.zap is not None
+        while True:
+            try:
+                request = self.zap.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                reply = self.security.zap(request)
+            except Exception as exc:  # noqa: BLE001 - a policy bug must refuse, not kill the loop
+                log.error("ZAP policy failed, refusing the connection: %s", exc)
+                reply = [b"1.0", request[1] if len(request) > 1 else b"", b"500", b"policy error", b"", b""]
+            self.zap.send_multipart(reply)
 
     def peers(self) -> Iterable[str]:
         return self.dealers.keys()
@@ -200,5 +268,7 @@ class Transport:
         for sock in self.dealers.values():
             sock.close(linger=linger)
         self.router.close(linger=0)
+        if self.zap is not None:
+            self.zap.close(linger=0)
         self.security.close()
         self.context.term()

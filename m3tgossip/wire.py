@@ -73,6 +73,7 @@ class MsgType(str, Enum):
     STATUS = "status"
     ACK = "ack"
     PUSH = "push"
+    RETIRE = "retire"
 
 
 _TYPES = {t.value: t for t in MsgType}
@@ -321,6 +322,7 @@ _BODIES: dict[MsgType, dict[str, _Check]] = {
     MsgType.STATUS: {"state": _document},
     MsgType.ACK: {"ack_seq": _count},
     MsgType.PUSH: {"weights": _weights},
+    MsgType.RETIRE: {"components": _some_names, "reason": _str},
 }
 #: keys a body may carry beyond its required ones
 _OPTIONAL: dict[MsgType, dict[str, _Check]] = {

@@ -67,3 +67,80 @@ def test_edu_daemons_train_exchange_and_report(tmp_path: Path) -> None:
     assert 0.0 <= s["per_node"]["b"]["final"]["at_risk"]["acc"] <= 1.0
     assert s["per_node"]["a"]["groups"]
     assert all(v > 0 for v in s["bytes_sent"].values())
+
+
+class PrivateVectors:
+    """A numpy workload whose vectors count as learned from private records."""
+
+    name = "private-vectors"
+    private_data = True
+
+    def __init__(self, comps: dict[str, int]) -> None:
+        import numpy as np
+
+        self._shared = {c: np.zeros(n) for c, n in comps.items()}
+
+    def model_id(self) -> str:
+        return "private-vectors"
+
+    def shared(self):
+        return self._shared
+
+    def local_step(self, round_: int) -> dict:
+        for x in self._shared.values():
+            x += 0.01
+        return {}
+
+    def after_mix(self, round_: int) -> None:
+        pass
+
+    def evaluate(self, round_: int) -> dict:
+        return {}
+
+    def state(self):
+        return dict(self._shared)
+
+    def load_state(self, arrays) -> None:
+        pass
+
+
+def test_dp_noise_is_declared_and_spent_budget_stops_sharing(tmp_path: Path) -> None:
+    import numpy as np
+
+    spec = tmp_path / "pair.toml"
+    spec.write_text(
+        'name = "pair"\nedges = [["a", "b"]]\n'
+        '[[nodes]]\nid = "a"\nprivacy = "custom"\nmodalities = ["tabular"]\ntasks = ["at_risk"]\n'
+        '[[nodes]]\nid = "b"\nmodalities = ["tabular"]\ntasks = ["at_risk"]\n'
+    )
+    topo = load_topology(spec)
+    comps = {c: 50 for c in topo.node("a").shared_components}
+    cfg = NodeConfig(id="a", topology=str(spec), state_dir=str(tmp_path / "a"), rounds=0,
+                     privacy={"epsilon": 2.0, "delta": 1e-5, "clip": 0.1, "noise_multiplier": 8.0})
+    node = Node(cfg, topology=topo, workload=PrivateVectors(comps))
+    node.transport = CapturingTransport()
+    assert node.privatizer is not None
+    rounds = 0
+    while len(node.retired) < len(comps) and rounds < 500:
+        before = {c: x.copy() for c, x in node.shared.items() if c not in node.retired}
+        node.workload.local_step(rounds)
+        node._send_round(before)
+        node.round += 1
+        rounds += 1
+    assert node.retired == set(comps), "budgets never ran out"
+    sent = node.transport.sent
+    updates = [m for _, m, _ in sent if m.type in (wire.MsgType.DELTA, wire.MsgType.STATE)]
+    assert updates and all(t.noise > 0 for m in updates for t in m.meta.values())
+    retires = [m for _, m, _ in sent if m.type is wire.MsgType.RETIRE]
+    assert {c for m in retires for c in m.body["components"]} == set(comps)
+    last_retire = max(i for i, (_, m, _) in enumerate(sent) if m.type is wire.MsgType.RETIRE)
+    count = len(sent)
+    node.workload.local_step(rounds)
+    node._send_round({c: x.copy() for c, x in node.shared.items()})
+    assert len(node.transport.sent) == count  # nothing more leaves the node
+    report = node.privatizer.report()
+    assert all(r["exhausted"] and r["epsilon_spent"] <= 2.0 * 1.01 for r in report.values())
+    # what the node keeps is exactly what it released (no private remainder)
+    for c, x in node.shared.items():
+        assert np.array_equal(x, node.out_replica[c]) or c in node.retired
+    assert last_retire < count

@@ -1,5 +1,6 @@
 """Multi-process tests of the daemon: convergence, clean shutdown, resume, bad input, status.
 
+Daemons run the default transport: CURVE links with a ZAP allow-list, keys generated per test.
 Every wait is bounded and every child is reaped by the `children` fixture.
 """
 
@@ -16,6 +17,7 @@ import zmq
 
 from m3tgossip import checkpoint
 from m3tgossip.metrics import read_metrics
+from m3tgossip.security import generate_keys, load_keypair
 from m3tgossip.status import query_status
 from m3tgossip.testbed import free_ports
 from m3tgossip import testbed
@@ -27,12 +29,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_spec(tmp_path: Path, kind: str = "cycle", n: int = 3) -> Path:
+    """A resolved spec with ports and public keys; keys in tmp_path/keys, operator key too."""
     spec = tmp_path / "spec.toml"
     spec.write_text(f'name = "t"\n[generator]\nkind = "{kind}"\nn = {n}\n')
     topo = load_topology(spec)
+    keys = {nid: generate_keys(tmp_path / "keys", nid).public for nid in topo.ids()}
+    generate_keys(tmp_path / "operator", "ops")
     resolved = tmp_path / "resolved.toml"
-    resolved.write_text(topo.with_ports(dict(zip(topo.ids(), free_ports(n)))).to_toml())
+    resolved.write_text(topo.with_ports(dict(zip(topo.ids(), free_ports(n)))).with_keys(keys).to_toml())
     return resolved
+
+
+def status(tmp_path: Path, nid: str, endpoint: str) -> dict:
+    """`status` of a running daemon over CURVE, as the operator key of `write_spec`."""
+    server_key = load_topology(tmp_path / "resolved.toml").node(nid).public_key
+    return query_status(endpoint, key=load_keypair(tmp_path / "operator/ops"), server_key=server_key)
 
 
 def wait_rounds(path: Path, rounds: int, session: str | None = None) -> list[dict]:
@@ -49,7 +60,8 @@ def start(children, spec: Path, nid: str, tmp_path: Path, *extra: str):
     folder = tmp_path / nid
     proc = children.node(
         "--topology", str(spec), "--id", nid, "--rounds", "0", "--state-dir", str(folder),
-        "--deadline", "1", "--startup-grace", "5", "-o", "size=64", *extra,
+        "--deadline", "1", "--startup-grace", "5", "-o", "size=64",
+        "--key-dir", str(tmp_path / "keys"), "--status-key", str(tmp_path / "operator/ops.key"), *extra,
         log=tmp_path / f"{nid}.log",
     )
     return proc, read_ready(proc), folder
@@ -114,7 +126,7 @@ def test_sigterm_checkpoints_and_restart_resumes(children, tmp_path: Path) -> No
     assert meta["round"] >= 5 and meta["session"] == ready0["session"]
     # the neighbours were told it left
     deadline = time.monotonic() + WAIT_S
-    while not query_status(procs["n1"][1]["endpoint"])["neighbours"]["n0"]["left"]:
+    while not status(tmp_path, "n1", procs["n1"][1]["endpoint"])["neighbours"]["n0"]["left"]:
         assert time.monotonic() < deadline
         time.sleep(0.1)
     # a restart resumes from the checkpoint with a new session and keeps going
@@ -123,7 +135,7 @@ def test_sigterm_checkpoints_and_restart_resumes(children, tmp_path: Path) -> No
     assert ready["round"] == meta["round"]
     recs = wait_rounds(folder0 / "metrics.jsonl", 3, session=ready["session"])
     assert recs[0]["round"] >= meta["round"]
-    assert query_status(ready["endpoint"])["resumed_from"] == meta["round"]
+    assert status(tmp_path, "n0", ready["endpoint"])["resumed_from"] == meta["round"]
     for nid, (p, _, _) in procs.items():
         if nid != "n0":
             p.send_signal(signal.SIGINT)
@@ -145,19 +157,23 @@ def test_malformed_messages_are_logged_and_dropped(children, tmp_path: Path) -> 
     procs = {nid: start(children, spec, nid, tmp_path) for nid in ("n0", "n1", "n2")}
     endpoint = procs["n1"][1]["endpoint"]
     before = wait_rounds(procs["n1"][2] / "metrics.jsonl", 2)
+    # garbage from an authenticated neighbour's key (n0's), on a link of its own
+    keys = load_keypair(tmp_path / "keys/n0")
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTING_ID, b"intruder")
+    sock.curve_serverkey = load_topology(spec).node("n1").public_key.encode()
+    sock.curve_publickey, sock.curve_secretkey = keys.public.encode(), keys.secret.encode()
     sock.connect(endpoint)
     for frames in GARBAGE:
         sock.send_multipart(frames)
-    status = query_status(endpoint)
+    state = status(tmp_path, "n1", endpoint)
     deadline = time.monotonic() + WAIT_S
-    while status["rejected"] < len(GARBAGE):
+    while state["rejected"] < len(GARBAGE):
         assert time.monotonic() < deadline
         time.sleep(0.1)
-        status = query_status(endpoint)
+        state = status(tmp_path, "n1", endpoint)
     sock.close()
     ctx.term()
     wait_rounds(procs["n1"][2] / "metrics.jsonl", len(before) + 3)  # still making rounds
@@ -174,10 +190,10 @@ def test_status_reports_node_state(children, tmp_path: Path) -> None:
     spec = write_spec(tmp_path, "path", 2)
     procs = {nid: start(children, spec, nid, tmp_path) for nid in ("n0", "n1")}
     wait_rounds(procs["n0"][2] / "metrics.jsonl", 2)
-    status = query_status(procs["n0"][1]["endpoint"])
-    assert status["node"] == "n0" and status["workload"] == "consensus"
-    assert status["round"] >= 2 and set(status["neighbours"]) == {"n1"}
-    assert status["neighbours"]["n1"]["session"] == procs["n1"][1]["session"]
+    state = status(tmp_path, "n0", procs["n0"][1]["endpoint"])
+    assert state["node"] == "n0" and state["workload"] == "consensus"
+    assert state["round"] >= 2 and set(state["neighbours"]) == {"n1"}
+    assert state["neighbours"]["n1"]["session"] == procs["n1"][1]["session"]
     with pytest.raises(TimeoutError):
         query_status(f"tcp://127.0.0.1:{free_ports(1)[0]}", timeout_s=0.3)
 
@@ -187,8 +203,8 @@ def test_neighbour_with_another_model_is_rejected(children, tmp_path: Path) -> N
     p0, ready0, folder0 = start(children, spec, "n0", tmp_path, "--seed", "1")
     p1, ready1, folder1 = start(children, spec, "n1", tmp_path, "--seed", "2")
     wait_rounds(folder0 / "metrics.jsonl", 2)
-    status = query_status(ready0["endpoint"])
-    assert status["neighbours"]["n1"]["model_ok"] is False
+    state = status(tmp_path, "n0", ready0["endpoint"])
+    assert state["neighbours"]["n1"]["model_ok"] is False
     for p in (p0, p1):
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=WAIT_S) == 0

@@ -59,6 +59,7 @@ BODIES: dict[MsgType, dict[str, Any]] = {
     },
     MsgType.ACK: {"ack_seq": 17},
     MsgType.PUSH: {"weights": {"encoder.text": 0.25, "fusion": 0.25, "head.stress": 0.5}},
+    MsgType.RETIRE: {"components": ["encoder.signal"], "reason": "privacy budget spent"},
 }
 
 

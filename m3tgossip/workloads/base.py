@@ -16,6 +16,9 @@ import numpy as np
 class Workload(Protocol):
     #: name written into metrics and summaries
     name: str
+    #: True if `shared()` is learned from the node's own records (then the node's privacy
+    #: profile clips and noises what it sends)
+    private_data: bool
 
     def model_id(self) -> str:
         """Identity of the base model and component layout; peers with another id are rejected."""

@@ -32,6 +32,8 @@ class ConsensusWorkload:
     """Average-consensus on seeded vectors; reports its relative error to the exact mean."""
 
     name = "consensus"
+    #: the vectors are not learned from anyone's records: no differential privacy applies
+    private_data = False
 
     def __init__(
         self, topology: Topology, node_id: str, seed: int = 0, options: dict[str, Any] | None = None

@@ -93,6 +93,8 @@ class EduWorkload:
     """Fine-tuning of this node's M3T components on its own records."""
 
     name = "edu"
+    #: trained on the node's own records: outgoing updates follow its privacy profile
+    private_data = True
 
     def __init__(
         self, topology: Topology, node_id: str, seed: int = 0, options: dict[str, Any] | None = None
