@@ -59,6 +59,11 @@ def _node_parser(sub: argparse._SubParsersAction) -> None:
         "--option", "-o", action="append", type=_option, default=[], metavar="KEY=VALUE",
         help="workload option (repeatable), e.g. -o size=100000",
     )
+    p.add_argument(
+        "--set", action="append", type=_option, default=[], metavar="TABLE.KEY=VALUE", dest="settings",
+        help="any config key of the gossip, transport, faults or privacy table (repeatable), "
+        "e.g. --set gossip.aggregator=clip --set faults.drop=0.1",
+    )
 
 
 def _cmd_node(args: argparse.Namespace) -> int:
@@ -71,6 +76,11 @@ def _cmd_node(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {k: getattr(args, k) for k in keys}
     for key, value in args.option:
         overrides[f"workload.{key}"] = value
+    for key, value in args.settings:
+        table = key.partition(".")[0]
+        if table not in ("gossip", "transport", "faults", "privacy") or "." not in key:
+            raise ConfigError("--set", key, "expected TABLE.KEY with TABLE one of gossip, transport, faults, privacy")
+        overrides[key] = value
     config = load_node_config(args.config, overrides)
     return run_node(config)
 

@@ -78,7 +78,11 @@ class GossipConfig:
     #: consecutive missed rounds after which a silent neighbour is no longer waited for
     suspect_after: int = 2
     #: seconds between heartbeats while a node waits
-    heartbeat_s: float = 1.0
+    heartbeat_s: float = 0.25
+    #: a waiting node keeps waiting (up to max_wait_factor deadlines) for a neighbour that is
+    #: alive, i.e. heard from (heartbeats included) within this many seconds; a silent one is
+    #: given up at the deadline
+    silence_s: float = 1.0
     #: checkpoint every this many rounds (and always on shutdown)
     checkpoint_every: int = 1
     #: push-sum: seconds between pushes
@@ -97,7 +101,7 @@ class GossipConfig:
             raise ValueError(f"trim: an integer >= 0, got {self.trim!r}")
         if not (isinstance(self.noise_strength, (int, float)) and math.isfinite(self.noise_strength) and self.noise_strength >= 0):
             raise ValueError(f"noise_strength: a number >= 0, got {self.noise_strength!r}")
-        for name in ("round_deadline_s", "max_wait_factor", "heartbeat_s", "push_interval_s", "deadline_min_s", "deadline_k"):
+        for name in ("round_deadline_s", "max_wait_factor", "heartbeat_s", "push_interval_s", "deadline_min_s", "deadline_k", "silence_s"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}: must be a positive number, got {value!r}")
@@ -225,6 +229,8 @@ def load_node_config(path: str | None, overrides: dict[str, Any]) -> NodeConfig:
             workload[key.split(".", 1)[1]] = value
         elif key.startswith("faults."):
             faults[key.split(".", 1)[1]] = value
+        elif key.startswith("privacy."):
+            raw.setdefault("privacy", {})[key.split(".", 1)[1]] = value
         else:
             node[key] = value
     for key in node:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -62,7 +63,9 @@ class FaultyTransport:
     def __init__(self, inner: Any, config: FaultConfig) -> None:
         self.inner = inner
         self.config = config
-        self.rng = np.random.default_rng([config.seed & 0xFFFFFFFF, 0xFA17])
+        # each node draws its own pattern from the run's seed
+        node = str(getattr(inner, "node_id", "")).encode()
+        self.rng = np.random.default_rng([config.seed & 0xFFFFFFFF, zlib.crc32(node), 0xFA17])
         self._held: list[tuple[float, int, str, list[bytes]]] = []
         self._count = 0
         self.dropped = 0

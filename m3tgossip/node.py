@@ -165,6 +165,7 @@ class Node:
         self.retired: set[str] = set()
         self.round_started = time.monotonic()
         self.isolated: set[str] = set()
+        self._collecting = False
         self._resume()
         for peer in self.peers.values():
             peer.need_state = set(peer.components)
@@ -366,8 +367,11 @@ class Node:
             self._send(peer, self._message(wire.MsgType.RESYNC, {"components": comps, "reason": reason}))
 
     def _on_resync(self, peer: Peer, msg: wire.Message) -> None:
-        """The neighbour lost our replica of some components: send them as full state next."""
+        """The neighbour lost our replica of some components: send them as full state, at once
+        while this node is collecting a round (its replica is then this round's), else next."""
         peer.need_state |= set(msg.body["components"]) & set(peer.components)
+        if self._collecting and peer.need_state:
+            self._send_state(peer, sorted(peer.need_state))
 
     def _on_heartbeat(self, peer: Peer, msg: wire.Message) -> None:
         peer.round = max(peer.round, msg.round)
@@ -583,14 +587,21 @@ class Node:
                 msg = self._message(wire.MsgType.DELTA, {}, tensors={c: deltas[c] for c in rest}, meta=meta)
                 self._send(peer, msg)
             if state:
-                tensors = {c: self.out_replica[c].copy() for c in state}
-                meta = {
-                    c: wire.TensorMeta(c, str(t.dtype), t.shape, base=self.out_version[c] - 1, noise=self.noise_std[c])
-                    for c, t in tensors.items()
-                }
-                msg = self._message(wire.MsgType.STATE, {"reason": "replica reset"}, tensors=tensors, meta=meta)
-                if self._send(peer, msg):
-                    peer.need_state.clear()
+                self._send_state(peer, state)
+
+    def _send_state(self, peer: Peer, comps: list[str]) -> None:
+        """Full state of `comps` as the neighbours' replica has it (already public)."""
+        comps = [c for c in comps if c not in self.retired]
+        if not comps:
+            return
+        tensors = {c: self.out_replica[c].copy() for c in comps}
+        meta = {
+            c: wire.TensorMeta(c, str(t.dtype), t.shape, base=self.out_version[c] - 1, noise=self.noise_std[c])
+            for c, t in tensors.items()
+        }
+        msg = self._message(wire.MsgType.STATE, {"reason": "replica reset"}, tensors=tensors, meta=meta)
+        if self._send(peer, msg):
+            peer.need_state -= set(comps)
 
     def _retire(self, comp: str) -> None:
         """The privacy budget of `comp` is spent: keep training it here, never send it again."""
@@ -651,23 +662,33 @@ class Node:
         start = time.monotonic()
         soft = start + deadline_s
         hard = start + deadline_s * g.max_wait_factor
-        next_beat = start + g.heartbeat_s
-        while True:
-            if self.stop_reason is not None:
-                return False
-            expected = self._expected()
-            waiting = [p for p in expected if not self._round_heard(p)]
-            if not waiting:
-                break
-            now = time.monotonic()
-            heard_fraction = 1.0 - len(waiting) / max(1, len(expected))
-            if now >= hard or (now >= soft and heard_fraction >= g.quorum):
-                break
-            if now >= next_beat:
-                for peer in self.peers.values():
-                    self._send(peer, self._message(wire.MsgType.HEARTBEAT, {"round": self.round}))
-                next_beat = now + g.heartbeat_s
-            self._poll(min(POLL_SLICE_MS, max(1, int((hard - now) * 1000))))
+        next_beat = start
+        self._collecting = True
+        try:
+            while True:
+                if self.stop_reason is not None:
+                    return False
+                expected = self._expected()
+                # A neighbour already past this round will not send it any more (a message
+                # of a link arrives in order): what is missing from it was lost.
+                waiting = [p for p in expected if not self._round_heard(p) and p.round <= self.round]
+                if not waiting:
+                    break
+                now = time.monotonic()
+                if now >= hard:
+                    break
+                if now >= soft:
+                    heard_fraction = 1.0 - len(waiting) / max(1, len(expected))
+                    alive = [p for p in waiting if now - p.last_heard < g.silence_s]
+                    if not alive and heard_fraction >= g.quorum:
+                        break
+                if now >= next_beat:
+                    for peer in self.peers.values():
+                        self._send(peer, self._message(wire.MsgType.HEARTBEAT, {"round": self.round}))
+                    next_beat = now + g.heartbeat_s
+                self._poll(min(POLL_SLICE_MS, max(1, int((hard - now) * 1000))))
+        finally:
+            self._collecting = False
         for peer in self.peers.values():
             if peer.components and not self._round_heard(peer):
                 peer.missed += 1

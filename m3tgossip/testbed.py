@@ -82,6 +82,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--restart-after", type=float, default=None, metavar="S", help="restart killed nodes after S seconds")
     p.add_argument("--timeout", type=float, default=None, help="give up (and report hung daemons) after this many seconds")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--set", action="append", default=[], dest="settings", metavar="TABLE.KEY=VALUE", help="node config setting for every node (repeatable), e.g. gossip.aggregator=clip")
+    p.add_argument("--node-set", action="append", default=[], metavar="NODE:TABLE.KEY=VALUE", help="node config setting for one node (repeatable), e.g. n3:faults.attack=alie")
     p.add_argument("--insecure", action="store_true", help="plaintext links between the daemons, no keys")
     return p.parse_args(argv)
 
@@ -127,6 +129,14 @@ class Testbed:
             cmd += ["--key-dir", str(self.key_dir), "--status-key", str(self.operator_key)]
         for opt in a.option:
             cmd += ["-o", opt]
+        for setting in a.settings:
+            cmd += ["--set", setting]
+        for item in a.node_set:
+            node, sep, setting = item.partition(":")
+            if not sep or node not in self.topology.ids():
+                raise ConfigError("--node-set", item, f"expected NODE:TABLE.KEY=VALUE with NODE one of {', '.join(self.topology.ids())}")
+            if node == nid:
+                cmd += ["--set", setting]
         return Child(nid, cmd, folder)
 
     def start(self, child: Child) -> None:
@@ -290,6 +300,11 @@ def summarise(
         if g.number_of_nodes() > 1:
             slems[comp] = slem(metropolis_hastings(g))
     worst_slem = max(slems.values(), default=0.0)
+    byzantine = sorted({
+        item.partition(":")[0]
+        for item in getattr(args, "node_set", [])
+        if item.partition(":")[2].startswith("faults.attack=") and not item.endswith("=")
+    })
     summary: dict[str, Any] = {
         "topology": topology.name,
         "nodes": topology.ids(),
@@ -300,6 +315,7 @@ def summarise(
         "seed": args.seed,
         "wall_seconds": round(wall, 3),
         "crashed": crashed,
+        "byzantine": byzantine,
         "killed": killed,
         "hung": sorted(hung),
         "exit_codes": {nid: c.exit_codes for nid, c in children.items()},
@@ -321,10 +337,11 @@ def summarise(
         summary["round_breakdown_s"] = {
             k: sum(t[k] for t in timings) / len(timings) for k in timings[0]
         }
+    honest = {nid: recs for nid, recs in per_round.items() if nid not in byzantine}
     if args.workload == "consensus":
-        summary.update(_consensus_summary(per_round, n_rounds, worst_slem, args.target))
+        summary.update(_consensus_summary(honest, n_rounds, worst_slem, args.target))
     else:
-        summary.update(_eval_summary(per_round))
+        summary.update(_eval_summary(per_round, byzantine))
     return summary
 
 
@@ -349,7 +366,7 @@ def _consensus_summary(
     }
 
 
-def _eval_summary(per_round: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
+def _eval_summary(per_round: dict[str, dict[int, dict[str, Any]]], byzantine: list[str]) -> dict[str, Any]:
     """Per-node, per-task metrics over rounds, last per-group metrics, and means."""
     per_node: dict[str, Any] = {}
     for nid, recs in per_round.items():
@@ -364,7 +381,11 @@ def _eval_summary(per_round: dict[str, dict[int, dict[str, Any]]]) -> dict[str, 
             "groups": evals[-1][1].get("groups", {}) if evals else {},
             "final": evals[-1][1]["tasks"] if evals else {},
         }
-    finals = [v["mean_acc"][-1] for v in per_node.values() if v["mean_acc"] and v["mean_acc"][-1] is not None]
+    finals = [
+        v["mean_acc"][-1]
+        for nid, v in per_node.items()
+        if nid not in byzantine and v["mean_acc"] and v["mean_acc"][-1] is not None
+    ]
     return {"per_node": per_node, "final_mean_acc": sum(finals) / len(finals) if finals else None}
 
 

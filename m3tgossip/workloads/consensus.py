@@ -18,6 +18,8 @@ import numpy as np
 from m3tgossip.topology import Topology
 
 DEFAULT_SIZE = 4096
+#: random projections of the state recorded each round (`digest`), per component
+DIGEST_DIMS = 16
 OPTIONS = ("size", "sizes", "dtype")
 
 
@@ -61,6 +63,14 @@ class ConsensusWorkload:
         self._mean = self._exact_mean()
         self._mean_norm = float(np.sqrt(sum(float(m @ m) for m in self._mean.values())))
         self.initial_error = self.error_to_mean()
+        # Fixed random directions, the same on every node: projections of the state onto them
+        # let a reader compare nodes' states (consensus among nodes) without the states.
+        self._directions = {
+            c: np.random.default_rng([seed & 0xFFFFFFFF, zlib.crc32(c.encode()), 0xD16E57]).standard_normal(
+                (DIGEST_DIMS, n)
+            ) / np.sqrt(DIGEST_DIMS)
+            for c, n in self.sizes.items()
+        }
 
     def _exact_mean(self) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
@@ -94,7 +104,11 @@ class ConsensusWorkload:
         return float(np.sqrt(sq) / self._mean_norm) if self._mean_norm > 0 else float(np.sqrt(sq))
 
     def evaluate(self, round_: int) -> dict[str, Any]:
-        return {"error_to_mean": self.error_to_mean(), "initial_error": self.initial_error}
+        return {
+            "error_to_mean": self.error_to_mean(),
+            "initial_error": self.initial_error,
+            "digest": {c: (self._directions[c] @ x).tolist() for c, x in self._shared.items()},
+        }
 
     def state(self) -> dict[str, np.ndarray]:
         return {f"shared/{c}": x for c, x in self._shared.items()}
