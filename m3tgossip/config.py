@@ -69,6 +69,13 @@ class GossipConfig:
     #: larger per-element DP noise variance of its two ends (declared, checked against an
     #: estimate from the deltas received); 0 mixes naively. Federation-wide.
     noise_strength: float = 0.0
+    #: how deltas are compressed on the wire: raw | fp16 | int8 | topk:F (m3tgossip.compress),
+    #: with per-component overrides in `compress` ({component = codec}); what a codec loses
+    #: stays in the replica gap and is sent later (error feedback)
+    compression: str = "raw"
+    compress: dict = field(default_factory=dict)
+    #: consensus step size of CHOCO mixing over replicas (below 1 for heavy compression)
+    gamma: float = 1.0
     #: fraction of expected neighbours that must be heard before a round may close at the
     #: deadline; below it the round waits on, up to `max_wait_factor` deadlines
     quorum: float = 0.5
@@ -99,6 +106,15 @@ class GossipConfig:
             raise ValueError(f"aggregator: one of {', '.join(AGGREGATORS)}, got {self.aggregator!r}")
         if not isinstance(self.trim, int) or isinstance(self.trim, bool) or self.trim < 0:
             raise ValueError(f"trim: an integer >= 0, got {self.trim!r}")
+        from m3tgossip.compress import parse_codec
+
+        for comp, spec in {"compression": self.compression, **{f"compress.{k}": v for k, v in self.compress.items()}}.items():
+            try:
+                parse_codec(str(spec))
+            except ValueError as exc:
+                raise ValueError(f"{comp}: {exc}") from None
+        if not (isinstance(self.gamma, (int, float)) and 0 < self.gamma <= 1):
+            raise ValueError(f"gamma: a number in (0, 1], got {self.gamma!r}")
         if not (isinstance(self.noise_strength, (int, float)) and math.isfinite(self.noise_strength) and self.noise_strength >= 0):
             raise ValueError(f"noise_strength: a number >= 0, got {self.noise_strength!r}")
         for name in ("round_deadline_s", "max_wait_factor", "heartbeat_s", "push_interval_s", "deadline_min_s", "deadline_k", "silence_s"):

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from m3tgossip import checkpoint, wire
+from m3tgossip.compress import parse_codec
 from m3tgossip.config import NodeConfig
 from m3tgossip.errors import ProtocolError
 from m3tgossip.faults import FaultyTransport, malicious_value
@@ -161,6 +162,8 @@ class Node:
                 rounds_planned=config.rounds or None,
             )
         self.noise_std: dict[str, float] = {c: 0.0 for c in self.shared}
+        g = config.gossip
+        self.codecs = {c: parse_codec(str(g.compress.get(c, g.compression))) for c in self.shared}
         #: components whose privacy budget is spent: trained on, never sent again
         self.retired: set[str] = set()
         self.round_started = time.monotonic()
@@ -551,7 +554,7 @@ class Node:
             self._send_attack()
             return
         deltas: dict[str, np.ndarray] = {}
-        bases: dict[str, int] = {}
+        metas: dict[str, wire.TensorMeta] = {}
         for comp, x in self.shared.items():
             if comp in self.retired:
                 continue
@@ -567,12 +570,13 @@ class Node:
                 self.noise_std[comp] = std
             else:
                 delta = x - self.out_replica[comp]  # a fresh array: safe to send without copying
-            self.out_replica[comp] += delta
+            payload, meta, decoded = self.codecs[comp].encode(comp, delta, self.out_version[comp], self.noise_std[comp])
+            self.out_replica[comp] += decoded  # what the codec lost stays for later rounds
             if before is not None and comp in before:
                 x[...] = self.out_replica[comp]  # the node goes on from what it released
-            bases[comp] = self.out_version[comp]
             self.out_version[comp] += 1
-            deltas[comp] = delta
+            deltas[comp] = payload
+            metas[comp] = meta
         for peer in self.peers.values():
             if not peer.components or not peer.model_ok:
                 continue
@@ -580,10 +584,7 @@ class Node:
             state = sorted(peer.need_state & set(live))
             rest = [c for c in live if c not in peer.need_state]
             if rest:
-                meta = {
-                    c: wire.TensorMeta(c, str(deltas[c].dtype), deltas[c].shape, base=bases[c], noise=self.noise_std[c])
-                    for c in rest
-                }
+                meta = {c: metas[c] for c in rest}
                 msg = self._message(wire.MsgType.DELTA, {}, tensors={c: deltas[c] for c in rest}, meta=meta)
                 self._send(peer, msg)
             if state:
@@ -733,7 +734,7 @@ class Node:
             weights = renormalise(self._noise_aware(comp), self.id, heard)
             aggregator = self.config.gossip.aggregator
             if aggregator == "mean" or not replicas:
-                choco_mix_into(x, mine, replicas, weights)
+                choco_mix_into(x, mine, replicas, weights, gamma=self.config.gossip.gamma)
             elif aggregator == "clip":
                 clipped_mix_into(x, self.id, replicas, weights)
             else:

@@ -43,7 +43,11 @@ PROTOCOL_VERSION: int = 1
 #: dtypes a tensor frame may carry (numpy names; bytes are always little-endian)
 DTYPES: tuple[str, ...] = ("float16", "float32", "float64", "int8", "uint8", "int32", "int64")
 #: tensor encodings understood by this version ("raw": the array's bytes as they are)
-ENCODINGS: tuple[str, ...] = ("raw",)
+#: raw: the values as they are (float16 is a raw dtype); int8: int8 values times the
+#: per-tensor `scale`; topk: k int32 indices (strictly increasing) then k values, of a dense
+#: tensor of `shape` that is zero elsewhere
+ENCODINGS: tuple[str, ...] = ("raw", "int8", "topk")
+_INDEX = np.dtype("<i4")
 
 MAX_NAME = 128  # characters in a component name
 MAX_NDIM = 8  # dimensions of a tensor
@@ -375,8 +379,15 @@ def _tensor_meta(value: Any, index: int, mtype: MsgType, limits: Limits) -> Tens
     scale = entry.get("scale")
     if scale is not None:
         scale = _finite_float(scale, f"{where} scale")
-        if enc == "raw":
-            _fail(where, "encoding 'raw' carries no scale")
+        if enc != "int8":
+            _fail(where, f"encoding {enc!r} carries no scale")
+    if enc == "int8":
+        if dtype != "int8":
+            _fail(where, f"encoding 'int8' needs dtype int8, got {dtype}")
+        if scale is None or scale <= 0:
+            _fail(where, f"encoding 'int8' needs a scale > 0, got {scale}")
+    if enc == "topk" and np.dtype(dtype).kind != "f":
+        _fail(where, f"encoding 'topk' needs a float dtype, got {dtype}")
     return TensorMeta(name, dtype, shape, enc, base, noise, scale)
 
 
@@ -532,7 +543,12 @@ def encode(msg: Message) -> list[bytes | memoryview]:
         where = f"tensors[{i}] {name!r}"
         array = _wire_array(array, where)
         tm = msg.meta.get(name) or TensorMeta(name, array.dtype.name, array.shape)
-        if tm.name != name or tm.dtype != array.dtype.name or tuple(tm.shape) != array.shape:
+        if tm.enc == "topk":
+            # the payload is bytes: k indices then k values of the dense tensor `tm.shape`
+            per = _INDEX.itemsize + np.dtype(tm.dtype).itemsize
+            if array.dtype != np.uint8 or array.ndim != 1 or array.size % per:
+                _fail(where, f"a topk payload is 1-D uint8 of a multiple of {per} bytes")
+        elif tm.name != name or tm.dtype != array.dtype.name or tuple(tm.shape) != array.shape:
             _fail(
                 where,
                 f"meta says {tm.name!r} {tm.dtype} {list(tm.shape)},"
@@ -599,6 +615,9 @@ def _decode(frames: Sequence[Any], limits: Limits) -> Message:
         where = f"tensors[{i}] {tm.name!r}"
         view = _view(frames[i + 1], i + 1)
         dtype = np.dtype(tm.dtype).newbyteorder("<")
+        if tm.enc == "topk":
+            msg.tensors[tm.name] = _decode_topk(view, tm, dtype, where)
+            continue
         need = math.prod(tm.shape) * dtype.itemsize
         if view.nbytes != need:
             _fail(
@@ -608,9 +627,35 @@ def _decode(frames: Sequence[Any], limits: Limits) -> Message:
         array = np.frombuffer(view, dtype=dtype).reshape(tm.shape)
         if dtype.kind == "f" and not _all_finite(array):
             _fail(where, "contains NaN or Inf")
+        if tm.enc == "int8":
+            array = array.astype(np.float32) * np.float32(tm.scale)
+            if not _all_finite(array):
+                _fail(where, "int8 values times scale overflow")
         array.flags.writeable = False
         msg.tensors[tm.name] = array
     return msg
+
+
+def _decode_topk(view: memoryview, tm: TensorMeta, dtype: np.dtype, where: str) -> np.ndarray:
+    """Dense tensor from k strictly increasing int32 indices followed by k values."""
+    n = math.prod(tm.shape)
+    per = _INDEX.itemsize + dtype.itemsize
+    if view.nbytes % per:
+        _fail(where, f"topk frame has {view.nbytes} bytes, not a multiple of {per}")
+    k = view.nbytes // per
+    if k > n:
+        _fail(where, f"topk frame holds {k} entries, the tensor has {n} elements")
+    index = np.frombuffer(view, dtype=_INDEX, count=k)
+    values = np.frombuffer(view, dtype=dtype, count=k, offset=k * _INDEX.itemsize)
+    if k and (index[0] < 0 or index[-1] >= n or (k > 1 and not bool(np.all(np.diff(index) > 0)))):
+        _fail(where, f"topk indices must increase strictly within [0, {n})")
+    if not _all_finite(values):
+        _fail(where, "contains NaN or Inf")
+    dense = np.zeros(n, dtype=dtype)
+    dense[index] = values
+    dense = dense.reshape(tm.shape)
+    dense.flags.writeable = False
+    return dense
 
 
 def frames_nbytes(frames: Iterable[bytes | memoryview | Any]) -> int:
