@@ -90,6 +90,9 @@ class GossipConfig:
     #: alive, i.e. heard from (heartbeats included) within this many seconds; a silent one is
     #: given up at the deadline
     silence_s: float = 1.0
+    #: a fresh node whose neighbours are more than this many rounds ahead joins at their
+    #: round (late join); a restarted node always joins at their round
+    late_join_rounds: int = 5
     #: checkpoint every this many rounds (and always on shutdown)
     checkpoint_every: int = 1
     #: push-sum: seconds between pushes
@@ -127,7 +130,7 @@ class GossipConfig:
                 raise ValueError(f"{name}: must be a non-negative number, got {value!r}")
         if not (isinstance(self.quorum, (int, float)) and 0.0 <= self.quorum <= 1.0):
             raise ValueError(f"quorum: must be between 0 and 1, got {self.quorum!r}")
-        for name in ("suspect_after", "checkpoint_every"):
+        for name in ("suspect_after", "checkpoint_every", "late_join_rounds"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")

@@ -41,6 +41,7 @@ from m3tgossip.log import get_logger
 from m3tgossip.metrics import MetricsWriter
 from m3tgossip.mixing import (
     PushSum,
+    round_plan,
     choco_mix_into,
     effective_noise_var,
     estimate_noise_var,
@@ -169,6 +170,9 @@ class Node:
         self.round_started = time.monotonic()
         self.isolated: set[str] = set()
         self._collecting = False
+        #: time-varying topology: this round's mixing row (self and in-peers)
+        self.dynamic = self.topology.dynamics != "static"
+        self._row: dict[str, float] = {}
         self._resume()
         for peer in self.peers.values():
             peer.need_state = set(peer.components)
@@ -509,14 +513,22 @@ class Node:
             if time.monotonic() >= next_hello:
                 for peer in missing:
                     self._hello(peer)
+                # neighbours already in their first round keep waiting for a node still
+                # starting, instead of giving it up as silent
+                for peer in self.peers.values():
+                    if peer.answered:
+                        self._send(peer, self._message(wire.MsgType.HEARTBEAT, {"round": self.round}))
                 next_hello = time.monotonic() + HELLO_RETRY_S
             self._poll(POLL_SLICE_MS)
         silent = [p.id for p in self.peers.values() if not p.answered]
         if silent:
             log.warning("%s: starting without hello from %s", self.id, ", ".join(silent))
-        # A node that restarts behind its neighbours joins them at their round.
+        # A node that restarts behind its neighbours joins them at their round; so does a
+        # fresh node that starts well after them (a late joiner). A fresh node only a few
+        # rounds behind runs those rounds: its neighbours are waiting for its messages.
         ahead = max((p.round for p in self.peers.values() if p.model_ok), default=-1)
-        if ahead > self.round:
+        lag = 0 if self.resumed_from is not None else self.config.gossip.late_join_rounds
+        if ahead > self.round + lag:
             log.info("%s: neighbours are at round %d; joining there (was %d)", self.id, ahead, self.round)
             self.round = ahead
 
@@ -552,6 +564,9 @@ class Node:
         self.round_started = time.monotonic()
         if self.config.faults.attack:
             self._send_attack()
+            return
+        if self.dynamic:
+            self._send_dynamic()
             return
         deltas: dict[str, np.ndarray] = {}
         metas: dict[str, wire.TensorMeta] = {}
@@ -604,6 +619,18 @@ class Node:
         if self._send(peer, msg):
             peer.need_state -= set(comps)
 
+    def _send_dynamic(self) -> None:
+        """Time-varying topology: full state to this round's out-peers (links change every
+        round, so there are no replica chains to keep)."""
+        out, self._row = round_plan(self.topology, self.id, self.round, self.config.seed)
+        for comp, x in self.shared.items():
+            self.out_replica[comp][...] = x
+            self.out_version[comp] += 1
+        for pid in out:
+            peer = self.peers.get(pid)
+            if peer is not None and peer.model_ok and peer.components:
+                self._send_state(peer, list(peer.components))
+
     def _retire(self, comp: str) -> None:
         """The privacy budget of `comp` is spent: keep training it here, never send it again."""
         self.retired.add(comp)
@@ -646,6 +673,7 @@ class Node:
             p
             for p in self.peers.values()
             if p.components and p.model_ok and not p.left and p.missed < self.config.gossip.suspect_after
+            and (not self.dynamic or p.id in self._row)
         ]
 
     def _round_heard(self, peer: Peer) -> bool:
@@ -691,6 +719,8 @@ class Node:
         finally:
             self._collecting = False
         for peer in self.peers.values():
+            if self.dynamic and peer.id not in self._row:
+                continue
             if peer.components and not self._round_heard(peer):
                 peer.missed += 1
                 if peer.missed == g.suspect_after and not peer.left:
@@ -701,6 +731,8 @@ class Node:
 
     def _check_isolation(self) -> None:
         """Warn when no live neighbour is left for a component: its consensus is cut off here."""
+        if self.dynamic:
+            return  # a time-varying topology links other peers every round
         alive = {p.id for p in self._expected()}
         for comp in self.shared:
             holders = [p.id for p in self.peers.values() if comp in p.components]
@@ -731,7 +763,8 @@ class Node:
                 d = r - mine
                 dist_sq = max(dist_sq, float(d @ d))
             norm_sq += float(mine @ mine)
-            weights = renormalise(self._noise_aware(comp), self.id, heard)
+            row = self._row if self.dynamic else self._noise_aware(comp)
+            weights = renormalise(row, self.id, heard)
             aggregator = self.config.gossip.aggregator
             if aggregator == "mean" or not replicas:
                 choco_mix_into(x, mine, replicas, weights, gamma=self.config.gossip.gamma)

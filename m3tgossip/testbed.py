@@ -162,8 +162,10 @@ class Testbed:
         if len(readies) >= child.starts:
             child.ready = json.loads(readies[-1][len("READY "):])
 
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until every child printed READY (at most `timeout`, default READY_TIMEOUT_S)."""
+        timeout = READY_TIMEOUT_S if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for child in self.children.values():
                 self._check_ready(child)
@@ -176,7 +178,7 @@ class Testbed:
                 return
             time.sleep(0.05)
         missing = [c.node for c in self.children.values() if not c.ready]
-        raise TimeoutError(f"no READY line from {', '.join(missing)} within {READY_TIMEOUT_S:g} s")
+        raise TimeoutError(f"no READY line from {', '.join(missing)} within {timeout:g} s")
 
     def last_round(self, child: Child) -> int:
         records = read_metrics(child.folder / "metrics.jsonl")
@@ -300,6 +302,8 @@ def summarise(
         if g.number_of_nodes() > 1:
             slems[comp] = slem(metropolis_hastings(g))
     worst_slem = max(slems.values(), default=0.0)
+    if topology.dynamics != "static":
+        slems, worst_slem = {}, None  # the spectral prediction is for static graphs
     byzantine = sorted({
         item.partition(":")[0]
         for item in getattr(args, "node_set", [])
@@ -361,7 +365,7 @@ def _consensus_summary(
         "initial_error": e0,
         "consensus_error": errors,
         "final_consensus_error": errors[-1] if errors else None,
-        "predicted_rounds": predicted_rounds(worst_slem, target, e0),
+        "predicted_rounds": predicted_rounds(worst_slem, target, e0) if worst_slem is not None else None,
         "measured_rounds": measured,
     }
 
@@ -432,7 +436,7 @@ def format_summary(s: dict[str, Any]) -> str:
         )
         lines.append(
             f"rounds to {s['target_error']:g}: measured {s['measured_rounds']}, "
-            f"predicted {s['predicted_rounds']} (SLEM {s['slem']:.4f})"
+            + (f"predicted {s['predicted_rounds']} (SLEM {s['slem']:.4f})" if s["slem"] is not None else "(time-varying topology: no spectral prediction)")
         )
     if "per_node" in s:
         lines.extend(_eval_table(s))

@@ -9,6 +9,8 @@ is documented in `m3tgossip/docs/topology.md`.
 
 from __future__ import annotations
 
+import math
+
 import difflib
 import json
 import os
@@ -49,7 +51,9 @@ _TASK = re.compile(r"[a-z][a-z0-9_]*")
 _Z85 = frozenset(
     "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
 )
-_TOP_KEYS = ("name", "description", "edges", "generator", "defaults", "nodes")
+_TOP_KEYS = ("name", "description", "edges", "generator", "defaults", "nodes", "dynamics")
+#: how the communication graph changes from round to round
+DYNAMICS = ("static", "one-peer-exponential", "s-out")
 _NODE_KEYS = (
     "id",
     "role",
@@ -138,6 +142,12 @@ class Topology:
     description: str
     nodes: tuple[NodeSpec, ...]
     edges: tuple[tuple[str, str], ...]
+    #: "static" (the edges), "one-peer-exponential" (round t: each node sends to the node
+    #: 2^(t mod log2 n) places after it) or "s-out" (each node sends to `sample` peers drawn
+    #: anew every round from the federation seed); the edges of a time-varying spec are
+    #: every link any round may use
+    dynamics: str = "static"
+    sample: int = 1
     _cache: dict[str, Any] = field(
         default_factory=dict, init=False, repr=False, compare=False, hash=False
     )
@@ -237,6 +247,8 @@ class Topology:
         lines.append("edges = [")
         lines += [f"    [{_toml_str(u)}, {_toml_str(v)}]," for u, v in self.edges]
         lines.append("]")
+        if self.dynamics != "static":
+            lines += ["", "[dynamics]", f"kind = {_toml_str(self.dynamics)}", f"sample = {self.sample}"]
         for n in self.nodes:
             lines += ["", "[[nodes]]", f"id = {_toml_str(n.id)}", f"role = {_toml_str(n.role)}"]
             if n.institution is not None:
@@ -318,6 +330,12 @@ def parse_topology(data: Mapping[str, Any], source: str) -> Topology:
         nodes.append(_parse_node(node_id, index, table, defaults, source, entry))
     _check_clashes(nodes, given, source)
 
+    dynamics, sample = _parse_dynamics(data.get("dynamics"), source)
+    if dynamics != "static":
+        layouts = {n.shared_components for n in nodes}
+        if len(layouts) > 1:
+            raise ConfigError(source, "dynamics", "a time-varying topology needs every node to share the same components")
+        edges = _dynamic_links(ids, dynamics)
     graph = nx.Graph()
     graph.add_nodes_from(ids)
     graph.add_edges_from(edges)
@@ -332,7 +350,33 @@ def parse_topology(data: Mapping[str, Any], source: str) -> Topology:
         description=description,
         nodes=tuple(nodes),
         edges=tuple(sorted(tuple(sorted(e)) for e in edges)),
+        dynamics=dynamics,
+        sample=sample,
     )
+
+
+def _parse_dynamics(table: Any, source: str) -> tuple[str, int]:
+    if table is None:
+        return "static", 1
+    if not isinstance(table, dict):
+        raise ConfigError(source, "dynamics", "must be a table ([dynamics])")
+    _reject_unknown(table, ("kind", "sample"), source, "dynamics.", "key")
+    kind = table.get("kind", "static")
+    if kind not in DYNAMICS:
+        raise ConfigError(source, "dynamics.kind", f"one of {', '.join(DYNAMICS)}, got {kind!r}")
+    sample = table.get("sample", 1)
+    if isinstance(sample, bool) or not isinstance(sample, int) or sample < 1:
+        raise ConfigError(source, "dynamics.sample", f"an integer >= 1, got {sample!r}")
+    return kind, sample
+
+
+def _dynamic_links(ids: list[str], kind: str) -> list[tuple[str, str]]:
+    """Every link a time-varying topology may use in some round."""
+    n = len(ids)
+    if kind == "s-out":
+        return [(ids[i], ids[j]) for i in range(n) for j in range(i + 1, n)]
+    hops = {2**k % n for k in range(max(1, math.ceil(math.log2(n))))} - {0}
+    return sorted({tuple(sorted((ids[i], ids[(i + h) % n]))) for i in range(n) for h in hops})
 
 
 def _reject_unknown(
