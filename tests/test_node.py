@@ -203,11 +203,14 @@ def test_neighbour_with_another_model_is_rejected(children, tmp_path: Path) -> N
     p0, ready0, folder0 = start(children, spec, "n0", tmp_path, "--seed", "1")
     p1, ready1, folder1 = start(children, spec, "n1", tmp_path, "--seed", "2")
     wait_rounds(folder0 / "metrics.jsonl", 2)
-    state = status(tmp_path, "n0", ready0["endpoint"])
-    assert state["neighbours"]["n1"]["model_ok"] is False
+    deadline = time.monotonic() + WAIT_S  # n1's hello may arrive after n0's first rounds
+    while status(tmp_path, "n0", ready0["endpoint"])["neighbours"]["n1"]["model_ok"]:
+        assert time.monotonic() < deadline, "n0 never rejected n1"
+        time.sleep(0.1)
     for p in (p0, p1):
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=WAIT_S) == 0
     log = (tmp_path / "n0.log").read_text()
     assert "rejecting neighbour n1: it runs model" in log
     assert all(rec["heard"] == [] for rec in read_metrics(folder0 / "metrics.jsonl"))
+    assert all(rec["heard"] == [] for rec in read_metrics(folder1 / "metrics.jsonl"))
