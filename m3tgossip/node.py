@@ -95,6 +95,11 @@ class Peer:
     #: per component: declared DP noise std of its last delta, recent estimates of its variance
     noise: dict[str, float] = field(default_factory=dict)
     noise_estimates: dict[str, deque] = field(default_factory=dict)
+    #: push-sum running sums: everything ever sent to it, and the last totals received from
+    #: it (whose value parts live in `replicas`); a lost push is made good by the next one
+    push_sent: dict[str, np.ndarray] = field(default_factory=dict)
+    push_sent_w: dict[str, float] = field(default_factory=dict)
+    push_recv_w: dict[str, float] = field(default_factory=dict)
 
     def reset(self, session: str | None) -> None:
         """A new incarnation of the neighbour: forget its replicas, send it full state."""
@@ -107,6 +112,9 @@ class Peer:
         self.need_state = set(self.components)
         self.left = False
         self.missed = 0
+        self.push_sent.clear()
+        self.push_sent_w.clear()
+        self.push_recv_w.clear()
 
 
 class Node:
@@ -400,12 +408,20 @@ class Node:
             peer.versions.pop(comp, None)
 
     def _on_push(self, peer: Peer, msg: wire.Message) -> None:
-        """Push-sum share: add the value and weight to ours (or keep it for a later tick)."""
+        """Push-sum running sums: absorb what they grew by since the last one from this peer."""
         weights = msg.body.get("weights", {})
-        for name, tensor in msg.tensors.items():
-            if name in self.ps and name in peer.components and tensor.shape == self.shared[name].shape:
-                self.ps[name].absorb(tensor, float(weights.get(name, 0.0)))
-                peer.heard[name] = msg.round
+        for name, total in msg.tensors.items():
+            if name not in self.ps or name not in peer.components or total.shape != self.shared[name].shape:
+                continue
+            total_w = float(weights.get(name, 0.0))
+            seen = peer.replicas.get(name)
+            seen_w = peer.push_recv_w.get(name, 0.0)
+            if total_w < seen_w:
+                continue  # an older total (cannot happen on one link; ignore it if it does)
+            self.ps[name].absorb(total - seen if seen is not None else total, total_w - seen_w)
+            peer.replicas[name] = np.array(total, dtype=np.float64)
+            peer.push_recv_w[name] = total_w
+            peer.heard[name] = msg.round
 
     _handlers = {
         wire.MsgType.HELLO: _on_hello,
@@ -848,7 +864,12 @@ class Node:
         self.metrics.write(record)
 
     def _run_push_sum(self) -> None:
-        """Asynchronous push-sum ticks: keep a share, push equal shares, absorb what came in."""
+        """Asynchronous push-sum ticks: keep a share, push equal shares, absorb what came in.
+
+        What goes on the wire is the running sum of all shares ever pushed to that neighbour
+        (Hadjicostis-Vaidya robust push-sum), so a lost or refused push loses no mass: the next
+        one carries it, and the estimates converge to the exact mean over lossy links.
+        """
         g = self.config.gossip
         while not self._done():
             t0 = time.perf_counter()
@@ -863,11 +884,16 @@ class Node:
             for comp, ps in self.ps.items():
                 outgoing[comp] = ps.split(sum(comp in p.components for p in live))
             for peer in live:
-                tensors = {c: outgoing[c][0] for c in peer.components}
-                body = {"weights": {c: outgoing[c][1] for c in peer.components}}
-                if not self._send(peer, self._message(wire.MsgType.PUSH, body, tensors=tensors)):
-                    for c in peer.components:  # undelivered mass comes back, so none is lost
-                        self.ps[c].absorb(*outgoing[c])
+                for c in peer.components:
+                    share, share_w = outgoing[c]
+                    if c in peer.push_sent:
+                        peer.push_sent[c] += share
+                    else:
+                        peer.push_sent[c] = share.copy()
+                    peer.push_sent_w[c] = peer.push_sent_w.get(c, 0.0) + share_w
+                tensors = {c: peer.push_sent[c].copy() for c in peer.components}
+                body = {"weights": {c: peer.push_sent_w[c] for c in peer.components}}
+                self._send(peer, self._message(wire.MsgType.PUSH, body, tensors=tensors))
             t2 = time.perf_counter()
             end = time.monotonic() + g.push_interval_s
             while self.stop_reason is None and time.monotonic() < end:
