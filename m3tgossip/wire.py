@@ -95,6 +95,7 @@ class Limits:
     max_total_bytes: int = 1 << 31  # all tensor frames together
     max_str: int = 4096  # characters of any string in the header
     max_list: int = 4096  # items of a list; entries in the whole `status` document
+    max_norm: float = 1e9  # L2 norm of one decoded float tensor
 
 
 DEFAULT_LIMITS = Limits()
@@ -509,6 +510,27 @@ def _wire_array(array: Any, where: str) -> np.ndarray:
     return array
 
 
+def _check_values(array: np.ndarray, where: str, limits: Limits) -> None:
+    """Reject NaN/Inf and an L2 norm above `limits.max_norm`, in one pass (a dot product)."""
+    if array.size == 0:
+        return
+    flat = array.reshape(-1)
+    if flat.dtype.itemsize == 2:
+        if not _all_finite(flat):
+            _fail(where, "contains NaN or Inf")
+        flat = flat.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        sq = float(np.dot(flat, flat))
+    if not math.isfinite(sq):
+        if not bool(np.isfinite(flat).all()):
+            _fail(where, "contains NaN or Inf")
+        if math.isfinite(limits.max_norm):
+            _fail(where, f"L2 norm overflows, limit {limits.max_norm:g}")
+        return
+    if sq > limits.max_norm**2:
+        _fail(where, f"L2 norm {math.sqrt(sq):.3g} above the limit {limits.max_norm:g}")
+
+
 def _all_finite(array: np.ndarray) -> bool:
     """True if no element is NaN or Inf. Fast path: a float sum is NaN/Inf if any element is;
     a finite sum proves every element finite, and an overflowing one falls back to a full scan."""
@@ -616,7 +638,7 @@ def _decode(frames: Sequence[Any], limits: Limits) -> Message:
         view = _view(frames[i + 1], i + 1)
         dtype = np.dtype(tm.dtype).newbyteorder("<")
         if tm.enc == "topk":
-            msg.tensors[tm.name] = _decode_topk(view, tm, dtype, where)
+            msg.tensors[tm.name] = _decode_topk(view, tm, dtype, where, limits)
             continue
         need = math.prod(tm.shape) * dtype.itemsize
         if view.nbytes != need:
@@ -625,18 +647,17 @@ def _decode(frames: Sequence[Any], limits: Limits) -> Message:
                 f"frame has {view.nbytes} bytes, shape {list(tm.shape)} {tm.dtype} needs {need}",
             )
         array = np.frombuffer(view, dtype=dtype).reshape(tm.shape)
-        if dtype.kind == "f" and not _all_finite(array):
-            _fail(where, "contains NaN or Inf")
+        if dtype.kind == "f":
+            _check_values(array, where, limits)
         if tm.enc == "int8":
             array = array.astype(np.float32) * np.float32(tm.scale)
-            if not _all_finite(array):
-                _fail(where, "int8 values times scale overflow")
+            _check_values(array, where, limits)
         array.flags.writeable = False
         msg.tensors[tm.name] = array
     return msg
 
 
-def _decode_topk(view: memoryview, tm: TensorMeta, dtype: np.dtype, where: str) -> np.ndarray:
+def _decode_topk(view: memoryview, tm: TensorMeta, dtype: np.dtype, where: str, limits: Limits) -> np.ndarray:
     """Dense tensor from k strictly increasing int32 indices followed by k values."""
     n = math.prod(tm.shape)
     per = _INDEX.itemsize + dtype.itemsize
@@ -649,8 +670,7 @@ def _decode_topk(view: memoryview, tm: TensorMeta, dtype: np.dtype, where: str) 
     values = np.frombuffer(view, dtype=dtype, count=k, offset=k * _INDEX.itemsize)
     if k and (index[0] < 0 or index[-1] >= n or (k > 1 and not bool(np.all(np.diff(index) > 0)))):
         _fail(where, f"topk indices must increase strictly within [0, {n})")
-    if not _all_finite(values):
-        _fail(where, "contains NaN or Inf")
+    _check_values(values, where, limits)
     dense = np.zeros(n, dtype=dtype)
     dense[index] = values
     dense = dense.reshape(tm.shape)

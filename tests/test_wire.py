@@ -269,10 +269,11 @@ def test_frames_nbytes_counts_every_frame_kind() -> None:
 def test_nan_and_inf_rejected_in_float_tensors(dtype: str, values: list[float], ok: bool) -> None:
     array = np.array(values, dtype=dtype)
     frames = encode(Message(MsgType.STATE, "n1", SESSION, 0, 0, {"reason": "t"}, {"x": array}))
+    no_cap = Limits(max_norm=float("inf"))  # huge finite values are fine without a norm cap
     if ok:
-        np.testing.assert_array_equal(decode(frames).tensors["x"], array)
+        np.testing.assert_array_equal(decode(frames, no_cap).tensors["x"], array)
     else:
-        raises(frames, ["tensors[0] 'x'", "NaN or Inf"])
+        raises(frames, ["tensors[0] 'x'", "NaN or Inf"], no_cap)
 
 
 @settings(max_examples=150, deadline=None)
@@ -743,3 +744,13 @@ def test_hello_answer_flag() -> None:
     header, payloads = valid(MsgType.HELLO)
     header["body"]["answer"] = "yes"
     raises(pack(header, payloads), ["hello body 'answer'", "true or false"])
+
+
+def test_norm_cap_rejects_huge_tensors() -> None:
+    big = np.full(100, 1e9, dtype=np.float64)
+    msg = Message(MsgType.DELTA, "n1", SESSION, 1, 0, {}, {"fusion": big}, {"fusion": TensorMeta("fusion", "float64", (100,), base=0)})
+    raises([bytes(f) for f in encode(msg)], ["'fusion'", "L2 norm", "above the limit"])
+    overflow = np.full(10, 3e38, dtype=np.float32)
+    msg.tensors, msg.meta = {"fusion": overflow}, {"fusion": TensorMeta("fusion", "float32", (10,), base=0)}
+    raises([bytes(f) for f in encode(msg)], ["'fusion'", "overflows"])
+    assert decode(encode(message())).type is MsgType.DELTA  # ordinary values pass
