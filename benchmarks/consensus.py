@@ -42,6 +42,9 @@ def main() -> int:
     rows = []
     for spec in specs:
         topo = load_topology(spec)
+        if topo.dynamics != "static":
+            print(f"{topo.name:<16} time-varying: no spectral prediction; see benchmarks/dynamics.py")
+            continue
         worst = max(
             slem(metropolis_hastings(topo.component_graph(c)))
             for c in topo.components()

@@ -89,7 +89,7 @@ class GossipConfig:
     #: a waiting node keeps waiting (up to max_wait_factor deadlines) for a neighbour that is
     #: alive, i.e. heard from (heartbeats included) within this many seconds; a silent one is
     #: given up at the deadline
-    silence_s: float = 1.0
+    silence_s: float = 3.0
     #: a fresh node whose neighbours are more than this many rounds ahead joins at their
     #: round (late join); a restarted node always joins at their round
     late_join_rounds: int = 5
