@@ -34,7 +34,7 @@ from m3tgossip.security import generate_keys
 from m3tgossip.topology import Topology, load_topology
 
 #: seconds a started daemon has to print its READY line
-READY_TIMEOUT_S = 120.0
+READY_TIMEOUT_S = 300.0
 #: seconds between progress lines
 PROGRESS_EVERY_S = 2.0
 #: seconds children get to stop after SIGTERM before SIGKILL
@@ -243,12 +243,13 @@ class Testbed:
         rounds = [self.last_round(c) for c in self.children.values()]
         print(f"testbed: rounds done min {min(rounds) + 1} max {max(rounds) + 1} of {self.args.rounds}", flush=True)
 
-    def stop_all(self) -> None:
-        """SIGTERM every live child, SIGKILL what is left after the grace period; reap all."""
+    def stop_all(self, grace: float | None = None) -> None:
+        """SIGTERM every live child, SIGKILL what is left after the grace period (default
+        STOP_GRACE_S); reap all."""
         live = [c for c in self.children.values() if c.proc is not None and c.proc.poll() is None]
         for c in live:
             c.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
+        deadline = time.monotonic() + (STOP_GRACE_S if grace is None else grace)
         for c in live:
             try:
                 c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))

@@ -103,9 +103,9 @@ NETNS, WHY = chaos.netns_available() if os.geteuid() == 0 else (False, "not root
 def test_partition_in_namespaces_heals(tmp_path) -> None:
     out = tmp_path / "ns"
     code = chaos.main([
-        "--topology", RING8, "--workload", "consensus", "--duration", "12", "--seed", "4",
+        "--topology", RING8, "--workload", "consensus", "--duration", "20", "--seed", "4",
         "--out", str(out), "--net", "netns", "--loss", "0.0", "--kill-fraction", "0",
-        "--stop-fraction", "0", "--partition-s", "3", "--settle-timeout", "40", "-o", "size=128", "--quiet",
+        "--stop-fraction", "0", "--partition-s", "8", "--settle-timeout", "40", "-o", "size=128", "--quiet",
     ])
     verdict = json.loads((out / "verdict.json").read_text())
     _assert_clean(verdict, out)
