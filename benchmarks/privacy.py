@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     options = {k: v for k, v in (_option(o) for o in args.option)}
     print(f"privacy benchmark: topology {base.name} ({len(base.nodes)} nodes, {len(base.edges)} edges), "
           f"workload edu, rounds {args.rounds}, seed {args.seed}, options {options or 'defaults'}")
-    print(f"  profiles: " + ", ".join(f"{p}: {' '.join(ids)}" for p, ids in groups.items()))
+    print("  profiles: " + ", ".join(f"{p}: {' '.join(ids)}" for p, ids in groups.items()))
     print(f"  machine: {platform.node()}, {os.cpu_count()} cores, load average {load()}")
     for name in present:
         prof = PROFILES[name]
@@ -481,8 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.monotonic() - t_start
 
     # --- tables
-    print(f"\nutility: final held-out accuracy (mean over a node's tasks), per node; epsilon = node epsilon "
-          f"(all components composed) / largest component epsilon")
+    print("\nutility: final held-out accuracy (mean over a node's tasks), per node; epsilon = node epsilon "
+          "(all components composed) / largest component epsilon")
     head = f"{'node':<11}{'profile':<8}" + "".join(f"{s:>22}" for s in settings)
     print(head)
     for nid, prof in profiles.items():
@@ -492,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
             eps = f"{fmt(n['node_epsilon'], '.2f')}/{fmt(n['max_component_epsilon'], '.2f')}"
             cells += f"{fmt(n['final_acc']):>11} e{eps:>10}"
         print(f"{nid:<11}{prof:<8}{cells}")
-    print(f"\nutility per group (profile as written): final accuracy / late mean (evaluations in the 2nd half)")
+    print("\nutility per group (profile as written): final accuracy / late mean (evaluations in the 2nd half)")
     print(f"{'group':<10}" + "".join(f"{s:>18}" for s in settings))
     for g in [*groups, "all"]:
         print(f"{g:<10}" + "".join(
@@ -502,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'task':<15}" + "".join(f"{s:>11}" for s in settings))
     for t in tasks:
         print(f"{t:<15}" + "".join(f"{fmt(s['groups'][strictest]['tasks'].get(t)):>11}" for s in settings.values()))
-    print(f"\nper-task final accuracy over all nodes")
+    print("\nper-task final accuracy over all nodes")
     tasks = sorted({t for s in settings.values() for t in s["groups"]["all"]["tasks"]})
     for t in tasks:
         print(f"{t:<15}" + "".join(f"{fmt(s['groups']['all']['tasks'].get(t)):>11}" for s in settings.values()))
@@ -513,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{p['epsilon']:>8g}{fmt(p['strict_node_epsilon'], '.2f'):>10}"
                   f"{fmt(p['strict_max_component_epsilon'], '.2f'):>14}{fmt(p['strict_final_acc']):>12}"
                   f"{fmt(p['strict_late_acc']):>8}{fmt(p['all_final_acc']):>9}")
-    print(f"\nmembership inference AUC (members: train records, non-members: held-out records; +- 1 s.e.)")
+    print("\nmembership inference AUC (members: train records, non-members: held-out records; +- 1 s.e.)")
     print(f"{'setting':<9}{'node':<9}{'no DP AUC':>16}{'adv':>7}{'DP AUC':>16}{'adv':>7}"
           f"{'members/non':>13}{'loss m/n (no DP)':>20}")
     for label, res in mia_report.items():
