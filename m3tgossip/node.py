@@ -23,10 +23,10 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections import deque
 import signal
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,18 +41,18 @@ from m3tgossip.log import get_logger
 from m3tgossip.metrics import MetricsWriter
 from m3tgossip.mixing import (
     PushSum,
-    round_plan,
     choco_mix_into,
     effective_noise_var,
     estimate_noise_var,
     node_weights,
     noise_aware_weights,
     renormalise,
+    round_plan,
 )
 from m3tgossip.privacy import DeltaPrivatizer, profile_for
 from m3tgossip.robust import clipped_mix_into, trimmed_mean_into
-from m3tgossip.topology import Topology, load_topology
 from m3tgossip.security import for_node as node_security
+from m3tgossip.topology import Topology, load_topology
 from m3tgossip.transport import Transport
 from m3tgossip.workloads import make_workload
 from m3tgossip.workloads.base import Workload
