@@ -35,7 +35,7 @@ import numpy as np
 from m3tgossip import checkpoint, wire
 from m3tgossip.compress import parse_codec
 from m3tgossip.config import NodeConfig
-from m3tgossip.errors import ProtocolError
+from m3tgossip.errors import ConfigError, ProtocolError
 from m3tgossip.faults import FaultyTransport, malicious_value
 from m3tgossip.log import get_logger
 from m3tgossip.metrics import MetricsWriter
@@ -162,7 +162,14 @@ class Node:
         self.latencies: deque[float] = deque(maxlen=64)
         #: differential privacy of outgoing updates (None: open profile or nothing private)
         self.privatizer: DeltaPrivatizer | None = None
-        profile = profile_for(self.spec.privacy, config.privacy or None)
+        # `[privacy] profile` overrides the spec's profile for this node (e.g. "open" for a
+        # run on synthetic data); the other keys are the `custom` profile's table
+        table = {k: v for k, v in config.privacy.items() if k != "profile"}
+        profile_name = str(config.privacy.get("profile", self.spec.privacy))
+        try:
+            profile = profile_for(profile_name, table or None)
+        except ValueError as exc:
+            raise ConfigError(config.topology, f'node "{self.id}" privacy', str(exc)) from exc
         if getattr(self.workload, "private_data", False) and not profile.is_open:
             self.privatizer = DeltaPrivatizer(
                 profile,

@@ -144,3 +144,22 @@ def test_dp_noise_is_declared_and_spent_budget_stops_sharing(tmp_path: Path) -> 
     for c, x in node.shared.items():
         assert np.array_equal(x, node.out_replica[c]) or c in node.retired
     assert last_retire < count
+
+
+def test_privacy_profile_override(tmp_path: Path) -> None:
+    import pytest
+
+    from m3tgossip.errors import ConfigError
+
+    topo = load_topology(ROOT / "topology/campus.toml")
+    assert topo.node("uni-a").privacy == "gdpr"
+    comps = {c: 8 for c in topo.node("uni-a").shared_components}
+
+    def build(privacy: dict) -> Node:
+        cfg = NodeConfig(id="uni-a", topology=str(topo.source), state_dir=str(tmp_path / "a"), privacy=privacy)
+        return Node(cfg, topology=topo, workload=PrivateVectors(comps))
+
+    assert build({}).privatizer is not None
+    assert build({"profile": "open"}).privatizer is None
+    with pytest.raises(ConfigError, match="privacy"):
+        build({"profile": "lax"})
