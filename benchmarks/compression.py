@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from m3tgossip import testbed  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _load import loadavg, wait_for_load  # noqa: E402
+from _common import loadavg, pyplot, wait_for_load  # noqa: E402
 from m3tgossip.metrics import read_metrics  # noqa: E402
 
 #: (label, codec, gamma)
@@ -165,13 +165,8 @@ def main() -> int:
 
 
 def plot(out: Path, edu_rows: list[dict[str, Any]], cons_rows: list[dict[str, Any]], target: float) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in edu_rows:

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from m3tgossip import testbed  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _load import loadavg, wait_for_load  # noqa: E402
+from _common import loadavg, pyplot, wait_for_load  # noqa: E402
 from m3tgossip.metrics import read_metrics  # noqa: E402
 from m3tgossip.mixing import metropolis_hastings, predicted_rounds, slem  # noqa: E402
 from m3tgossip.topology import load_topology  # noqa: E402
@@ -317,13 +317,8 @@ def print_row(r: dict[str, Any]) -> None:
 
 
 def plot(out: Path, rows: list[dict[str, Any]], target: float) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     for r in rows:

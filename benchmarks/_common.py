@@ -1,4 +1,4 @@
-"""Machine-load helpers shared by the benchmarks: they record the load with their numbers."""
+"""Helpers shared by the benchmarks: machine load (recorded with their numbers) and plotting."""
 
 from __future__ import annotations
 
@@ -19,3 +19,16 @@ def wait_for_load(threshold: float, max_wait_s: float, poll_s: float = 30.0) -> 
         print(f"  load {loadavg()} >= {threshold:g}: waiting {poll_s:g} s", flush=True)
         time.sleep(poll_s)
     return {"before": before, "after": loadavg(), "waited_s": round(time.monotonic() - start, 1)}
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend, or None (with a note) if it is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return None
+    return plt
