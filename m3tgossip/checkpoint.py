@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -62,3 +63,38 @@ def load(folder: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, An
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: unreadable checkpoint: {exc}") from exc
     return arrays, meta
+
+
+class Writer:
+    """Writes one folder's checkpoints on a background thread, so a round need not wait for the
+    disk (fsync). Writes happen in order, at most one at a time: `submit` first waits for the
+    previous write. An error of a background write is raised by the next `submit` or `flush`.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = folder
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        """Write copies of `arrays` and `meta` in the background (see `save`)."""
+        self.flush()
+        arrays = {k: np.array(v, copy=True) for k, v in arrays.items()}
+        meta = json.loads(json.dumps(meta))
+        self._thread = threading.Thread(target=self._write, args=(arrays, meta), name="checkpoint", daemon=True)
+        self._thread.start()
+
+    def _write(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        try:
+            save(self.folder, arrays, meta)
+        except BaseException as exc:  # noqa: BLE001 - handed to the owner's next call
+            self._error = exc
+
+    def flush(self) -> None:
+        """Wait for the write in progress; raise its error, if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error

@@ -95,6 +95,11 @@ class GossipConfig:
     late_join_rounds: int = 5
     #: checkpoint every this many rounds (and always on shutdown)
     checkpoint_every: int = 1
+    #: sync mode, static topologies: mix the previous round's messages after this round's local
+    #: training, then send, so neighbours' messages arrive while this node trains instead of
+    #: being waited for (one round of staleness; replicas still agree, so the network mean is
+    #: preserved). Federation-wide: every node of a run must use the same setting.
+    overlap: bool = False
     #: push-sum: seconds between pushes
     push_interval_s: float = 0.05
     #: seconds a stopping node waits for its last messages to leave
@@ -128,6 +133,8 @@ class GossipConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name}: must be a non-negative number, got {value!r}")
+        if not isinstance(self.overlap, bool):
+            raise ValueError(f"overlap: true or false, got {self.overlap!r}")
         if not (isinstance(self.quorum, (int, float)) and 0.0 <= self.quorum <= 1.0):
             raise ValueError(f"quorum: must be between 0 and 1, got {self.quorum!r}")
         for name in ("suspect_after", "checkpoint_every", "late_join_rounds"):

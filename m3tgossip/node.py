@@ -188,9 +188,25 @@ class Node:
         #: time-varying topology: this round's mixing row (self and in-peers)
         self.dynamic = self.topology.dynamics != "static"
         self._row: dict[str, float] = {}
+        #: rounds between sending a round and mixing it: 1 with `gossip.overlap` (the previous
+        #: round is mixed after this round's training), else 0
+        self.lag = 1 if (g.overlap and g.mode == "sync" and not self.dynamic) else 0
+        if g.overlap and not self.lag:
+            log.warning("%s: gossip.overlap applies to sync mode on static topologies; ignored", self.id)
         self._resume()
+        self.checkpoints = checkpoint.Writer(self.config.state_path)
         for peer in self.peers.values():
             peer.need_state = set(peer.components)
+        #: on a fresh start, the shared values this node starts from and their digests: a
+        #: neighbour that starts from the same values (a common checkpoint) builds its replica of
+        #: this node from its own copy instead of receiving a full `state`
+        self.origin: dict[str, np.ndarray] = {}
+        self.origin_digest: dict[str, str] = {}
+        if self.resumed_from is None:
+            for comp, x in self.shared.items():
+                self.origin[comp] = x.copy()
+                self.origin_digest[comp] = wire.values_digest(x)
+                self.out_replica[comp][...] = x
 
     # ----------------------------------------------------------------------------- start-up
 
@@ -262,6 +278,9 @@ class Node:
             "round": self.round,
             "answer": answer,
         }
+        origin = {c: self.origin_digest[c] for c in peer.components if c in self.origin_digest}
+        if origin:
+            body["origin"] = origin
         self._send(peer, self._message(wire.MsgType.HELLO, body))
 
     def _poll(self, timeout_ms: int) -> None:
@@ -329,17 +348,31 @@ class Node:
             return
         peer.model_ok = True
         peer.round = max(peer.round, msg.round)
+        self._match_origin(peer, msg.body.get("origin", {}))
         if msg.body.get("answer", False):
             peer.answered = True
         else:
             self._hello(peer, answer=True)
+
+    def _match_origin(self, peer: Peer, origin: dict[str, str]) -> None:
+        """Components both nodes started from the same values need no first `state`: this
+        node's replica of the neighbour starts at version 0 from its own copy, and the
+        neighbour builds its replica of this node the same way while this node has sent nothing."""
+        for comp in peer.components:
+            if comp not in self.origin_digest or origin.get(comp) != self.origin_digest[comp]:
+                continue
+            if comp not in peer.replicas:
+                peer.replicas[comp] = self.origin[comp].copy()
+                peer.versions[comp] = 0
+            if self.out_version[comp] == 0:
+                peer.need_state.discard(comp)
 
     def _on_update(self, peer: Peer, msg: wire.Message) -> None:
         """`delta` or `state` for round `msg.round`: apply now, or hold until we get there."""
         peer.round = max(peer.round, msg.round)
         if not peer.model_ok:
             return
-        if msg.round > self.round:
+        if msg.round > self.mixing_round:
             if len(peer.pending) >= MAX_PENDING:
                 peer.pending.pop(0)
                 peer.replicas.clear()
@@ -374,7 +407,7 @@ class Node:
                 peer.replicas.pop(name, None)
                 peer.versions.pop(name, None)
                 continue
-            if peer.heard.get(name) != msg.round and msg.round == self.round:
+            if peer.heard.get(name) != msg.round and msg.round == self.mixing_round:
                 self.latencies.append(time.monotonic() - self.round_started)
             peer.heard[name] = msg.round
         if gaps:
@@ -556,6 +589,11 @@ class Node:
             self.round = ahead
 
     def _run_sync(self) -> None:
+        """Rounds of: local training, send, wait for the round, mix (evaluate, checkpoint).
+
+        With `lag` 1 (`gossip.overlap`): local training, wait for the previous round (its
+        messages arrived during training), mix it, send this round.
+        """
         g = self.config.gossip
         exchange = g.mode != "local"
         while not self._done():
@@ -565,22 +603,54 @@ class Node:
                 before = {c: x.copy() for c, x in self.shared.items() if c not in self.retired}
             local = self.workload.local_step(self.round)
             t1 = time.perf_counter()
-            if exchange:
+            heard: list[str] = []
+            distance = float("nan")
+            if not exchange:
+                if self.stop_reason is not None:
+                    break
+                t_send = t_wait = t_mix = 0.0
+            elif self.lag:
+                closed = self._collect(self.deadline()) if self.mixing_round >= 0 else self.stop_reason is None
+                t2 = time.perf_counter()
+                if not closed:
+                    break
+                heard, distance = self._mix_overlapped(before)
+                t3 = time.perf_counter()
                 self._send_round(before)
-            t2 = time.perf_counter()
-            closed = self._collect(self.deadline()) if exchange else self.stop_reason is None
-            t3 = time.perf_counter()
-            if not closed:
-                break  # stopping: abandon the round, keep local progress
-            heard, distance = self._mix() if exchange else ([], float("nan"))
-            self.workload.after_mix(self.round)
+                t_wait, t_mix, t_send = t2 - t1, t3 - t2, time.perf_counter() - t3
+            else:
+                self._send_round(before)
+                t2 = time.perf_counter()
+                closed = self._collect(self.deadline())
+                t3 = time.perf_counter()
+                if not closed:
+                    break  # stopping: abandon the round, keep local progress
+                heard, distance = self._mix()
+                self.workload.after_mix(self.round)
+                t_send, t_wait, t_mix = t2 - t1, t3 - t2, time.perf_counter() - t3
             t4 = time.perf_counter()
             evaluation = self.workload.evaluate(self.round)
             self.round += 1
             if self.round % g.checkpoint_every == 0 or self._done():
                 self._checkpoint()
             t5 = time.perf_counter()
-            self._record(local, evaluation, heard, distance, (t0, t1, t2, t3, t4, t5))
+            timings = {"local": t1 - t0, "send": t_send, "wait": t_wait, "mix": t_mix, "eval_checkpoint": t5 - t4, "total": t5 - t0}
+            self._record(local, evaluation, heard, distance, timings)
+        # the last round sent is mixed too, so a finished run ends as a lockstep run does
+        if self.lag and exchange and self.stop_reason is None and self.mixing_round >= 0 and self._collect(self.deadline()):
+            self._mix_overlapped(None)
+
+    def _mix_overlapped(self, before: dict[str, np.ndarray] | None) -> tuple[list[str], float]:
+        """Mix the previous round after this round's training. `before` (the values before the
+        training, for differential privacy) moves with the mix, so `x - before` stays the
+        local update alone."""
+        pre = {c: self.shared[c].copy() for c in before} if before is not None else None
+        heard, distance = self._mix()
+        if before is not None and pre is not None:
+            for c in before:
+                before[c] += self.shared[c] - pre[c]
+        self.workload.after_mix(self.round)
+        return heard, distance
 
     def _send_round(self, before: dict[str, np.ndarray] | None = None) -> None:
         """Delta of every shared component against the neighbours' replica; state where needed."""
@@ -699,16 +769,21 @@ class Node:
             and (not self.dynamic or p.id in self._row)
         ]
 
+    @property
+    def mixing_round(self) -> int:
+        """The round whose messages this node collects and mixes now."""
+        return self.round - self.lag
+
     def _round_heard(self, peer: Peer) -> bool:
-        return all(peer.heard.get(c) == self.round for c in peer.components)
+        return all(peer.heard.get(c) == self.mixing_round for c in peer.components)
 
     def _collect(self, deadline_s: float) -> bool:
         """Wait for this round's messages. False if a stop signal arrived meanwhile."""
         g = self.config.gossip
         for peer in self.peers.values():
-            due = [m for m in peer.pending if m.round <= self.round]
+            due = [m for m in peer.pending if m.round <= self.mixing_round]
             if due:
-                peer.pending = [m for m in peer.pending if m.round > self.round]
+                peer.pending = [m for m in peer.pending if m.round > self.mixing_round]
                 for msg in due:
                     self._apply(peer, msg)
         start = time.monotonic()
@@ -722,8 +797,9 @@ class Node:
                     return False
                 expected = self._expected()
                 # A neighbour already past this round will not send it any more (a message
-                # of a link arrives in order): what is missing from it was lost.
-                waiting = [p for p in expected if not self._round_heard(p) and p.round <= self.round]
+                # of a link arrives in order, and a node at round R has sent every round before
+                # R): what is missing from it was lost.
+                waiting = [p for p in expected if not self._round_heard(p) and p.round <= self.mixing_round]
                 if not waiting:
                     break
                 now = time.monotonic()
@@ -777,7 +853,7 @@ class Node:
             heard = {
                 p.id
                 for p in self.peers.values()
-                if comp in p.replicas and p.heard.get(comp) == self.round
+                if comp in p.replicas and p.heard.get(comp) == self.mixing_round
             }
             heard_any |= heard
             mine = self.out_replica[comp]
@@ -814,22 +890,21 @@ class Node:
             var[j] = effective_noise_var(peer.noise.get(comp, 0.0) ** 2, estimated)
         return noise_aware_weights(row, self.id, var, self.noise_std[comp] ** 2, strength)
 
-    def _checkpoint(self) -> float:
-        t = time.perf_counter()
-        checkpoint.save(
-            self.config.state_path,
-            self.workload.state(),
-            {
-                "node": self.id,
-                "round": self.round,
-                "model_id": self.model_id,
-                "session": self.session,
-                "time": time.time(),
-                "privacy": self.privatizer.state() if self.privatizer else None,
-                "retired": sorted(self.retired),
-            },
-        )
-        return time.perf_counter() - t
+    def _checkpoint(self, wait: bool = False) -> None:
+        """Checkpoint this node: in the background (the next checkpoint waits for it), or now
+        and durably with `wait` (shutdown)."""
+        meta = {
+            "node": self.id,
+            "round": self.round,
+            "model_id": self.model_id,
+            "session": self.session,
+            "time": time.time(),
+            "privacy": self.privatizer.state() if self.privatizer else None,
+            "retired": sorted(self.retired),
+        }
+        self.checkpoints.submit(self.workload.state(), meta)
+        if wait:
+            self.checkpoints.flush()
 
     def _record(
         self,
@@ -837,7 +912,7 @@ class Node:
         evaluation: dict[str, Any],
         heard: list[str],
         distance: float,
-        t: tuple[float, ...],
+        timings: dict[str, float],
     ) -> None:
         record = {
             "round": self.round - 1,
@@ -857,14 +932,7 @@ class Node:
             }} if self.privatizer else {}),
             **({"isolated": sorted(self.isolated)} if self.isolated else {}),
             **({"faults": self.transport.stats()} if isinstance(self.transport, FaultyTransport) else {}),
-            "timings": {
-                "local": t[1] - t[0],
-                "send": t[2] - t[1],
-                "wait": t[3] - t[2],
-                "mix": t[4] - t[3],
-                "eval_checkpoint": t[5] - t[4],
-                "total": t[5] - t[0],
-            },
+            "timings": timings,
             **({"train": local} if local else {}),
             **evaluation,
         }
@@ -916,13 +984,14 @@ class Node:
                 self._checkpoint()
             t5 = time.perf_counter()
             heard = sorted(p.id for p in self.peers.values() if self.round - 1 in p.heard.values())
-            self._record(local, evaluation, heard, float("nan"), (t0, t1, t2, t3, t4, t5))
+            timings = {"local": t1 - t0, "send": t2 - t1, "wait": t3 - t2, "mix": t4 - t3, "eval_checkpoint": t5 - t4, "total": t5 - t0}
+            self._record(local, evaluation, heard, float("nan"), timings)
 
     def _shutdown(self) -> None:
         """Checkpoint, tell neighbours we leave, close sockets (bounded by linger)."""
         reason = self.stop_reason or "finished"
         try:
-            self._checkpoint()
+            self._checkpoint(wait=True)
         except OSError as exc:
             log.error("%s: final checkpoint failed: %s", self.id, exc)
         for peer in self.peers.values():

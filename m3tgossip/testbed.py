@@ -39,6 +39,8 @@ READY_TIMEOUT_S = 300.0
 PROGRESS_EVERY_S = 2.0
 #: seconds children get to stop after SIGTERM before SIGKILL
 STOP_GRACE_S = 15.0
+#: rounds at the start of a daemon's session left out of `round_breakdown_after_start_s`
+START_ROUNDS = 2
 
 
 @dataclass
@@ -342,6 +344,16 @@ def summarise(
         summary["round_breakdown_s"] = {
             k: sum(t[k] for t in timings) / len(timings) for k in timings[0]
         }
+        # without each session's first START_ROUNDS rounds, where nodes wait for the last
+        # daemons of the run to come up
+        later = [
+            rec["timings"]
+            for recs in metrics.values()
+            for i, rec in enumerate(recs)
+            if "timings" in rec and i >= START_ROUNDS and recs[i - START_ROUNDS].get("session") == rec.get("session")
+        ]
+        if later:
+            summary["round_breakdown_after_start_s"] = {k: sum(t[k] for t in later) / len(later) for k in later[0]}
     honest = {nid: recs for nid, recs in per_round.items() if nid not in byzantine}
     if args.workload == "consensus":
         summary.update(_consensus_summary(honest, n_rounds, worst_slem, args.target))

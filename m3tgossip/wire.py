@@ -10,6 +10,7 @@ implements. Tensor bytes are never copied: `encode` hands out memoryviews of the
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import secrets
@@ -130,6 +131,16 @@ class Message:
     body: dict
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
     meta: dict[str, TensorMeta] = field(default_factory=dict)
+
+
+def values_digest(array: np.ndarray) -> str:
+    """128-bit BLAKE2b of a tensor's dtype, shape and little-endian C-order values (hello `origin`)."""
+    a = np.ascontiguousarray(array)
+    a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{a.dtype.name}:{list(a.shape)}:".encode())
+    h.update(memoryview(a.reshape(-1)).cast("B"))
+    return h.hexdigest()
 
 
 def new_session() -> str:
@@ -316,6 +327,24 @@ def _weights(value: Any, where: str, limits: Limits) -> dict[str, float]:
     return out
 
 
+_DIGEST_RE = re.compile(r"[0-9a-f]{32}")
+
+
+def _origins(value: Any, where: str, limits: Limits) -> dict[str, str]:
+    """Hello `origin`: component name -> 32 lowercase hex digits (a 128-bit BLAKE2b digest)."""
+    if not isinstance(value, dict):
+        _fail(where, f"expected a map, got {_kind(value)} {_show(value)}")
+    if len(value) > limits.max_tensors:
+        _fail(where, f"map of {len(value)} entries, limit {limits.max_tensors}")
+    out = {}
+    for key, item in value.items():
+        name = _name(key, f"{where} key", limits)
+        if not isinstance(item, str) or _DIGEST_RE.fullmatch(item) is None:
+            _fail(f"{where} {name!r}", f"expected 32 lowercase hex digits, got {_kind(item)} {_show(item)}")
+        out[name] = item
+    return out
+
+
 _BODIES: dict[MsgType, dict[str, _Check]] = {
     MsgType.HELLO: {"model": _model_id, "components": _names, "listen": _listen, "round": _count},
     MsgType.DELTA: {},
@@ -331,7 +360,7 @@ _BODIES: dict[MsgType, dict[str, _Check]] = {
 }
 #: keys a body may carry beyond its required ones
 _OPTIONAL: dict[MsgType, dict[str, _Check]] = {
-    MsgType.HELLO: {"answer": _flag},
+    MsgType.HELLO: {"answer": _flag, "origin": _origins},
 }
 
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from m3tgossip import testbed, wire
+from m3tgossip.errors import ProtocolError
 from m3tgossip.config import NodeConfig
 from m3tgossip.node import Node
 from m3tgossip.topology import load_topology
@@ -163,3 +167,86 @@ def test_privacy_profile_override(tmp_path: Path) -> None:
     assert build({"profile": "open"}).privatizer is None
     with pytest.raises(ConfigError, match="privacy"):
         build({"profile": "lax"})
+
+
+class WireTransport:
+    """Keeps what a node sends, as frames, for delivery to another in-process node."""
+
+    endpoint = "tcp://127.0.0.1:1"
+
+    def __init__(self) -> None:
+        self.outbox: list[tuple[str, list[bytes]]] = []
+
+    def send(self, peer: str, frames: list) -> bool:
+        self.outbox.append((peer, [bytes(f) for f in frames]))
+        return True
+
+    def deliver(self, sender: str, nodes: dict[str, Node]) -> list[wire.Message]:
+        out = []
+        for peer, frames in self.outbox:
+            out.append(wire.decode(frames))
+            nodes[peer]._handle(sender.encode(), frames, None)
+        self.outbox.clear()
+        return out
+
+
+def _pair(tmp_path: Path, same_start: bool) -> dict[str, Node]:
+    from m3tgossip.workloads.consensus import ConsensusWorkload
+
+    spec = tmp_path / "pair.toml"
+    spec.write_text('name = "pair"\nedges = [["a", "b"]]\n[[nodes]]\nid = "a"\n[[nodes]]\nid = "b"\n')
+    topo = load_topology(spec)
+    workloads = {n: ConsensusWorkload(topology=topo, node_id=n, seed=0, options={"size": 16}) for n in ("a", "b")}
+    if same_start:
+        for comp, x in workloads["b"].shared().items():
+            x[...] = workloads["a"].shared()[comp]
+    nodes = {}
+    for n, w in workloads.items():
+        node = Node(NodeConfig(id=n, topology=str(spec), state_dir=str(tmp_path / n), fresh=True), topology=topo, workload=w)
+        node.transport = WireTransport()
+        nodes[n] = node
+    return nodes
+
+
+def _handshake(nodes: dict[str, Node]) -> None:
+    nodes["a"]._hello(nodes["a"].peers["b"])
+    nodes["a"].transport.deliver("a", nodes)  # b answers
+    nodes["b"].transport.deliver("b", nodes)
+
+
+def test_nodes_starting_from_the_same_values_send_deltas_from_the_first_round(tmp_path: Path) -> None:
+    nodes = _pair(tmp_path, same_start=True)
+    _handshake(nodes)
+    for n in nodes.values():
+        n.shared[next(iter(n.shared))][:4] += 1.0  # some local progress
+        n._send_round()
+    for sender, node in nodes.items():
+        sent = node.transport.deliver(sender, nodes)
+        assert [m.type for m in sent] == [wire.MsgType.DELTA]
+    for me, other in (("a", "b"), ("b", "a")):
+        for comp in nodes[me].shared:
+            np.testing.assert_array_equal(nodes[other].peers[me].replicas[comp], nodes[me].out_replica[comp])
+            assert nodes[other].peers[me].versions[comp] == nodes[me].out_version[comp] == 1
+    assert all(n.rejected == 0 for n in nodes.values())
+
+
+def test_different_starting_values_are_sent_as_state(tmp_path: Path) -> None:
+    nodes = _pair(tmp_path, same_start=False)
+    _handshake(nodes)
+    for n in nodes.values():
+        n._send_round()
+    for sender, node in nodes.items():
+        sent = node.transport.deliver(sender, nodes)
+        assert wire.MsgType.STATE in [m.type for m in sent]
+    for me, other in (("a", "b"), ("b", "a")):
+        for comp in nodes[me].shared:
+            np.testing.assert_array_equal(nodes[other].peers[me].replicas[comp], nodes[me].out_replica[comp])
+
+
+def test_a_hello_origin_digest_must_be_32_hex_digits() -> None:
+    body = {"model": "m", "components": ["c"], "listen": "tcp://127.0.0.1:5000", "round": 0, "origin": {"c": "xyz"}}
+    with pytest.raises(ProtocolError, match="origin"):
+        wire.encode(wire.Message(wire.MsgType.HELLO, "a", wire.new_session(), 1, 0, body))
+    body["origin"] = {"c": "0" * 32}
+    frames = wire.encode(wire.Message(wire.MsgType.HELLO, "a", wire.new_session(), 1, 0, body))
+    assert wire.decode([bytes(f) for f in frames]).body["origin"] == {"c": "0" * 32}
