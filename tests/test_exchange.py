@@ -10,7 +10,7 @@ import pytest
 
 from m3tgossip import testbed, wire
 from m3tgossip.errors import ProtocolError
-from m3tgossip.config import NodeConfig
+from m3tgossip.config import GossipConfig, NodeConfig
 from m3tgossip.node import Node
 from m3tgossip.topology import load_topology
 
@@ -190,7 +190,7 @@ class WireTransport:
         return out
 
 
-def _pair(tmp_path: Path, same_start: bool) -> dict[str, Node]:
+def _pair(tmp_path: Path, same_start: bool, **gossip: object) -> dict[str, Node]:
     from m3tgossip.workloads.consensus import ConsensusWorkload
 
     spec = tmp_path / "pair.toml"
@@ -202,7 +202,8 @@ def _pair(tmp_path: Path, same_start: bool) -> dict[str, Node]:
             x[...] = workloads["a"].shared()[comp]
     nodes = {}
     for n, w in workloads.items():
-        node = Node(NodeConfig(id=n, topology=str(spec), state_dir=str(tmp_path / n), fresh=True), topology=topo, workload=w)
+        cfg = NodeConfig(id=n, topology=str(spec), state_dir=str(tmp_path / n), fresh=True, gossip=GossipConfig(**gossip))
+        node = Node(cfg, topology=topo, workload=w)
         node.transport = WireTransport()
         nodes[n] = node
     return nodes
@@ -250,3 +251,25 @@ def test_a_hello_origin_digest_must_be_32_hex_digits() -> None:
     body["origin"] = {"c": "0" * 32}
     frames = wire.encode(wire.Message(wire.MsgType.HELLO, "a", wire.new_session(), 1, 0, body))
     assert wire.decode([bytes(f) for f in frames]).body["origin"] == {"c": "0" * 32}
+
+
+def test_overlapped_mix_keeps_the_local_update_apart_for_privacy(tmp_path: Path) -> None:
+    """With overlap the mix happens between training and sending; what the privacy mechanism
+    sees as the local update (`x - before`) must not include the mix."""
+    nodes = _pair(tmp_path, same_start=False, overlap=True)
+    a = nodes["a"]
+    assert a.lag == 1
+    _handshake(nodes)
+    for n in nodes.values():
+        n._send_round()
+        n.round += 1
+    nodes["b"].transport.deliver("b", nodes)
+    comp = next(iter(a.shared))
+    before = {c: x.copy() for c, x in a.shared.items()}
+    a.shared[comp][:3] += 0.5  # this round's training
+    update = a.shared[comp] - before[comp]
+    trained = a.shared[comp].copy()
+    heard, _ = a._mix_overlapped(before)
+    assert heard == ["b"]
+    assert not np.allclose(a.shared[comp], trained)  # the mix moved x
+    np.testing.assert_allclose(a.shared[comp] - before[comp], update, atol=1e-12)
