@@ -194,6 +194,10 @@ def main() -> int:
     p.add_argument("--deadline", type=float, default=30.0, help="round deadline bound (s)")
     p.add_argument("--set", action="append", default=[], dest="settings", metavar="TABLE.KEY=VALUE",
                    help="node config setting for every consensus daemon (repeatable), e.g. gossip.silence_s=30")
+    p.add_argument("--startup-grace", type=float, default=300.0,
+                   help="gossip.startup_grace_s of the consensus daemons: the testbed starts them one after the other, "
+                        "128 take over a minute to come up on 2 cores, and a node that starts its rounds before a "
+                        "neighbour is up mixes without it, which moves the network mean for good in lockstep rounds")
     p.add_argument("--load-threshold", type=float, default=4.0)
     p.add_argument("--max-wait", type=float, default=600.0, help="longest wait for the load to drop (s)")
     args = p.parse_args()
@@ -207,13 +211,13 @@ def main() -> int:
         "cpus": os.cpu_count(),
         "mem_gib": round(mem_total, 1),
         "python": platform.python_version(),
-        "consensus": {"nodes": args.consensus_nodes, "size": args.size, "dtype": "float64", "graph": f"random_regular d={args.degree} seed=1", "target": args.target, "margin": args.margin, "deadline_s": args.deadline, "settings": args.settings},
+        "consensus": {"nodes": args.consensus_nodes, "size": args.size, "dtype": "float64", "graph": f"random_regular d={args.degree} seed=1", "target": args.target, "margin": args.margin, "deadline_s": args.deadline, "startup_grace_s": args.startup_grace, "settings": args.settings},
         "edu": {"nodes": args.edu_nodes, "rounds": args.edu_rounds, "graph": "cycle"},
         "sample_every_s": SAMPLE_EVERY_S,
     }
     print(f"setup: {setup['cpus']} CPUs, {setup['mem_gib']} GiB, python {setup['python']}; consensus on random "
           f"{args.degree}-regular graphs of {args.consensus_nodes} nodes, {args.size} float64 per component, "
-          f"target {args.target:g}, rounds = prediction x {args.margin}, deadline {args.deadline:g} s, settings {args.settings or 'default'}; "
+          f"target {args.target:g}, rounds = prediction x {args.margin}, deadline {args.deadline:g} s, start-up grace {args.startup_grace:g} s, settings {args.settings or 'default'}; "
           f"edu on rings of {args.edu_nodes} nodes, {args.edu_rounds} rounds; RSS sampled every {SAMPLE_EVERY_S:g} s", flush=True)
     rows: list[dict[str, Any]] = []
     for n in args.consensus_nodes:
@@ -232,7 +236,8 @@ def main() -> int:
         code, summary, memory = run_sampled([
             "--topology", str(spec), "--workload", "consensus", "--rounds", str(rounds), "--out", str(run_dir),
             "--target", str(args.target), "-o", f"size={args.size}", "--deadline", str(args.deadline),
-            "--timeout", str(600 + 20 * rounds), "--quiet", *[a for kv in args.settings for a in ("--set", kv)],
+            "--timeout", str(600 + 20 * rounds), "--quiet", "--set", f"gossip.startup_grace_s={args.startup_grace}",
+            *[a for kv in args.settings for a in ("--set", kv)],
         ])
         wall = time.monotonic() - t0
         bpr = [b for b in summary["bytes_per_round_per_node"] if b is not None]
