@@ -1,23 +1,46 @@
 #!/usr/bin/env python3
 """Delta exchange throughput between two node processes, against the hardware limit.
 
-Three ways to move one component delta from a sender process to a receiver process over
-ZeroMQ on 127.0.0.1, measured in the same run with the same flow control:
+Four ways to move one component delta (float32) from a sender process to a receiver process
+over ZeroMQ on 127.0.0.1, measured in the same run with the same flow control:
 
-- `raw`: pyzmq DEALER -> ROUTER, one frame of the same size, sent and received without copies,
-  nothing else done with it. The limit of ZeroMQ on this machine.
-- `pickle`: `send_pyobj` / `recv_pyobj` of a dict holding the header fields and the numpy
-  array, as pickle-over-ZeroMQ frameworks do it, then the same mixing as below.
-- `m3tgossip`: the project's path end to end: `wire.encode` of a `delta` message, the
-  `Transport` (its socket options, its security), `wire.decode` with every check (NaN/Inf
-  included), applying the delta to the sender's replica and `mixing.choco_mix_into`.
+- `raw`: pyzmq DEALER -> ROUTER, one frame of the same size, nothing else done with it: the
+  limit of ZeroMQ on this machine. The sender hands libzmq a memoryview of the array
+  (`copy=False`); libzmq's I/O thread writes it to the TCP socket (the kernel copies it once),
+  the receiver's I/O thread reads it into a fresh libzmq message (the kernel copies it once
+  more), and Python gets that as a `zmq.Frame` (`copy=False`) and drops it.
+- `pickle`: how PyTorch-based FL frameworks ship a `state_dict`. The sender pickles a dict of
+  the header fields and the delta as a torch tensor (`torch.from_numpy`, no copy) with
+  `pickle.dumps` (default protocol): the tensor pickles its storage through `torch.save` into
+  an in-memory buffer that is embedded in the pickle as a bytes object, so the values are
+  copied at least twice; `socket.send(bytes)` hands the result to libzmq without a further
+  copy (pyzmq's copy threshold). The receiver's `recv_multipart()` (default `copy=True`)
+  copies the message into a bytes object; `pickle.loads` copies the embedded bytes out of it
+  and `torch.load`s them into a new storage (another copy); `.numpy()` shares that storage.
+- `pickle-numpy`: the decentralizepy D-PSGD path: the same, but the dict holds the numpy array
+  (a `state_dict` converted with `.numpy()`). `pickle.dumps` copies the values twice (the
+  array's `tobytes` state, then into the pickle); the receiver's `recv_multipart()` copies
+  the message into bytes and `pickle.loads` copies the values into the bytes object that
+  becomes the array's buffer.
+- `m3tgossip`: the project's path end to end: `wire.encode` of a `delta` message (the tensor
+  frame is a memoryview, no copy), the `Transport` (its socket options, its security, its
+  `poll`), `wire.decode` with every check (NaN/Inf and norm: one read of the values), the
+  tensor read in place from the received frame.
 
-Each runs in `plain` and `curve` mode (CURVE on the raw and pickle sockets too, so each ratio
-compares like with like). Flow control, identical for all three: the sender keeps at most
-`window` messages unacknowledged, the receiver acknowledges every `ack_every` messages; the
-first `warmup` messages are not timed. Throughput is payload bytes (the tensor) per second
-between the acknowledgement of the warm-up and the last acknowledgement, the median of
-`--repeat` runs interleaved over the three ways.
+The receivers of the last three ways then do the same with the delta, so among them only the
+serialisation differs: each applies it to its replica of the sender (`mixing.add_into`, as the
+daemon's `replica += delta`) and takes one CHOCO step (`mixing.choco_mix_into`).
+
+Like with like: the `raw` and pickle sockets get every option a node's sockets get
+(`transport.router_options`/`dealer_options` with the default `TransportConfig`: high-water
+marks, maximum message size, heartbeats, `IMMEDIATE`, routing id) in a context with one I/O
+thread, as the `Transport` makes them, and each way runs in `plain` and `curve` mode (CURVE on
+the raw and pickle sockets too). Flow control, identical for all ways: the sender keeps at
+most `window` messages unacknowledged, the receiver acknowledges every `ack_every` messages;
+the first `warmup` messages are not timed. Throughput is payload bytes (the tensor) per
+second between the acknowledgement of the warm-up and the last acknowledgement; each repeat
+runs every way once, in turn, and the median over `--repeat` repeats is reported. Sender and
+receiver run one compute thread each (`OMP_NUM_THREADS=1`).
 
     python benchmarks/exchange.py --out runs/bench-exchange.json
 """
@@ -28,6 +51,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import pickle
 import platform
 import statistics
 import sys
@@ -39,16 +63,23 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import zmq  # noqa: E402
+import numpy as np
+import torch
+import zmq
 
-from m3tgossip import wire  # noqa: E402
-from m3tgossip.mixing import choco_mix_into  # noqa: E402
-from m3tgossip.security import AllowList, Curve, Keypair  # noqa: E402
-from m3tgossip.transport import Plaintext, Transport, TransportConfig  # noqa: E402
+from m3tgossip import wire
+from m3tgossip.mixing import add_into, choco_mix_into
+from m3tgossip.security import AllowList, Curve, Keypair
+from m3tgossip.transport import (
+    Plaintext,
+    Transport,
+    TransportConfig,
+    dealer_options,
+    router_options,
+)
 
 SIZES = {"64KB": 64 << 10, "4MB": 4 << 20, "64MB": 64 << 20}
-WAYS = ("raw", "pickle", "m3tgossip")
+WAYS = ("raw", "pickle", "pickle-numpy", "m3tgossip")
 #: bytes allowed in flight per link (sets the window for each size)
 IN_FLIGHT_BYTES = 256 << 20
 #: bound on any wait for the peer process or an acknowledgement
@@ -79,6 +110,13 @@ def plan(size: int, total_bytes: int) -> tuple[int, int, int, int]:
     warmup = max(ack_every, window)
     warmup -= warmup % ack_every
     return messages, warmup, window, ack_every
+
+
+def _context() -> zmq.Context:
+    """A context like the `Transport`'s."""
+    ctx = zmq.Context(io_threads=1)
+    ctx.setsockopt(zmq.MAX_SOCKETS, 4096)
+    return ctx
 
 
 def _keypair() -> Keypair:
@@ -122,10 +160,9 @@ class Receiver:
             self.transport = Transport("recv", "tcp://127.0.0.1:0", {}, TransportConfig(), security)
             self.endpoint = self.transport.endpoint
         else:
-            self.ctx = zmq.Context()
+            self.ctx = _context()
             self.sock = self.ctx.socket(zmq.ROUTER)
-            self.sock.setsockopt(zmq.LINGER, 0)
-            self.sock.setsockopt(zmq.RCVHWM, 4096)
+            router_options(self.sock, TransportConfig())
             if trial.mode == "curve":
                 _curve_server(self.sock, trial.server)
             self.sock.bind("tcp://127.0.0.1:0")
@@ -134,7 +171,7 @@ class Receiver:
     def mix(self, delta: np.ndarray) -> None:
         if not self.t.mix:
             return
-        self.replica += delta
+        add_into(self.replica, delta)
         choco_mix_into(self.own, self.mine, {"send": self.replica}, self.weights)
 
     def run(self) -> None:
@@ -157,9 +194,9 @@ class Receiver:
             if self.t.way == "raw":
                 routing_id, _payload = self.sock.recv_multipart(copy=False)
             else:
-                routing_id = self.sock.recv(copy=False)
-                obj = self.sock.recv_pyobj()
-                self.mix(obj["tensors"][COMPONENT])
+                routing_id, payload = self.sock.recv_multipart()
+                delta = pickle.loads(payload)["tensors"][COMPONENT]
+                self.mix(delta.numpy() if self.t.way == "pickle" else delta)
             count += 1
             if count % self.t.ack_every == 0:
                 self.sock.send_multipart([routing_id, count.to_bytes(8, "little")], copy=False)
@@ -196,11 +233,9 @@ def send_trial(trial: Trial, endpoint: str) -> float:
                                tensors={COMPONENT: delta}, meta=meta)
             return transport.send("recv", wire.encode(msg))
     else:
-        ctx = zmq.Context()
+        ctx = _context()
         sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 64)
-        sock.setsockopt(zmq.IMMEDIATE, 1)
+        dealer_options(sock, TransportConfig(), "send")
         if trial.mode == "curve":
             _curve_client(sock, trial.client, trial.server.public)
         sock.connect(endpoint)
@@ -211,8 +246,9 @@ def send_trial(trial: Trial, endpoint: str) -> float:
                 if trial.way == "raw":
                     sock.send(payload, flags=zmq.NOBLOCK, copy=False)
                 else:
-                    obj = {"sender": "send", "seq": seq, "round": seq, "tensors": {COMPONENT: delta}}
-                    sock.send_pyobj(obj, flags=zmq.NOBLOCK)
+                    tensor = torch.from_numpy(delta) if trial.way == "pickle" else delta
+                    obj = {"sender": "send", "seq": seq, "round": seq, "tensors": {COMPONENT: tensor}}
+                    sock.send(pickle.dumps(obj), flags=zmq.NOBLOCK)
             except zmq.Again:
                 return False
             return True
@@ -292,8 +328,10 @@ def machine() -> dict[str, Any]:
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
+        "load_average": os.getloadavg()[0],
         "python": platform.python_version(),
         "numpy": np.__version__,
+        "torch": torch.__version__,
         "pyzmq": zmq.__version__,
         "libzmq": zmq.zmq_version(),
         "platform": platform.platform(),
@@ -305,7 +343,7 @@ def main() -> int:
     p.add_argument("--sizes", nargs="*", default=list(SIZES), choices=list(SIZES))
     p.add_argument("--modes", nargs="*", default=["plain", "curve"], choices=["plain", "curve"])
     p.add_argument("--bytes", type=float, default=512e6, help="payload bytes timed per run and size")
-    p.add_argument("--repeat", type=int, default=3, help="runs per way; the median is reported")
+    p.add_argument("--repeat", type=int, default=5, help="runs per way; the median is reported")
     p.add_argument("--out", help="write the rows as JSON to this file")
     p.add_argument("--no-mix", action="store_true", help="diagnosis: receivers decode but do not apply or mix")
     args = p.parse_args()
@@ -320,10 +358,10 @@ def main() -> int:
     receiver.start()
     sender.start()
     info = machine()
-    print(f"setup: {info['cpu']}, {info['cores']} cores, python {info['python']}, numpy {info['numpy']}, "
-          f"pyzmq {info['pyzmq']} (libzmq {info['libzmq']}); sender and receiver in two processes "
-          f"on 127.0.0.1; float32 deltas; ~{args.bytes / 1e6:.0f} MB timed per run, median of "
-          f"{args.repeat}", flush=True)
+    print(f"setup: {info['cpu']}, {info['cores']} cores, load average {info['load_average']:.2f}, "
+          f"python {info['python']}, numpy {info['numpy']}, torch {info['torch']}, pyzmq {info['pyzmq']} "
+          f"(libzmq {info['libzmq']}); sender and receiver in two processes on 127.0.0.1; float32 deltas; "
+          f"~{args.bytes / 1e6:.0f} MB timed per run, median of {args.repeat}", flush=True)
     server, client = _keypair(), _keypair()
     rows = []
     try:
@@ -351,8 +389,10 @@ def main() -> int:
                     "bytes_per_s": med["m3tgossip"],
                     "raw_bytes_per_s": med["raw"],
                     "pickle_bytes_per_s": med["pickle"],
+                    "pickle_numpy_bytes_per_s": med["pickle-numpy"],
                     "ratio_to_raw": med["m3tgossip"] / med["raw"],
                     "ratio_to_pickle": med["m3tgossip"] / med["pickle"],
+                    "ratio_to_pickle_numpy": med["m3tgossip"] / med["pickle-numpy"],
                     "messages": messages,
                     "warmup": warmup,
                     "window": window,
@@ -361,8 +401,9 @@ def main() -> int:
                 }
                 rows.append(row)
                 print(f"{mode:<6}{label:>6}  m3tgossip {med['m3tgossip'] / 1e9:6.3f} GB/s  "
-                      f"raw {med['raw'] / 1e9:6.3f} GB/s  pickle {med['pickle'] / 1e9:6.3f} GB/s  "
-                      f"ratio to raw {row['ratio_to_raw']:.2f}  to pickle {row['ratio_to_pickle']:.2f}  "
+                      f"raw {med['raw'] / 1e9:6.3f}  pickle {med['pickle'] / 1e9:6.3f}  "
+                      f"pickle-numpy {med['pickle-numpy'] / 1e9:6.3f}  ratio to raw {row['ratio_to_raw']:.2f}  "
+                      f"to pickle {row['ratio_to_pickle']:.2f}  to pickle-numpy {row['ratio_to_pickle_numpy']:.2f}  "
                       f"({messages} msgs, window {window}, ack every {ack_every})", flush=True)
     finally:
         for conn in (rx_conn, tx_conn):
@@ -375,11 +416,13 @@ def main() -> int:
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=10)
-    print(f"\n{'mode':<6}{'size':>6}{'m3t GB/s':>10}{'raw GB/s':>10}{'pickle GB/s':>12}{'/raw':>7}{'/pickle':>9}")
+    print(f"\n{'mode':<6}{'size':>6}{'m3t GB/s':>10}{'raw GB/s':>10}{'pickle GB/s':>12}{'pickle-np GB/s':>15}"
+          f"{'/raw':>7}{'/pickle':>9}{'/pickle-np':>12}")
     for r in rows:
         label = next(k for k, v in SIZES.items() if v == r["size_bytes"])
         print(f"{r['mode']:<6}{label:>6}{r['bytes_per_s'] / 1e9:>10.3f}{r['raw_bytes_per_s'] / 1e9:>10.3f}"
-              f"{r['pickle_bytes_per_s'] / 1e9:>12.3f}{r['ratio_to_raw']:>7.2f}{r['ratio_to_pickle']:>9.2f}")
+              f"{r['pickle_bytes_per_s'] / 1e9:>12.3f}{r['pickle_numpy_bytes_per_s'] / 1e9:>15.3f}"
+              f"{r['ratio_to_raw']:>7.2f}{r['ratio_to_pickle']:>9.2f}{r['ratio_to_pickle_numpy']:>12.2f}")
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

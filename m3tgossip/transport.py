@@ -2,9 +2,10 @@
 
 The transport knows frames and peers, nothing about models or message meaning. Every socket
 option (linger, high-water marks, maximum message size, reconnect intervals, ZMTP heartbeats)
-is set here where the socket is made, from the named fields of `TransportConfig`. Sends never
-block: a full queue or an unreachable peer makes `send` return False and the caller counts a
-drop. Exactly one thread (the daemon loop) may call into a `Transport`.
+is set here, by `router_options` and `dealer_options`, from the named fields of
+`TransportConfig`. Sends never block: a full queue or an unreachable peer makes `send` return
+False and the caller counts a drop. Exactly one thread (the daemon loop) may call into a
+`Transport`.
 
 Security is a seam: `Security.server(socket)` and `Security.client(socket, peer)` configure
 sockets before bind/connect. `Plaintext` lives here; CURVE with a ZAP allow-list is
@@ -120,6 +121,10 @@ def is_loopback(endpoint: str) -> bool:
         return False
 
 
+#: frame bytes after which `Transport.poll` stops collecting messages
+POLL_MAX_BYTES = 1 << 20
+
+
 def _common_options(sock: zmq.Socket, cfg: TransportConfig) -> None:
     sock.setsockopt(zmq.LINGER, cfg.linger_ms)
     sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes)
@@ -128,6 +133,26 @@ def _common_options(sock: zmq.Socket, cfg: TransportConfig) -> None:
     sock.setsockopt(zmq.HEARTBEAT_IVL, cfg.zmtp_heartbeat_ms)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, cfg.zmtp_timeout_ms)
     sock.setsockopt(zmq.HANDSHAKE_IVL, cfg.handshake_ms)
+
+
+def router_options(sock: zmq.Socket, cfg: TransportConfig) -> None:
+    """Every option of a node's ROUTER (security aside), before it binds."""
+    _common_options(sock, cfg)
+    # Unroutable replies raise EHOSTUNREACH instead of vanishing.
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.RCVHWM, cfg.recv_hwm)
+    sock.setsockopt(zmq.SNDHWM, cfg.send_hwm)
+
+
+def dealer_options(sock: zmq.Socket, cfg: TransportConfig, node_id: str) -> None:
+    """Every option of a DEALER towards a neighbour (security aside), before it connects."""
+    _common_options(sock, cfg)
+    sock.setsockopt(zmq.SNDHWM, cfg.send_hwm)
+    sock.setsockopt(zmq.RCVHWM, 16)
+    # Queue only on completed connections: a dead neighbour refuses sends at once
+    # instead of stacking stale deltas that would arrive rounds later.
+    sock.setsockopt(zmq.IMMEDIATE, 1)
+    sock.setsockopt(zmq.ROUTING_ID, node_id.encode())
 
 
 class Transport:
@@ -153,11 +178,7 @@ class Transport:
             self.zap.setsockopt(zmq.LINGER, 0)
             self.zap.bind(ZAP_ENDPOINT)
         self.router = self.context.socket(zmq.ROUTER)
-        _common_options(self.router, self.config)
-        # Unroutable replies raise EHOSTUNREACH instead of vanishing.
-        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.router.setsockopt(zmq.RCVHWM, self.config.recv_hwm)
-        self.router.setsockopt(zmq.SNDHWM, self.config.send_hwm)
+        router_options(self.router, self.config)
         self.security.server(self.router)
         try:
             self.router.bind(bind)
@@ -176,13 +197,7 @@ class Transport:
     def connect(self, peer: str, endpoint: str) -> None:
         """Open the DEALER towards `peer`; its routing id is this node's id."""
         sock = self.context.socket(zmq.DEALER)
-        _common_options(sock, self.config)
-        sock.setsockopt(zmq.SNDHWM, self.config.send_hwm)
-        sock.setsockopt(zmq.RCVHWM, 16)
-        # Queue only on completed connections: a dead neighbour refuses sends at once
-        # instead of stacking stale deltas that would arrive rounds later.
-        sock.setsockopt(zmq.IMMEDIATE, 1)
-        sock.setsockopt(zmq.ROUTING_ID, self.node_id.encode())
+        dealer_options(sock, self.config, self.node_id)
         self.security.client(sock, peer)
         sock.connect(endpoint)
         self.dealers[peer] = sock
@@ -215,10 +230,13 @@ class Transport:
             return False
         return True
 
-    def poll(self, timeout_ms: int, max_messages: int = 256) -> list[Incoming]:
+    def poll(self, timeout_ms: int, max_messages: int = 256, max_bytes: int = POLL_MAX_BYTES) -> list[Incoming]:
         """Wait up to `timeout_ms` for messages, answering ZAP requests meanwhile.
 
         Returns (routing id, frames, authenticated user id) triples; frames are not copied.
+        Collects at most `max_messages` messages and stops once their frames hold `max_bytes`
+        (one message however large): every returned frame keeps its libzmq buffer alive until
+        the caller drops it, so the rest stay queued in libzmq for the next call.
         """
         out: list[Incoming] = []
         deadline = time.monotonic() + max(0, timeout_ms) / 1000
@@ -230,11 +248,13 @@ class Transport:
             if self.router in events or remaining == 0:
                 break
         authenticated = self.zap is not None
-        while len(out) < max_messages:
+        collected = 0
+        while len(out) < max_messages and collected < max_bytes:
             try:
                 parts = self.router.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
+            collected += sum(len(frame) for frame in parts)
             user = None
             if authenticated and len(parts) > 1:
                 try:

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
 import networkx as nx
 import numpy as np
 import pytest
 
+from m3tgossip import mixing
 from m3tgossip.mixing import (
     PushSum,
+    add_into,
+    axpy_into,
     choco_mix_into,
     metropolis_hastings,
     mix_into,
@@ -242,6 +251,109 @@ def test_choco_gamma_scales_the_step() -> None:
     own = np.zeros(2)
     choco_mix_into(own, np.zeros(2), {"a": np.array([2.0, 4.0])}, {"s": 0.5, "a": 0.5}, 0.5)
     np.testing.assert_allclose(own, [0.5, 1.0])
+
+
+LARGE = mixing.FUSED_MIN_SIZE + mixing.NUMPY_BLOCK + 3  # the fused path; numpy's in several blocks
+
+
+def _tolerance(dtype: type) -> dict[str, float]:
+    # torch rounds `dst + alpha * src` once (FMA), numpy twice
+    return {"rtol": 1e-6, "atol": 1e-6} if dtype is np.float32 else {"rtol": 1e-14, "atol": 1e-14}
+
+
+def _pair(size: int, dtype: type, read_only: bool, shape: tuple[int, ...] | None = None):
+    rng = np.random.default_rng(size)
+    dst = rng.standard_normal(size).astype(dtype)
+    src = rng.standard_normal(size).astype(dtype)
+    if shape is not None:
+        dst, src = dst.reshape(shape), src.reshape(shape)
+    if read_only:
+        src = np.frombuffer(src.tobytes(), dtype=dtype).reshape(src.shape)  # like a decoded frame
+        assert not src.flags.writeable
+    return dst, src
+
+
+@pytest.fixture(params=["torch", "numpy"])
+def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "numpy":
+        monkeypatch.setattr(mixing, "_torch", False)  # as without torch installed
+    else:
+        pytest.importorskip("torch")
+    return request.param
+
+
+@pytest.mark.parametrize("size", [1000, LARGE])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("read_only", [False, True])
+def test_kernels_match_numpy(size: int, dtype: type, read_only: bool, kernel_path: str) -> None:
+    dst, src = _pair(size, dtype, read_only)
+    expected_add = dst + src
+    expected_axpy = dst + np.multiply(src, 0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning about the read-only source either
+        out = dst.copy()
+        add_into(out, src)
+        np.testing.assert_array_equal(out, expected_add)
+        out = dst.copy()
+        axpy_into(out, 0.3, src)
+        assert out.dtype == dtype
+        np.testing.assert_allclose(out, expected_axpy, **_tolerance(dtype))
+        out = dst.copy()
+        axpy_into(out, -1.7, src)
+        np.testing.assert_allclose(out, dst - np.multiply(src, 1.7), **_tolerance(dtype))
+
+
+def test_kernels_keep_shapes_and_cast(kernel_path: str) -> None:
+    rows = LARGE // 7
+    dst, src = _pair(rows * 7, np.float32, True, (rows, 7))
+    out = dst.copy()
+    axpy_into(out, 0.5, src)
+    np.testing.assert_allclose(out, dst + 0.5 * src, **_tolerance(np.float32))
+    wide = src.astype(np.float64)
+    out = dst.copy()
+    axpy_into(out, 0.5, wide)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, dst + 0.5 * src, **_tolerance(np.float32))
+    out = dst.copy()
+    axpy_into(out, 0.5, src[::-1])  # not contiguous
+    np.testing.assert_allclose(out, dst + 0.5 * src[::-1], **_tolerance(np.float32))
+    out = dst.copy()
+    axpy_into(out, 0.5, out)  # the same array
+    np.testing.assert_allclose(out, 1.5 * dst, **_tolerance(np.float32))
+    out = dst.copy()
+    add_into(out, wide)
+    np.testing.assert_allclose(out, dst + src, **_tolerance(np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_large_mixing_matches_the_numpy_reference(dtype: type, kernel_path: str) -> None:
+    rng = np.random.default_rng(4)
+    own, mine = (rng.standard_normal(LARGE).astype(dtype) for _ in range(2))
+    replicas = {j: np.frombuffer(rng.standard_normal(LARGE).astype(dtype).tobytes(), dtype) for j in "ab"}
+    weights = {"s": 0.5, "a": 0.3, "b": 0.2}
+    choco = own.copy()
+    choco_mix_into(choco, mine, replicas, weights, gamma=0.8)
+    expected = own + 0.8 * (0.3 * replicas["a"].astype(np.float64) + 0.2 * replicas["b"] - 0.5 * mine)
+    np.testing.assert_allclose(choco, expected, **_tolerance(dtype))
+    plain = own.copy()
+    mix_into(plain, "s", replicas, weights)
+    expected = 0.5 * own.astype(np.float64) + 0.3 * replicas["a"] + 0.2 * replicas["b"]
+    np.testing.assert_allclose(plain, expected, **_tolerance(dtype))
+
+
+def test_small_arrays_never_import_torch() -> None:
+    code = (
+        "import sys, numpy as np\n"
+        "from m3tgossip.mixing import FUSED_MIN_SIZE, add_into, axpy_into, choco_mix_into, mix_into\n"
+        "n = FUSED_MIN_SIZE - 1\n"
+        "x, r = np.ones(n), np.frombuffer(np.ones(n).tobytes())\n"
+        "add_into(x, r); axpy_into(x, 0.5, r)\n"
+        "w = {'s': 0.5, 'a': 0.5}\n"
+        "choco_mix_into(x, np.zeros(n), {'a': r}, w); mix_into(x, 's', {'a': r}, w)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
 
 
 def test_push_sum_split_keeps_mass() -> None:
