@@ -198,6 +198,13 @@ def main() -> int:
                    help="gossip.startup_grace_s of the consensus daemons: the testbed starts them one after the other, "
                         "128 take over a minute to come up on 2 cores, and a node that starts its rounds before a "
                         "neighbour is up mixes without it, which moves the network mean for good in lockstep rounds")
+    p.add_argument("--silence", type=float, default=30.0,
+                   help="gossip.silence_s of the consensus daemons: 128 daemons put a load of ~150 on 2 cores, where a "
+                        "live daemon can go unscheduled for more than the default 3 s and would be given up as silent")
+    p.add_argument("--deadline-min", type=float, default=10.0,
+                   help="gossip.deadline_min_s of the consensus daemons: the adaptive deadline learns ~1 s from quiet "
+                        "rounds, and at a load of ~150 a live neighbour can lag by more than the 3 deadlines a node "
+                        "waits for it; a round closed without it moves the network mean for good in lockstep rounds")
     p.add_argument("--load-threshold", type=float, default=4.0)
     p.add_argument("--max-wait", type=float, default=600.0, help="longest wait for the load to drop (s)")
     args = p.parse_args()
@@ -211,13 +218,13 @@ def main() -> int:
         "cpus": os.cpu_count(),
         "mem_gib": round(mem_total, 1),
         "python": platform.python_version(),
-        "consensus": {"nodes": args.consensus_nodes, "size": args.size, "dtype": "float64", "graph": f"random_regular d={args.degree} seed=1", "target": args.target, "margin": args.margin, "deadline_s": args.deadline, "startup_grace_s": args.startup_grace, "settings": args.settings},
+        "consensus": {"nodes": args.consensus_nodes, "size": args.size, "dtype": "float64", "graph": f"random_regular d={args.degree} seed=1", "target": args.target, "margin": args.margin, "deadline_s": args.deadline, "startup_grace_s": args.startup_grace, "silence_s": args.silence, "deadline_min_s": args.deadline_min, "settings": args.settings},
         "edu": {"nodes": args.edu_nodes, "rounds": args.edu_rounds, "graph": "cycle"},
         "sample_every_s": SAMPLE_EVERY_S,
     }
     print(f"setup: {setup['cpus']} CPUs, {setup['mem_gib']} GiB, python {setup['python']}; consensus on random "
           f"{args.degree}-regular graphs of {args.consensus_nodes} nodes, {args.size} float64 per component, "
-          f"target {args.target:g}, rounds = prediction x {args.margin}, deadline {args.deadline:g} s, start-up grace {args.startup_grace:g} s, settings {args.settings or 'default'}; "
+          f"target {args.target:g}, rounds = prediction x {args.margin}, deadline {args.deadline:g} s, start-up grace {args.startup_grace:g} s, silence {args.silence:g} s, minimum deadline {args.deadline_min:g} s, settings {args.settings or 'default'}; "
           f"edu on rings of {args.edu_nodes} nodes, {args.edu_rounds} rounds; RSS sampled every {SAMPLE_EVERY_S:g} s", flush=True)
     rows: list[dict[str, Any]] = []
     for n in args.consensus_nodes:
@@ -237,6 +244,7 @@ def main() -> int:
             "--topology", str(spec), "--workload", "consensus", "--rounds", str(rounds), "--out", str(run_dir),
             "--target", str(args.target), "-o", f"size={args.size}", "--deadline", str(args.deadline),
             "--timeout", str(600 + 20 * rounds), "--quiet", "--set", f"gossip.startup_grace_s={args.startup_grace}",
+            "--set", f"gossip.silence_s={args.silence}", "--set", f"gossip.deadline_min_s={args.deadline_min}",
             *[a for kv in args.settings for a in ("--set", kv)],
         ])
         wall = time.monotonic() - t0

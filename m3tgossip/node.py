@@ -160,6 +160,8 @@ class Node:
         self.resumed_from: int | None = None
         #: arrival delays (s) of neighbours' round messages after this node's round started
         self.latencies: deque[float] = deque(maxlen=64)
+        #: rounds this session has completed
+        self.rounds_done = 0
         #: differential privacy of outgoing updates (None: open profile or nothing private)
         self.privatizer: DeltaPrivatizer | None = None
         # `[privacy] profile` overrides the spec's profile for this node (e.g. "open" for a
@@ -384,6 +386,13 @@ class Node:
 
     def _apply(self, peer: Peer, msg: wire.Message) -> None:
         gaps: list[str] = []
+        # one arrival delay per neighbour and round, none from this session's first round: its
+        # arrivals measure how far apart the daemons came up, not the network
+        timed = (
+            self.rounds_done > 0
+            and msg.round == self.mixing_round
+            and not any(peer.heard.get(c) == msg.round for c in peer.components)
+        )
         for name, tensor in msg.tensors.items():
             if name not in peer.components:
                 log.warning("%s: ignored %s from %s: component not shared between us", self.id, name, peer.id)
@@ -407,8 +416,9 @@ class Node:
                 peer.replicas.pop(name, None)
                 peer.versions.pop(name, None)
                 continue
-            if peer.heard.get(name) != msg.round and msg.round == self.mixing_round:
+            if timed:
                 self.latencies.append(time.monotonic() - self.round_started)
+                timed = False
             peer.heard[name] = msg.round
         if gaps:
             self._ask_resync(peer, f"delta for a replica version this node does not have ({', '.join(gaps)})")
@@ -631,6 +641,7 @@ class Node:
             t4 = time.perf_counter()
             evaluation = self.workload.evaluate(self.round)
             self.round += 1
+            self.rounds_done += 1
             if self.round % g.checkpoint_every == 0 or self._done():
                 self._checkpoint()
             t5 = time.perf_counter()
