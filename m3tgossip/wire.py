@@ -311,38 +311,43 @@ def _flag(value: Any, where: str, limits: Limits) -> bool:
     return value
 
 
-def _weights(value: Any, where: str, limits: Limits) -> dict[str, float]:
-    """Push-sum weights: component name -> finite weight >= 0."""
+def _component_map(value: Any, where: str, limits: Limits, item: Callable[[Any, str], Any]) -> dict[str, Any]:
+    """A map of component name -> value checked by `item(value, where)`, at most `max_tensors` long."""
     if not isinstance(value, dict):
         _fail(where, f"expected a map, got {_kind(value)} {_show(value)}")
     if len(value) > limits.max_tensors:
         _fail(where, f"map of {len(value)} entries, limit {limits.max_tensors}")
     out = {}
-    for key, item in value.items():
+    for key, entry in value.items():
         name = _name(key, f"{where} key", limits)
-        weight = _finite_float(item, f"{where} {name!r}")
-        if weight < 0:
-            _fail(f"{where} {name!r}", f"expected a weight >= 0, got {weight}")
-        out[name] = weight
+        out[name] = item(entry, f"{where} {name!r}")
     return out
+
+
+def _weight(value: Any, where: str) -> float:
+    weight = _finite_float(value, where)
+    if weight < 0:
+        _fail(where, f"expected a weight >= 0, got {weight}")
+    return weight
+
+
+def _weights(value: Any, where: str, limits: Limits) -> dict[str, float]:
+    """Push-sum weights: component name -> finite weight >= 0."""
+    return _component_map(value, where, limits, _weight)
 
 
 _DIGEST_RE = re.compile(r"[0-9a-f]{32}")
 
 
+def _digest(value: Any, where: str) -> str:
+    if not isinstance(value, str) or _DIGEST_RE.fullmatch(value) is None:
+        _fail(where, f"expected 32 lowercase hex digits, got {_kind(value)} {_show(value)}")
+    return value
+
+
 def _origins(value: Any, where: str, limits: Limits) -> dict[str, str]:
     """Hello `origin`: component name -> 32 lowercase hex digits (a 128-bit BLAKE2b digest)."""
-    if not isinstance(value, dict):
-        _fail(where, f"expected a map, got {_kind(value)} {_show(value)}")
-    if len(value) > limits.max_tensors:
-        _fail(where, f"map of {len(value)} entries, limit {limits.max_tensors}")
-    out = {}
-    for key, item in value.items():
-        name = _name(key, f"{where} key", limits)
-        if not isinstance(item, str) or _DIGEST_RE.fullmatch(item) is None:
-            _fail(f"{where} {name!r}", f"expected 32 lowercase hex digits, got {_kind(item)} {_show(item)}")
-        out[name] = item
-    return out
+    return _component_map(value, where, limits, _digest)
 
 
 _BODIES: dict[MsgType, dict[str, _Check]] = {
