@@ -347,6 +347,10 @@ class Node:
                     self.id, peer.id, msg.body["model"], self.model_id,
                 )
             peer.model_ok = False
+            if not msg.body.get("answer", False):
+                # the neighbour learns this node's model from the answer and stops too, even
+                # if its own hellos to this node were lost
+                self._hello(peer, answer=True)
             return
         peer.model_ok = True
         peer.round = max(peer.round, msg.round)
