@@ -622,6 +622,7 @@ class Node:
             if not exchange:
                 if self.stop_reason is not None:
                     break
+                self.workload.after_mix(self.round)
                 t_send = t_wait = t_mix = 0.0
             elif self.lag:
                 closed = self._collect(self.deadline()) if self.mixing_round >= 0 else self.stop_reason is None
