@@ -41,6 +41,7 @@ from m3tgossip.log import get_logger
 from m3tgossip.metrics import MetricsWriter
 from m3tgossip.mixing import (
     PushSum,
+    add_into,
     choco_mix_into,
     effective_noise_var,
     estimate_noise_var,
@@ -413,7 +414,7 @@ class Node:
                 peer.replicas[name] = np.array(tensor, dtype=own.dtype)
                 peer.versions[name] = base + 1
             elif peer.versions.get(name) == base and name in peer.replicas:
-                peer.replicas[name] += tensor
+                add_into(peer.replicas[name], tensor)
                 peer.versions[name] = base + 1
             else:
                 gaps.append(name)

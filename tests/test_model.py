@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftModel
+from tiny import TINY
 
 from m3tgossip.data import MODALITIES, TASKS, DataConfig, node_data
 from m3tgossip.model import TEXT_MODEL, Batch, LoraSpec, M3TConfig, M3TModel, build_node_model
@@ -16,16 +17,6 @@ from m3tgossip.model.lora import lora_layers
 from m3tgossip.model.pretrained import DEFAULT_CHECKPOINT, load_checkpoint, minilm_path
 from m3tgossip.train import Trainer
 
-TINY = M3TConfig(
-    d_model=16,
-    n_heads=2,
-    n_layers=1,
-    mlp_ratio=2,
-    encoder_hidden=16,
-    modality_tokens=2,
-    fusion_latents=2,
-    prompt_tokens=1,
-)
 ALL_TASKS = tuple(TASKS)
 
 

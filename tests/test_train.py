@@ -9,21 +9,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import TINY
 
 from m3tgossip.data import GROUP_ATTRIBUTES, MODALITIES, DataConfig, node_data
-from m3tgossip.model import M3TConfig, build_node_model
+from m3tgossip.model import build_node_model
 from m3tgossip.train import Trainer, macro_f1, masked_cross_entropy
-
-TINY = M3TConfig(
-    d_model=16,
-    n_heads=2,
-    n_layers=1,
-    mlp_ratio=2,
-    encoder_hidden=16,
-    modality_tokens=2,
-    fusion_latents=2,
-    prompt_tokens=1,
-)
 
 
 @dataclass(frozen=True)
