@@ -29,15 +29,21 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from m3tgossip import testbed  # noqa: E402
+from m3tgossip.harness import testbed  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import loadavg, pyplot, wait_for_load  # noqa: E402
-from m3tgossip.metrics import read_metrics  # noqa: E402
+
+from m3tgossip.daemon.metrics import read_metrics  # noqa: E402
 
 #: (label, codec, gamma) per workload. Top-k keeps a tenth of the values, so CHOCO needs a step
 #: below 1; the consensus workload, whose nodes start far apart, diverges with 0.5 and needs 0.2.
-EDU_CODECS = [("raw", "raw", 1.0), ("fp16", "fp16", 1.0), ("int8", "int8", 1.0), ("topk:0.1 g0.5", "topk:0.1", 0.5)]
+EDU_CODECS = [
+    ("raw", "raw", 1.0),
+    ("fp16", "fp16", 1.0),
+    ("int8", "int8", 1.0),
+    ("topk:0.1 g0.5", "topk:0.1", 0.5),
+]
 CONSENSUS_CODECS = [*EDU_CODECS[:-1], ("topk:0.1 g0.2", "topk:0.1", 0.2)]
 
 
@@ -78,18 +84,31 @@ def main() -> int:
     p.add_argument("--target", type=float, default=1e-6)
     p.add_argument("--skip-edu", action="store_true")
     p.add_argument("--load-threshold", type=float, default=4.0)
-    p.add_argument("--max-wait", type=float, default=600.0, help="longest wait for the load to drop (s)")
+    p.add_argument(
+        "--max-wait", type=float, default=600.0, help="longest wait for the load to drop (s)"
+    )
     args = p.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     setup = {
-        "topology": args.topology, "edu_codecs": EDU_CODECS, "consensus_codecs": CONSENSUS_CODECS, "edu_rounds": args.edu_rounds,
-        "consensus_rounds": args.consensus_rounds, "consensus_size": args.size, "consensus_dtype": "float32",
-        "target": args.target, "platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+        "topology": args.topology,
+        "edu_codecs": EDU_CODECS,
+        "consensus_codecs": CONSENSUS_CODECS,
+        "edu_rounds": args.edu_rounds,
+        "consensus_rounds": args.consensus_rounds,
+        "consensus_size": args.size,
+        "consensus_dtype": "float32",
+        "target": args.target,
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
     }
-    print(f"setup: {Path(args.topology).name}, codecs {', '.join(c[0] for c in EDU_CODECS)} (consensus: top-k with gamma 0.2); edu {args.edu_rounds} rounds "
-          f"(default workload options); consensus {args.consensus_rounds} rounds, {args.size} float32 per component, "
-          f"target {args.target:g}; {os.cpu_count()} CPUs, python {platform.python_version()}", flush=True)
+    print(
+        f"setup: {Path(args.topology).name}, codecs {', '.join(c[0] for c in EDU_CODECS)} (consensus: top-k with gamma 0.2); edu {args.edu_rounds} rounds "
+        f"(default workload options); consensus {args.consensus_rounds} rounds, {args.size} float32 per component, "
+        f"target {args.target:g}; {os.cpu_count()} CPUs, python {platform.python_version()}",
+        flush=True,
+    )
     load0 = wait_for_load(args.load_threshold, args.max_wait)
     print(f"load before: {load0}", flush=True)
     edu_rows: list[dict[str, Any]] = []
@@ -97,24 +116,45 @@ def main() -> int:
         for label, codec, gamma in EDU_CODECS:
             run_dir = out / f"edu-{codec.replace(':', '')}"
             load = loadavg()
-            code, s, wall = run([
-                "--topology", args.topology, "--workload", "edu", "--rounds", str(args.edu_rounds),
-                "--set", f"gossip.compression={codec}", "--set", f"gossip.gamma={gamma}",
-            ], run_dir)
+            code, s, wall = run(
+                [
+                    "--topology",
+                    args.topology,
+                    "--workload",
+                    "edu",
+                    "--rounds",
+                    str(args.edu_rounds),
+                    "--set",
+                    f"gossip.compression={codec}",
+                    "--set",
+                    f"gossip.gamma={gamma}",
+                ],
+                run_dir,
+            )
             curve = [
                 sum(v["mean_acc"][i] for v in s["per_node"].values()) / len(s["per_node"])
                 for i in range(min(len(v["mean_acc"]) for v in s["per_node"].values()))
             ]
             row = {
-                "codec": label, "compression": codec, "gamma": gamma, "final_mean_acc": s["final_mean_acc"],
+                "codec": label,
+                "compression": codec,
+                "gamma": gamma,
+                "final_mean_acc": s["final_mean_acc"],
                 "bytes_sent_total": sum(s["bytes_sent"].values()),
-                "eval_rounds": next(iter(s["per_node"].values()))["rounds"], "mean_acc_curve": curve,
-                "round_breakdown_s": s.get("round_breakdown_s"), "wall_seconds": wall, "exit": code,
-                "load_before": load, "load_after": loadavg(),
+                "eval_rounds": next(iter(s["per_node"].values()))["rounds"],
+                "mean_acc_curve": curve,
+                "round_breakdown_s": s.get("round_breakdown_s"),
+                "wall_seconds": wall,
+                "exit": code,
+                "load_before": load,
+                "load_after": loadavg(),
             }
             edu_rows.append(row)
-            print(f"edu {label:<14} acc {row['final_mean_acc']:.4f}  bytes {row['bytes_sent_total'] / 1e6:.2f} MB  "
-                  f"wall {wall:.1f} s  exit {code}  load {row['load_after']}", flush=True)
+            print(
+                f"edu {label:<14} acc {row['final_mean_acc']:.4f}  bytes {row['bytes_sent_total'] / 1e6:.2f} MB  "
+                f"wall {wall:.1f} s  exit {code}  load {row['load_after']}",
+                flush=True,
+            )
         raw = edu_rows[0]
         for row in edu_rows:
             row["acc_delta_points"] = 100 * (row["final_mean_acc"] - raw["final_mean_acc"])
@@ -123,50 +163,106 @@ def main() -> int:
     for label, codec, gamma in CONSENSUS_CODECS:
         run_dir = out / f"consensus-{codec.replace(':', '')}"
         load = loadavg()
-        code, s, wall = run([
-            "--topology", args.topology, "--workload", "consensus", "--rounds", str(args.consensus_rounds),
-            "--target", str(args.target), "-o", f"size={args.size}", "-o", 'dtype="float32"',
-            "--set", f"gossip.compression={codec}", "--set", f"gossip.gamma={gamma}",
-        ], run_dir)
+        code, s, wall = run(
+            [
+                "--topology",
+                args.topology,
+                "--workload",
+                "consensus",
+                "--rounds",
+                str(args.consensus_rounds),
+                "--target",
+                str(args.target),
+                "-o",
+                f"size={args.size}",
+                "-o",
+                'dtype="float32"',
+                "--set",
+                f"gossip.compression={codec}",
+                "--set",
+                f"gossip.gamma={gamma}",
+            ],
+            run_dir,
+        )
         cum = cumulative_bytes(run_dir)
         errors = s["consensus_error"]
         row = {
-            "codec": label, "compression": codec, "gamma": gamma, "final_error": s["final_consensus_error"],
-            "rounds_to_target": first_round_at(errors, args.target), "rounds_to_1e-3": first_round_at(errors, 1e-3),
-            "bytes_sent_total": sum(s["bytes_sent"].values()), "cumulative_bytes": cum, "consensus_error": errors,
-            "wall_seconds": wall, "exit": code, "load_before": load, "load_after": loadavg(),
+            "codec": label,
+            "compression": codec,
+            "gamma": gamma,
+            "final_error": s["final_consensus_error"],
+            "rounds_to_target": first_round_at(errors, args.target),
+            "rounds_to_1e-3": first_round_at(errors, 1e-3),
+            "bytes_sent_total": sum(s["bytes_sent"].values()),
+            "cumulative_bytes": cum,
+            "consensus_error": errors,
+            "wall_seconds": wall,
+            "exit": code,
+            "load_before": load,
+            "load_after": loadavg(),
         }
         for key in ("rounds_to_target", "rounds_to_1e-3"):
             r = row[key]
             row[key.replace("rounds", "bytes")] = cum[r - 1] if r else None
         cons_rows.append(row)
-        print(f"consensus {label:<14} rounds to {args.target:g} {row['rounds_to_target']}  final {row['final_error']:.2e}  "
-              f"bytes to target {row['bytes_to_target']}  wall {wall:.1f} s  exit {code}  load {row['load_after']}", flush=True)
+        print(
+            f"consensus {label:<14} rounds to {args.target:g} {row['rounds_to_target']}  final {row['final_error']:.2e}  "
+            f"bytes to target {row['bytes_to_target']}  wall {wall:.1f} s  exit {code}  load {row['load_after']}",
+            flush=True,
+        )
     verdict = None
     if edu_rows:
-        ok = [r for r in edu_rows if r["compression"] in ("int8", "topk:0.1") and r["acc_delta_points"] >= -1.0 and r["bytes_ratio_vs_raw"] >= 4.0]
+        ok = [
+            r
+            for r in edu_rows
+            if r["compression"] in ("int8", "topk:0.1")
+            and r["acc_delta_points"] >= -1.0
+            and r["bytes_ratio_vs_raw"] >= 4.0
+        ]
         verdict = {"met": bool(ok), "by": [r["codec"] for r in ok]}
-    (out / "compression.json").write_text(json.dumps(
-        {"setup": setup, "load_before": load0, "edu": edu_rows, "consensus": cons_rows, "target_verdict": verdict}, indent=2))
+    (out / "compression.json").write_text(
+        json.dumps(
+            {
+                "setup": setup,
+                "load_before": load0,
+                "edu": edu_rows,
+                "consensus": cons_rows,
+                "target_verdict": verdict,
+            },
+            indent=2,
+        )
+    )
     plot(out, edu_rows, cons_rows, args.target)
     if edu_rows:
         print(f"\neducation workload, {Path(args.topology).stem}, {args.edu_rounds} rounds")
-        print(f"{'codec':<16}{'final acc':>10}{'delta pts':>10}{'MB sent':>10}{'x fewer':>9}{'wall s':>8}")
+        print(
+            f"{'codec':<16}{'final acc':>10}{'delta pts':>10}{'MB sent':>10}{'x fewer':>9}{'wall s':>8}"
+        )
         for r in edu_rows:
-            print(f"{r['codec']:<16}{r['final_mean_acc']:>10.4f}{r['acc_delta_points']:>10.2f}"
-                  f"{r['bytes_sent_total'] / 1e6:>10.2f}{r['bytes_ratio_vs_raw']:>9.2f}{r['wall_seconds']:>8.1f}")
-        print(f"target (int8 or top-k within 1 point of raw with >= 4x fewer bytes): "
-              f"{'met by ' + ', '.join(verdict['by']) if verdict['met'] else 'not met'}")
+            print(
+                f"{r['codec']:<16}{r['final_mean_acc']:>10.4f}{r['acc_delta_points']:>10.2f}"
+                f"{r['bytes_sent_total'] / 1e6:>10.2f}{r['bytes_ratio_vs_raw']:>9.2f}{r['wall_seconds']:>8.1f}"
+            )
+        print(
+            f"target (int8 or top-k within 1 point of raw with >= 4x fewer bytes): "
+            f"{'met by ' + ', '.join(verdict['by']) if verdict['met'] else 'not met'}"
+        )
     print(f"\nconsensus workload, float32, {args.consensus_rounds} rounds")
-    print(f"{'codec':<16}{'rnd 1e-3':>9}{'rnd ' + format(args.target, 'g'):>10}{'MB to tgt':>11}{'final err':>11}{'MB total':>10}")
+    print(
+        f"{'codec':<16}{'rnd 1e-3':>9}{'rnd ' + format(args.target, 'g'):>10}{'MB to tgt':>11}{'final err':>11}{'MB total':>10}"
+    )
     for r in cons_rows:
         mb = f"{r['bytes_to_target'] / 1e6:.3f}" if r["bytes_to_target"] else "-"
-        print(f"{r['codec']:<16}{r['rounds_to_1e-3']!s:>9}{r['rounds_to_target']!s:>10}{mb:>11}"
-              f"{r['final_error']:>11.2e}{r['bytes_sent_total'] / 1e6:>10.3f}")
+        print(
+            f"{r['codec']:<16}{r['rounds_to_1e-3']!s:>9}{r['rounds_to_target']!s:>10}{mb:>11}"
+            f"{r['final_error']:>11.2e}{r['bytes_sent_total'] / 1e6:>10.3f}"
+        )
     return 0 if all(r["exit"] == 0 for r in edu_rows + cons_rows) else 1
 
 
-def plot(out: Path, edu_rows: list[dict[str, Any]], cons_rows: list[dict[str, Any]], target: float) -> None:
+def plot(
+    out: Path, edu_rows: list[dict[str, Any]], cons_rows: list[dict[str, Any]], target: float
+) -> None:
     plt = pyplot()
     if plt is None:
         return
@@ -180,7 +276,9 @@ def plot(out: Path, edu_rows: list[dict[str, Any]], cons_rows: list[dict[str, An
         axes[0].legend(fontsize=8)
     for r in cons_rows:
         n = min(len(r["cumulative_bytes"]), len(r["consensus_error"]))
-        axes[1].semilogy([b / 1e6 for b in r["cumulative_bytes"][:n]], r["consensus_error"][:n], label=r["codec"])
+        axes[1].semilogy(
+            [b / 1e6 for b in r["cumulative_bytes"][:n]], r["consensus_error"][:n], label=r["codec"]
+        )
     axes[1].axhline(target, color="grey", ls="--", lw=0.8)
     axes[1].set_xlabel("cumulative bytes sent, all nodes (MB)")
     axes[1].set_ylabel("max relative error to the exact mean")

@@ -43,13 +43,13 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from m3tgossip.cli import _option  # noqa: E402
-from m3tgossip.data import MODALITIES, TASKS, DataConfig, node_data, pooled_data  # noqa: E402
-from m3tgossip.metrics import read_metrics  # noqa: E402
-from m3tgossip.model import DEFAULT_CHECKPOINT, LoraSpec, build_node_model  # noqa: E402
-from m3tgossip.model.components import component_seed  # noqa: E402
+from m3tgossip.daemon.metrics import read_metrics  # noqa: E402
+from m3tgossip.edu.data import MODALITIES, TASKS, DataConfig, node_data, pooled_data  # noqa: E402
+from m3tgossip.edu.model import DEFAULT_CHECKPOINT, LoraSpec, build_node_model  # noqa: E402
+from m3tgossip.edu.model.components import component_seed  # noqa: E402
+from m3tgossip.edu.train import Trainer  # noqa: E402
+from m3tgossip.edu.workload import _options as edu_options  # noqa: E402
 from m3tgossip.topology import Topology, load_topology  # noqa: E402
-from m3tgossip.train import Trainer  # noqa: E402
-from m3tgossip.workloads.edu import _options as edu_options  # noqa: E402
 
 DEFAULT_TOPOLOGIES = ["topology/campus.toml", "topology/ring-8.toml"]
 SCARCE_ROLE = "student"
@@ -93,9 +93,21 @@ def run_testbed(topo_path: Path, mode: str, args: argparse.Namespace, out: Path)
     if out.exists():
         shutil.rmtree(out)
     cmd = [
-        sys.executable, str(ROOT / "scripts" / "testbed.py"),
-        "--topology", str(topo_path), "--workload", "edu", "--rounds", str(args.rounds),
-        "--out", str(out), "--seed", str(args.seed), "--mode", mode, "--quiet",
+        sys.executable,
+        str(ROOT / "scripts" / "testbed.py"),
+        "--topology",
+        str(topo_path),
+        "--workload",
+        "edu",
+        "--rounds",
+        str(args.rounds),
+        "--out",
+        str(out),
+        "--seed",
+        str(args.seed),
+        "--mode",
+        mode,
+        "--quiet",
     ]
     for opt in args.option:
         cmd += ["-o", opt]
@@ -106,21 +118,38 @@ def run_testbed(topo_path: Path, mode: str, args: argparse.Namespace, out: Path)
     wall = time.monotonic() - t
     if proc.returncode != 0:
         print(proc.stdout[-2000:], proc.stderr[-2000:], sep="\n", file=sys.stderr)
-    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+    summary = (
+        json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+    )
     last_eval = {}
     for nid in summary.get("nodes", []):
         evals = [r for r in read_metrics(out / "nodes" / nid / "metrics.jsonl") if "tasks" in r]
         last_eval[nid] = evals[-1] if evals else {}
-    ok = proc.returncode == 0 and bool(summary) and not summary.get("crashed") and not summary.get("hung")
+    ok = (
+        proc.returncode == 0
+        and bool(summary)
+        and not summary.get("crashed")
+        and not summary.get("hung")
+    )
     print(f"  {mode}: exit {proc.returncode}, wall {wall:.1f} s", flush=True)
-    return {"summary": summary, "last_eval": last_eval, "exit": proc.returncode, "ok": ok, "wall": wall}
+    return {
+        "summary": summary,
+        "last_eval": last_eval,
+        "exit": proc.returncode,
+        "ok": ok,
+        "wall": wall,
+    }
 
 
 def node_view(run: dict[str, Any], nid: str) -> dict[str, Any]:
     """Final per-task accuracy, task mean and worst-group gap of one node in a testbed run."""
     ev = run["last_eval"].get(nid, {})
     tasks = {t: m["acc"] for t, m in ev.get("tasks", {}).items()}
-    return {"tasks": tasks, "mean": mean(list(tasks.values())), "worst_group_gap": ev.get("worst_group_gap")}
+    return {
+        "tasks": tasks,
+        "mean": mean(list(tasks.values())),
+        "worst_group_gap": ev.get("worst_group_gap"),
+    }
 
 
 def centralized(topo: Topology, o: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -135,8 +164,13 @@ def centralized(topo: Topology, o: dict[str, Any], args: argparse.Namespace) -> 
     steps = args.rounds * o["local_steps"]
     batch = o["batch_size"] * len(topo.nodes)
     trainer = Trainer(
-        model, train, test, loss_weights={t: w for t, w in o["loss_weights"].items() if t in tasks},
-        lr=float(o["lr"]), batch_size=batch, seed=component_seed("batches/pooled", args.seed),
+        model,
+        train,
+        test,
+        loss_weights={t: w for t, w in o["loss_weights"].items() if t in tasks},
+        lr=float(o["lr"]),
+        batch_size=batch,
+        seed=component_seed("batches/pooled", args.seed),
     )
     curve = []
     every = o["local_steps"] * o["eval_every"]
@@ -145,19 +179,30 @@ def centralized(topo: Topology, o: dict[str, Any], args: argparse.Namespace) -> 
         k = min(every, steps - done)
         trainer.train_steps(k)
         done += k
-        curve.append({"round": done // o["local_steps"] - 1, "pooled_mean_acc": trainer.evaluate()["mean_acc"]})
+        curve.append(
+            {
+                "round": done // o["local_steps"] - 1,
+                "pooled_mean_acc": trainer.evaluate()["mean_acc"],
+            }
+        )
     per_node = {}
     for node in topo.nodes:
         _, node_test = node_data(node, cfg)
         ev = Trainer(model, node_test, node_test).evaluate()  # the node's own held-out records
         tasks_acc = {t: m["acc"] for t, m in ev["tasks"].items()}
         per_node[node.id] = {
-            "tasks": tasks_acc, "mean": mean(list(tasks_acc.values())),
+            "tasks": tasks_acc,
+            "mean": mean(list(tasks_acc.values())),
             "worst_group_gap": ev["worst_group_gap"],
         }
     return {
-        "modalities": list(mods), "tasks": list(tasks), "steps": steps, "batch_size": batch,
-        "train_records": len(train), "per_node": per_node, "curve": curve,
+        "modalities": list(mods),
+        "tasks": list(tasks),
+        "steps": steps,
+        "batch_size": batch,
+        "train_records": len(train),
+        "per_node": per_node,
+        "curve": curve,
         "wall": time.monotonic() - t0,
     }
 
@@ -209,8 +254,13 @@ def lora_check(seed: int, n_models: int = 3, steps: int = 10) -> dict[str, Any]:
         lora = LoraSpec(rank=4, mode=mode, alpha=8.0)
         models, deltas = [], []
         for i in range(n_models):
-            spec = Spec(f"lora-{i}", "instructor", f"inst-{i}", ("signal", "clickstream", "tabular"),
-                        ("at_risk", "stress"))
+            spec = Spec(
+                f"lora-{i}",
+                "instructor",
+                f"inst-{i}",
+                ("signal", "clickstream", "tabular"),
+                ("at_risk", "stress"),
+            )
             model = build_node_model(spec, seed=seed, lora=lora, checkpoint=DEFAULT_CHECKPOINT)
             train, test = node_data(spec, DataConfig(records=120, seed=seed))
             Trainer(model, train, test, lr=1e-2, seed=i).train_steps(steps)
@@ -221,7 +271,8 @@ def lora_check(seed: int, n_models: int = 3, steps: int = 10) -> dict[str, Any]:
         avg = {c: sum(v[c] for v in vecs) / n_models for c in vecs[0]}
         spread = max(
             float(np.linalg.norm(vecs[i][c] - avg[c]) / max(np.linalg.norm(avg[c]), 1e-30))
-            for i in range(n_models) for c in avg
+            for i in range(n_models)
+            for c in avg
         )
         for m in models:
             m.load_shared_vectors(avg)
@@ -231,8 +282,12 @@ def lora_check(seed: int, n_models: int = 3, steps: int = 10) -> dict[str, Any]:
             num = sum(float((got[k] - target[k]).norm() ** 2) for k in target)
             den = sum(float(target[k].norm() ** 2) for k in target)
             errors.append((num / den) ** 0.5)
-        out[mode] = {"relative_error": max(errors), "per_model": errors, "layers": len(target),
-                     "max_vector_spread_before_mixing": spread}
+        out[mode] = {
+            "relative_error": max(errors),
+            "per_model": errors,
+            "layers": len(target),
+            "max_vector_spread_before_mixing": spread,
+        }
     return out
 
 
@@ -242,9 +297,12 @@ def lora_check(seed: int, n_models: int = 3, steps: int = 10) -> dict[str, Any]:
 def analyse(topo: Topology, gossip: dict, local: dict, central: dict, sizes: dict, o: dict) -> dict:
     rows = {}
     for node in topo.nodes:
-        g, lo, c = node_view(gossip, node.id), node_view(local, node.id), central["per_node"][node.id]
-        rows[node.id] = {"role": node.role, "gossip": g, "local": lo, "central": c,
-                         "records": None}
+        g, lo, c = (
+            node_view(gossip, node.id),
+            node_view(local, node.id),
+            central["per_node"][node.id],
+        )
+        rows[node.id] = {"role": node.role, "gossip": g, "local": lo, "central": c, "records": None}
     ids = [n.id for n in topo.nodes]
     scarce = [n.id for n in topo.nodes if n.role == SCARCE_ROLE]
 
@@ -252,8 +310,11 @@ def analyse(topo: Topology, gossip: dict, local: dict, central: dict, sizes: dic
         return mean([rows[i][kind][field] for i in which])
 
     def diff(a: str, b: str, which: list[str]) -> float | None:
-        d = [rows[i][a]["mean"] - rows[i][b]["mean"] for i in which
-             if rows[i][a]["mean"] is not None and rows[i][b]["mean"] is not None]
+        d = [
+            rows[i][a]["mean"] - rows[i][b]["mean"]
+            for i in which
+            if rows[i][a]["mean"] is not None and rows[i][b]["mean"] is not None
+        ]
         return mean(d)
 
     bpr = [b for b in gossip["summary"].get("bytes_per_round_per_node", []) if b is not None]
@@ -269,62 +330,100 @@ def analyse(topo: Topology, gossip: dict, local: dict, central: dict, sizes: dic
         "gossip_minus_local": diff("gossip", "local", ids),
         "gossip_minus_local_scarce": diff("gossip", "local", scarce),
         "gossip_minus_central_scarce": diff("gossip", "central", scarce),
-        "worst_group_gap": {k: avg(k, ids, "worst_group_gap") for k in ("gossip", "local", "central")},
+        "worst_group_gap": {
+            k: avg(k, ids, "worst_group_gap") for k in ("gossip", "local", "central")
+        },
         "bytes_per_round_per_node": per_round,
         "bytes_per_round_per_node_local": mean(bpr_local),
         "whole_model_bytes_mean": whole,
         "shared_bytes_mean": mean([sizes[i]["shared_bytes"] for i in ids]),
         "model_over_round_bytes": whole / per_round if whole and per_round else None,
         "per_node_bytes": {
-            i: {**sizes[i], "sent_per_round": gossip["summary"]["bytes_sent"][i] / gossip["summary"]["rounds"]}
-            for i in ids if i in gossip["summary"].get("bytes_sent", {})
+            i: {
+                **sizes[i],
+                "sent_per_round": gossip["summary"]["bytes_sent"][i] / gossip["summary"]["rounds"],
+            }
+            for i in ids
+            if i in gossip["summary"].get("bytes_sent", {})
         },
-        "curves": {"gossip": curves(gossip), "local": curves(local),
-                   "central_level": avg("central", ids), "central_pooled": central["curve"]},
+        "curves": {
+            "gossip": curves(gossip),
+            "local": curves(local),
+            "central_level": avg("central", ids),
+            "central_pooled": central["curve"],
+        },
     }
 
 
 def print_report(name: str, a: dict, tasks: list[str]) -> None:
     short = {t: t[:10] for t in tasks}
-    print(f"\n=== {name}: final held-out accuracy per node and task (gossip / local-only / centralized)")
-    head = f"{'node':<11}{'role':<12}" + "".join(f"{short[t]:>20}" for t in tasks) + f"{'mean over tasks':>22}"
+    print(
+        f"\n=== {name}: final held-out accuracy per node and task (gossip / local-only / centralized)"
+    )
+    head = (
+        f"{'node':<11}{'role':<12}"
+        + "".join(f"{short[t]:>20}" for t in tasks)
+        + f"{'mean over tasks':>22}"
+    )
     print(head)
     for nid, r in a["rows"].items():
         cells = ""
         for t in tasks:
             vals = [r[k]["tasks"].get(t) for k in ("gossip", "local", "central")]
-            cells += f"{'-':>20}" if all(v is None for v in vals) else f"{'/'.join(acc(v) for v in vals):>20}"
+            cells += (
+                f"{'-':>20}"
+                if all(v is None for v in vals)
+                else f"{'/'.join(acc(v) for v in vals):>20}"
+            )
         means = "/".join(acc(r[k]["mean"]) for k in ("gossip", "local", "central"))
         print(f"{nid:<11}{r['role']:<12}{cells}{means:>22}")
     m, ms = a["mean"], a["mean_scarce"]
     print(f"\n{'':<34}{'gossip':>10}{'local':>10}{'central':>10}")
-    print(f"{'mean over nodes (task means)':<34}{acc(m['gossip']):>10}{acc(m['local']):>10}{acc(m['central']):>10}")
-    print(f"{'mean over scarce (students, %d)' % len(a['scarce_nodes']):<34}"
-          f"{acc(ms['gossip']):>10}{acc(ms['local']):>10}{acc(ms['central']):>10}")
+    print(
+        f"{'mean over nodes (task means)':<34}{acc(m['gossip']):>10}{acc(m['local']):>10}{acc(m['central']):>10}"
+    )
+    print(
+        f"{'mean over scarce (students, %d)' % len(a['scarce_nodes']):<34}"
+        f"{acc(ms['gossip']):>10}{acc(ms['local']):>10}{acc(ms['central']):>10}"
+    )
     w = a["worst_group_gap"]
-    print(f"{'worst-group gap (mean over nodes)':<34}{acc(w['gossip']):>10}{acc(w['local']):>10}{acc(w['central']):>10}")
-    print(f"gossip - centralized: {pts(a['gossip_minus_central'])} points (all nodes), "
-          f"{pts(a['gossip_minus_central_scarce'])} (scarce)")
-    print(f"gossip - local-only:  {pts(a['gossip_minus_local'])} points (all nodes), "
-          f"{pts(a['gossip_minus_local_scarce'])} (scarce)")
+    print(
+        f"{'worst-group gap (mean over nodes)':<34}{acc(w['gossip']):>10}{acc(w['local']):>10}{acc(w['central']):>10}"
+    )
+    print(
+        f"gossip - centralized: {pts(a['gossip_minus_central'])} points (all nodes), "
+        f"{pts(a['gossip_minus_central_scarce'])} (scarce)"
+    )
+    print(
+        f"gossip - local-only:  {pts(a['gossip_minus_local'])} points (all nodes), "
+        f"{pts(a['gossip_minus_local_scarce'])} (scarce)"
+    )
     print("\naccuracy (mean over nodes) against rounds and cumulative MB sent per node")
     g, lo = a["curves"]["gossip"], a["curves"]["local"]
     print(f"{'round':>6}{'gossip':>9}{'MB':>9}{'local':>9}{'MB':>9}")
-    lo_by = dict(zip(lo["rounds"], zip(lo["mean_acc"], lo["mb_sent_per_node"], strict=True), strict=True))
+    lo_by = dict(
+        zip(lo["rounds"], zip(lo["mean_acc"], lo["mb_sent_per_node"], strict=True), strict=True)
+    )
     for r, ga, gm in zip(g["rounds"], g["mean_acc"], g["mb_sent_per_node"], strict=True):
         la, lm = lo_by.get(r, (None, None))
         print(f"{r + 1:>6}{acc(ga):>9}{gm or 0:>9.2f}{acc(la):>9}{lm or 0:>9.3f}")
     print(f"centralized level (mean over nodes): {acc(a['curves']['central_level'])}")
-    print("\nbytes: per round per node vs whole model (all components incl. frozen MiniLM, float32)")
+    print(
+        "\nbytes: per round per node vs whole model (all components incl. frozen MiniLM, float32)"
+    )
     print(f"{'node':<11}{'sent/round kB':>14}{'shared kB':>11}{'whole MB':>10}{'whole/round':>13}")
     for nid, b in a["per_node_bytes"].items():
         ratio = b["whole_bytes"] / b["sent_per_round"] if b["sent_per_round"] else float("inf")
-        print(f"{nid:<11}{b['sent_per_round'] / 1e3:>14.1f}{b['shared_bytes'] / 1e3:>11.1f}"
-              f"{b['whole_bytes'] / 1e6:>10.2f}{ratio:>13.1f}")
+        print(
+            f"{nid:<11}{b['sent_per_round'] / 1e3:>14.1f}{b['shared_bytes'] / 1e3:>11.1f}"
+            f"{b['whole_bytes'] / 1e6:>10.2f}{ratio:>13.1f}"
+        )
     bpr = a["bytes_per_round_per_node"]
-    print(f"mean: {(bpr or 0) / 1e3:.1f} kB per round per node (local-only "
-          f"{(a['bytes_per_round_per_node_local'] or 0) / 1e3:.2f} kB) vs whole model "
-          f"{a['whole_model_bytes_mean'] / 1e6:.2f} MB: ratio {a['model_over_round_bytes'] or float('nan'):.1f}x")
+    print(
+        f"mean: {(bpr or 0) / 1e3:.1f} kB per round per node (local-only "
+        f"{(a['bytes_per_round_per_node_local'] or 0) / 1e3:.2f} kB) vs whole model "
+        f"{a['whole_model_bytes_mean'] / 1e6:.2f} MB: ratio {a['model_over_round_bytes'] or float('nan'):.1f}x"
+    )
 
 
 def plot(results: list[dict], out: Path) -> None:
@@ -339,12 +438,20 @@ def plot(results: list[dict], out: Path) -> None:
         for kind, style in (("gossip", "-o"), ("local", "-s")):
             cv = c[kind]
             rounds = [r + 1 for r in cv["rounds"]]
-            row[0].plot(rounds, cv["mean_acc"], style, label=kind if kind == "gossip" else "local-only")
-            row[1].plot([m or 0 for m in cv["mb_sent_per_node"]], cv["mean_acc"], style,
-                        label=kind if kind == "gossip" else "local-only")
+            row[0].plot(
+                rounds, cv["mean_acc"], style, label=kind if kind == "gossip" else "local-only"
+            )
+            row[1].plot(
+                [m or 0 for m in cv["mb_sent_per_node"]],
+                cv["mean_acc"],
+                style,
+                label=kind if kind == "gossip" else "local-only",
+            )
         for ax in row:
             if c["central_level"] is not None:
-                ax.axhline(c["central_level"], color="k", ls="--", lw=1, label="centralized (final)")
+                ax.axhline(
+                    c["central_level"], color="k", ls="--", lw=1, label="centralized (final)"
+                )
             ax.set_ylabel("held-out accuracy (mean over tasks, nodes)")
             ax.legend(fontsize=8)
             ax.grid(alpha=0.3)
@@ -365,8 +472,14 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--out", default="runs/bench-convergence")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="edu workload option for every run (and the centralized reference)")
+    p.add_argument(
+        "-o",
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="edu workload option for every run (and the centralized reference)",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads in this process")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -374,13 +487,20 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
-    print(f"setup: topologies {', '.join(args.topologies)}; rounds {args.rounds}; seed {args.seed}; "
-          f"options {args.option or 'defaults'}")
-    print(f"  workload: local_steps {o['local_steps']}, batch_size {o['batch_size']}, lr {o['lr']}, "
-          f"records {o['records']}, alpha {o['alpha']}, lora {o['lora_mode']} rank {o['lora_rank']}, "
-          f"eval_every {o['eval_every']}")
-    print(f"  machine: {platform.platform()}, python {platform.python_version()}, "
-          f"{os.cpu_count()} CPUs, torch {torch.__version__}", flush=True)
+    print(
+        f"setup: topologies {', '.join(args.topologies)}; rounds {args.rounds}; seed {args.seed}; "
+        f"options {args.option or 'defaults'}"
+    )
+    print(
+        f"  workload: local_steps {o['local_steps']}, batch_size {o['batch_size']}, lr {o['lr']}, "
+        f"records {o['records']}, alpha {o['alpha']}, lora {o['lora_mode']} rank {o['lora_rank']}, "
+        f"eval_every {o['eval_every']}"
+    )
+    print(
+        f"  machine: {platform.platform()}, python {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs, torch {torch.__version__}",
+        flush=True,
+    )
     results, all_ok = [], True
     for tp in args.topologies:
         topo_path = (ROOT / tp) if not Path(tp).is_absolute() else Path(tp)
@@ -394,25 +514,40 @@ def main() -> int:
             results.append({"topology": topo.name, "failed": True})
             continue
         central = centralized(topo, o, args)
-        print(f"  centralized: {central['steps']} steps x {central['batch_size']} records on "
-              f"{central['train_records']} pooled train records, wall {central['wall']:.1f} s", flush=True)
+        print(
+            f"  centralized: {central['steps']} steps x {central['batch_size']} records on "
+            f"{central['train_records']} pooled train records, wall {central['wall']:.1f} s",
+            flush=True,
+        )
         sizes = model_sizes(topo, o, args.seed)
         a = analyse(topo, gossip, local, central, sizes, o)
         tasks = [t for t in TASKS if any(t in n.tasks for n in topo.nodes)]
         print_report(topo.name, a, tasks)
-        results.append({
-            "topology": topo.name, "nodes": len(topo.nodes), "edges": len(topo.edges),
-            "wall": {"gossip": gossip["wall"], "local": local["wall"], "central": central["wall"]},
-            "exit": {"gossip": gossip["exit"], "local": local["exit"]},
-            "centralized": {k: v for k, v in central.items() if k != "per_node"},
-            "analysis": a,
-        })
-    print("\n=== exact LoRA averaging (3 models, same federation seed, 10 steps each on different records)")
+        results.append(
+            {
+                "topology": topo.name,
+                "nodes": len(topo.nodes),
+                "edges": len(topo.edges),
+                "wall": {
+                    "gossip": gossip["wall"],
+                    "local": local["wall"],
+                    "central": central["wall"],
+                },
+                "exit": {"gossip": gossip["exit"], "local": local["exit"]},
+                "centralized": {k: v for k, v in central.items() if k != "per_node"},
+                "analysis": a,
+            }
+        )
+    print(
+        "\n=== exact LoRA averaging (3 models, same federation seed, 10 steps each on different records)"
+    )
     lora = lora_check(args.seed)
     for mode, r in lora.items():
-        print(f"  {mode:<9} relative error of delta-W after averaging vs mean of delta-Ws: "
-              f"{r['relative_error']:.2e}  ({r['layers']} adapted layers; shared vectors differed by "
-              f"up to {r['max_vector_spread_before_mixing']:.2e} relative before mixing)")
+        print(
+            f"  {mode:<9} relative error of delta-W after averaging vs mean of delta-Ws: "
+            f"{r['relative_error']:.2e}  ({r['layers']} adapted layers; shared vectors differed by "
+            f"up to {r['max_vector_spread_before_mixing']:.2e} relative before mixing)"
+        )
     wall = time.monotonic() - t_start
     ok_results = [r for r in results if not r.get("failed")]
     print("\n=== targets")
@@ -420,22 +555,41 @@ def main() -> int:
         a = r["analysis"]
         gc, gl = a["gossip_minus_central"], a["gossip_minus_local_scarce"]
         ratio = a["model_over_round_bytes"]
-        print(f"  {r['topology']}: gossip vs centralized {pts(gc)} points (target >= -2.0: "
-              f"{'met' if gc is not None and gc >= -0.02 else 'NOT met'}); "
-              f"gossip vs local-only on scarce nodes {pts(gl)} points (target >= +5.0: "
-              f"{'met' if gl is not None and gl >= 0.05 else 'NOT met'}); "
-              f"whole model / bytes per round {ratio:.1f}x (target >= 50: "
-              f"{'met' if ratio and ratio >= 50 else 'NOT met'})")
+        print(
+            f"  {r['topology']}: gossip vs centralized {pts(gc)} points (target >= -2.0: "
+            f"{'met' if gc is not None and gc >= -0.02 else 'NOT met'}); "
+            f"gossip vs local-only on scarce nodes {pts(gl)} points (target >= +5.0: "
+            f"{'met' if gl is not None and gl >= 0.05 else 'NOT met'}); "
+            f"whole model / bytes per round {ratio:.1f}x (target >= 50: "
+            f"{'met' if ratio and ratio >= 50 else 'NOT met'})"
+        )
     fa, sep = lora["frozen_a"]["relative_error"], lora["separate"]["relative_error"]
-    print(f"  exact LoRA: frozen_a {fa:.2e} (target <= 1e-5: {'met' if fa <= 1e-5 else 'NOT met'}), "
-          f"separate {sep:.2e} (cross-term error {'shown' if sep > 1e-3 else 'NOT shown'})")
+    print(
+        f"  exact LoRA: frozen_a {fa:.2e} (target <= 1e-5: {'met' if fa <= 1e-5 else 'NOT met'}), "
+        f"separate {sep:.2e} (cross-term error {'shown' if sep > 1e-3 else 'NOT shown'})"
+    )
     print(f"\nwall time {wall:.1f} s")
-    (out / "convergence.json").write_text(json.dumps({
-        "setup": {"topologies": args.topologies, "rounds": args.rounds, "seed": args.seed,
-                  "options": args.option, "workload": o, "platform": platform.platform(),
-                  "cpus": os.cpu_count(), "python": platform.python_version()},
-        "results": results, "lora": lora, "wall_seconds": wall,
-    }, indent=2, default=str))
+    (out / "convergence.json").write_text(
+        json.dumps(
+            {
+                "setup": {
+                    "topologies": args.topologies,
+                    "rounds": args.rounds,
+                    "seed": args.seed,
+                    "options": args.option,
+                    "workload": o,
+                    "platform": platform.platform(),
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                },
+                "results": results,
+                "lora": lora,
+                "wall_seconds": wall,
+            },
+            indent=2,
+            default=str,
+        )
+    )
     if ok_results:
         try:
             plot(ok_results, out)

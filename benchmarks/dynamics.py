@@ -39,12 +39,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from m3tgossip import testbed  # noqa: E402
+from m3tgossip.harness import testbed  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import loadavg, pyplot, wait_for_load  # noqa: E402
-from m3tgossip.metrics import read_metrics  # noqa: E402
-from m3tgossip.mixing import metropolis_hastings, predicted_rounds, slem  # noqa: E402
+
+from m3tgossip.consensus import metropolis_hastings, predicted_rounds, slem  # noqa: E402
+from m3tgossip.daemon.metrics import read_metrics  # noqa: E402
 from m3tgossip.topology import load_topology  # noqa: E402
 
 
@@ -57,7 +58,9 @@ def per_round_records(run_dir: Path) -> dict[str, dict[int, dict[str, Any]]]:
     return out
 
 
-def spread_and_bytes(records: dict[str, dict[int, dict[str, Any]]]) -> tuple[list[float | None], list[int]]:
+def spread_and_bytes(
+    records: dict[str, dict[int, dict[str, Any]]],
+) -> tuple[list[float | None], list[int]]:
     """Per round: the digest spread among nodes, and the bytes sent by all nodes so far."""
     n_rounds = max((max(d) + 1 for d in records.values() if d), default=0)
     spreads: list[float | None] = []
@@ -68,7 +71,14 @@ def spread_and_bytes(records: dict[str, dict[int, dict[str, Any]]]) -> tuple[lis
         for d in records.values():
             rec = d.get(r)
             if rec is not None and "digest" in rec:
-                digests.append(np.concatenate([np.asarray(rec["digest"][c], dtype=np.float64) for c in sorted(rec["digest"])]))
+                digests.append(
+                    np.concatenate(
+                        [
+                            np.asarray(rec["digest"][c], dtype=np.float64)
+                            for c in sorted(rec["digest"])
+                        ]
+                    )
+                )
             done = [k for k in d if k <= r]
             total += int(d[max(done)].get("bytes_out", 0)) if done else 0
         cum.append(total)
@@ -98,24 +108,47 @@ def main() -> int:
     p.add_argument("--size", type=int, default=1024, help="floats per component (consensus)")
     p.add_argument("--target", type=float, default=1e-6)
     p.add_argument("--dynamic-rounds", type=int, default=80, help="rounds for time-varying graphs")
-    p.add_argument("--margin", type=float, default=1.3, help="static graphs: rounds = prediction x margin")
-    p.add_argument("--edu", action="store_true", help="also compare edu accuracy, ring-8 vs one-peer exponential")
+    p.add_argument(
+        "--margin", type=float, default=1.3, help="static graphs: rounds = prediction x margin"
+    )
+    p.add_argument(
+        "--edu",
+        action="store_true",
+        help="also compare edu accuracy, ring-8 vs one-peer exponential",
+    )
     p.add_argument("--edu-rounds", type=int, default=20)
     p.add_argument("--load-threshold", type=float, default=4.0)
-    p.add_argument("--max-wait", type=float, default=600.0, help="longest wait for the load to drop (s)")
+    p.add_argument(
+        "--max-wait", type=float, default=600.0, help="longest wait for the load to drop (s)"
+    )
     args = p.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    ring16 = write_spec(out / "ring-16.toml", 'name = "ring-16"\ndescription = "Sixteen peers on a cycle."\n\n'
-                        '[generator]\nkind = "cycle"\nn = 16\n')
+    ring16 = write_spec(
+        out / "ring-16.toml",
+        'name = "ring-16"\ndescription = "Sixteen peers on a cycle."\n\n'
+        '[generator]\nkind = "cycle"\nn = 16\n',
+    )
     sout = (ROOT / "topology" / "s-out-16.toml").read_text()
-    sout1 = write_spec(out / "s-out-1-16.toml", sout.replace('name = "s-out-16"', 'name = "s-out-1-16"')
-                       .replace("sends to 2 peers", "sends to 1 peer").replace("sample = 2", "sample = 1"))
-    specs = [ring16, ROOT / "topology" / "torus-16.toml", ROOT / "topology" / "one-peer-exp-16.toml",
-             sout1, ROOT / "topology" / "s-out-16.toml"]
-    print(f"setup: consensus workload, 16 nodes, {args.size} float64 per component, target {args.target:g}; "
-          f"static graphs run prediction x {args.margin} rounds, time-varying ones {args.dynamic_rounds}; "
-          f"{os.cpu_count()} CPUs, python {platform.python_version()}", flush=True)
+    sout1 = write_spec(
+        out / "s-out-1-16.toml",
+        sout.replace('name = "s-out-16"', 'name = "s-out-1-16"')
+        .replace("sends to 2 peers", "sends to 1 peer")
+        .replace("sample = 2", "sample = 1"),
+    )
+    specs = [
+        ring16,
+        ROOT / "topology" / "torus-16.toml",
+        ROOT / "topology" / "one-peer-exp-16.toml",
+        sout1,
+        ROOT / "topology" / "s-out-16.toml",
+    ]
+    print(
+        f"setup: consensus workload, 16 nodes, {args.size} float64 per component, target {args.target:g}; "
+        f"static graphs run prediction x {args.margin} rounds, time-varying ones {args.dynamic_rounds}; "
+        f"{os.cpu_count()} CPUs, python {platform.python_version()}",
+        flush=True,
+    )
     load0 = wait_for_load(args.load_threshold, args.max_wait)
     print(f"load before: {load0}", flush=True)
     rows: list[dict[str, Any]] = []
@@ -123,16 +156,32 @@ def main() -> int:
         topo = load_topology(spec)
         if topo.dynamics == "static":
             s = slem(metropolis_hastings(topo.graph()))
-            rounds = math.ceil((predicted_rounds(s, args.target, 10.0 * math.sqrt(len(topo.nodes))) or 10) * args.margin)
+            rounds = math.ceil(
+                (predicted_rounds(s, args.target, 10.0 * math.sqrt(len(topo.nodes))) or 10)
+                * args.margin
+            )
         else:
             s, rounds = None, args.dynamic_rounds
         run_dir = out / topo.name
         load = loadavg()
         t0 = time.monotonic()
-        code = testbed.main([
-            "--topology", str(spec), "--workload", "consensus", "--rounds", str(rounds), "--out", str(run_dir),
-            "--target", str(args.target), "-o", f"size={args.size}", "--quiet",
-        ])
+        code = testbed.main(
+            [
+                "--topology",
+                str(spec),
+                "--workload",
+                "consensus",
+                "--rounds",
+                str(rounds),
+                "--out",
+                str(run_dir),
+                "--target",
+                str(args.target),
+                "-o",
+                f"size={args.size}",
+                "--quiet",
+            ]
+        )
         wall = time.monotonic() - t0
         summary = json.loads((run_dir / "summary.json").read_text())
         records = per_round_records(run_dir)
@@ -141,68 +190,133 @@ def main() -> int:
         r_err, r_spread = first_round_at(errors, args.target), first_round_at(spreads, args.target)
         n = len(topo.nodes)
         row = {
-            "topology": topo.name, "dynamics": topo.dynamics, "sample": topo.sample if topo.dynamics == "s-out" else None,
-            "nodes": n, "slem": s, "rounds_run": rounds,
-            "rounds_to_target_error": r_err, "bytes_to_target_error": cum[r_err - 1] if r_err else None,
-            "rounds_to_target_spread": r_spread, "bytes_to_target_spread": cum[r_spread - 1] if r_spread else None,
-            "final_error": errors[-1] if errors else None, "final_spread": spreads[-1] if spreads else None,
+            "topology": topo.name,
+            "dynamics": topo.dynamics,
+            "sample": topo.sample if topo.dynamics == "s-out" else None,
+            "nodes": n,
+            "slem": s,
+            "rounds_run": rounds,
+            "rounds_to_target_error": r_err,
+            "bytes_to_target_error": cum[r_err - 1] if r_err else None,
+            "rounds_to_target_spread": r_spread,
+            "bytes_to_target_spread": cum[r_spread - 1] if r_spread else None,
+            "final_error": errors[-1] if errors else None,
+            "final_spread": spreads[-1] if spreads else None,
             "min_error": min((e for e in errors if e is not None), default=None),
             "bytes_per_round_per_node": cum[-1] / n / len(cum) if cum else None,
             "bytes_sent_total": sum(summary["bytes_sent"].values()),
-            "consensus_error": errors, "spread": spreads, "cumulative_bytes": cum,
-            "wall_seconds": wall, "exit": code, "load_before": load, "load_after": loadavg(),
+            "consensus_error": errors,
+            "spread": spreads,
+            "cumulative_bytes": cum,
+            "wall_seconds": wall,
+            "exit": code,
+            "load_before": load,
+            "load_after": loadavg(),
         }
         rows.append(row)
         fmt = lambda v: "-" if v is None else f"{v:.2e}"  # noqa: E731
-        print(f"{topo.name:<16} rounds {rounds:>4}  to {args.target:g}: error {r_err} rounds / {fmt(row['bytes_to_target_error'])} B, "
-              f"spread {r_spread} rounds / {fmt(row['bytes_to_target_spread'])} B  final error {fmt(row['final_error'])} "
-              f"spread {fmt(row['final_spread'])}  wall {wall:.1f} s  exit {code}  load {row['load_after']}", flush=True)
+        print(
+            f"{topo.name:<16} rounds {rounds:>4}  to {args.target:g}: error {r_err} rounds / {fmt(row['bytes_to_target_error'])} B, "
+            f"spread {r_spread} rounds / {fmt(row['bytes_to_target_spread'])} B  final error {fmt(row['final_error'])} "
+            f"spread {fmt(row['final_spread'])}  wall {wall:.1f} s  exit {code}  load {row['load_after']}",
+            flush=True,
+        )
     edu_rows: list[dict[str, Any]] = []
     if args.edu:
-        ope8 = write_spec(out / "one-peer-exp-8.toml", 'name = "one-peer-exp-8"\ndescription = "Eight peers on a one-peer '
-                          'exponential graph."\n\n[generator]\nkind = "cycle"\nn = 8\n\n[dynamics]\nkind = "one-peer-exponential"\n')
+        ope8 = write_spec(
+            out / "one-peer-exp-8.toml",
+            'name = "one-peer-exp-8"\ndescription = "Eight peers on a one-peer '
+            'exponential graph."\n\n[generator]\nkind = "cycle"\nn = 8\n\n[dynamics]\nkind = "one-peer-exponential"\n',
+        )
         for spec in (ROOT / "topology" / "ring-8.toml", ope8):
             topo = load_topology(spec)
             run_dir = out / f"edu-{topo.name}"
             load = loadavg()
             t0 = time.monotonic()
-            code = testbed.main(["--topology", str(spec), "--workload", "edu", "--rounds", str(args.edu_rounds),
-                                 "--out", str(run_dir), "--quiet"])
+            code = testbed.main(
+                [
+                    "--topology",
+                    str(spec),
+                    "--workload",
+                    "edu",
+                    "--rounds",
+                    str(args.edu_rounds),
+                    "--out",
+                    str(run_dir),
+                    "--quiet",
+                ]
+            )
             wall = time.monotonic() - t0
             summary = json.loads((run_dir / "summary.json").read_text())
             row = {
-                "topology": topo.name, "dynamics": topo.dynamics, "final_mean_acc": summary["final_mean_acc"],
-                "bytes_sent_total": sum(summary["bytes_sent"].values()), "round_breakdown_s": summary.get("round_breakdown_s"),
-                "wall_seconds": wall, "exit": code, "load_before": load, "load_after": loadavg(),
+                "topology": topo.name,
+                "dynamics": topo.dynamics,
+                "final_mean_acc": summary["final_mean_acc"],
+                "bytes_sent_total": sum(summary["bytes_sent"].values()),
+                "round_breakdown_s": summary.get("round_breakdown_s"),
+                "wall_seconds": wall,
+                "exit": code,
+                "load_before": load,
+                "load_after": loadavg(),
             }
             edu_rows.append(row)
-            print(f"edu {topo.name:<16} acc {row['final_mean_acc']:.4f}  bytes {row['bytes_sent_total'] / 1e6:.2f} MB  "
-                  f"wall {wall:.1f} s  exit {code}  load {row['load_after']}", flush=True)
+            print(
+                f"edu {topo.name:<16} acc {row['final_mean_acc']:.4f}  bytes {row['bytes_sent_total'] / 1e6:.2f} MB  "
+                f"wall {wall:.1f} s  exit {code}  load {row['load_after']}",
+                flush=True,
+            )
     ring = rows[0]
     verdict = {
         "metric": "bytes to target spread (all nodes)",
         "ring_bytes": ring["bytes_to_target_spread"],
         "faster_time_varying": [
-            r["topology"] for r in rows
-            if r["dynamics"] != "static" and r["bytes_to_target_spread"] is not None
-            and (ring["bytes_to_target_spread"] is None or r["bytes_to_target_spread"] < ring["bytes_to_target_spread"])
+            r["topology"]
+            for r in rows
+            if r["dynamics"] != "static"
+            and r["bytes_to_target_spread"] is not None
+            and (
+                ring["bytes_to_target_spread"] is None
+                or r["bytes_to_target_spread"] < ring["bytes_to_target_spread"]
+            )
         ],
     }
     verdict["met"] = bool(verdict["faster_time_varying"])
-    (out / "dynamics.json").write_text(json.dumps(
-        {"setup": {"size": args.size, "target": args.target, "dynamic_rounds": args.dynamic_rounds, "margin": args.margin,
-                   "cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-         "load_before": load0, "rows": rows, "edu": edu_rows, "target_verdict": verdict}, indent=2))
+    (out / "dynamics.json").write_text(
+        json.dumps(
+            {
+                "setup": {
+                    "size": args.size,
+                    "target": args.target,
+                    "dynamic_rounds": args.dynamic_rounds,
+                    "margin": args.margin,
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                    "platform": platform.platform(),
+                },
+                "load_before": load0,
+                "rows": rows,
+                "edu": edu_rows,
+                "target_verdict": verdict,
+            },
+            indent=2,
+        )
+    )
     plot(out, rows, args.target)
-    print(f"\n{'topology':<16}{'rounds':>7}{'rnd err':>8}{'MB err':>9}{'rnd spread':>11}{'MB spread':>10}"
-          f"{'kB/rnd/node':>12}{'final err':>11}{'final spread':>13}")
+    print(
+        f"\n{'topology':<16}{'rounds':>7}{'rnd err':>8}{'MB err':>9}{'rnd spread':>11}{'MB spread':>10}"
+        f"{'kB/rnd/node':>12}{'final err':>11}{'final spread':>13}"
+    )
     mb = lambda v: "-" if v is None else f"{v / 1e6:.3f}"  # noqa: E731
     for r in rows:
-        print(f"{r['topology']:<16}{r['rounds_run']:>7}{r['rounds_to_target_error']!s:>8}{mb(r['bytes_to_target_error']):>9}"
-              f"{r['rounds_to_target_spread']!s:>11}{mb(r['bytes_to_target_spread']):>10}"
-              f"{r['bytes_per_round_per_node'] / 1e3:>12.1f}{r['final_error']:>11.2e}{r['final_spread']:>13.2e}")
-    print(f"target (a time-varying topology reaches {args.target:g} in fewer bytes than the static ring): "
-          f"{'met by ' + ', '.join(verdict['faster_time_varying']) if verdict['met'] else 'not met'}")
+        print(
+            f"{r['topology']:<16}{r['rounds_run']:>7}{r['rounds_to_target_error']!s:>8}{mb(r['bytes_to_target_error']):>9}"
+            f"{r['rounds_to_target_spread']!s:>11}{mb(r['bytes_to_target_spread']):>10}"
+            f"{r['bytes_per_round_per_node'] / 1e3:>12.1f}{r['final_error']:>11.2e}{r['final_spread']:>13.2e}"
+        )
+    print(
+        f"target (a time-varying topology reaches {args.target:g} in fewer bytes than the static ring): "
+        f"{'met by ' + ', '.join(verdict['faster_time_varying']) if verdict['met'] else 'not met'}"
+    )
     return 0 if all(r["exit"] == 0 for r in rows + edu_rows) else 1
 
 
@@ -217,7 +331,9 @@ def plot(out: Path, rows: list[dict[str, Any]], target: float) -> None:
         spread = [v if v is not None and v > 0 else np.nan for v in r["spread"]][: len(mb)]
         line = axes[0].semilogy(mb[: len(err)], err, label=r["topology"])[0]
         axes[1].semilogy(mb[: len(spread)], spread, color=line.get_color(), label=r["topology"])
-    for ax, what in zip(axes, ("max relative error to the exact initial mean", "spread among nodes (digests)")):
+    for ax, what in zip(
+        axes, ("max relative error to the exact initial mean", "spread among nodes (digests)")
+    ):
         ax.axhline(target, color="grey", ls="--", lw=0.8)
         ax.set_xlabel("cumulative bytes sent, all nodes (MB)")
         ax.set_ylabel(what)

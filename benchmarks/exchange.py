@@ -22,9 +22,9 @@ over ZeroMQ on 127.0.0.1, measured in the same run with the same flow control:
   array's `tobytes` state, then into the pickle); the receiver's `recv_multipart()` copies
   the message into bytes and `pickle.loads` copies the values into the bytes object that
   becomes the array's buffer.
-- `m3tgossip`: the project's path end to end: `wire.encode` of a `delta` message (the tensor
+- `m3tgossip`: the project's path end to end: `protocol.encode` of a `delta` message (the tensor
   frame is a memoryview, no copy), the `Transport` (its socket options, its security, its
-  `poll`), `wire.decode` with every check (NaN/Inf and norm: one read of the values), the
+  `poll`), `protocol.decode` with every check (NaN/Inf and norm: one read of the values), the
   tensor read in place from the received frame.
 
 The receivers of the last three ways then do the same with the delta, so among them only the
@@ -67,10 +67,12 @@ import numpy as np
 import torch
 import zmq
 
-from m3tgossip import wire
-from m3tgossip.mixing import add_into, choco_mix_into
-from m3tgossip.security import AllowList, Curve, Keypair
-from m3tgossip.transport import (
+from m3tgossip import protocol
+from m3tgossip.consensus import add_into, choco_mix_into
+from m3tgossip.net import (
+    AllowList,
+    Curve,
+    Keypair,
     Plaintext,
     Transport,
     TransportConfig,
@@ -183,7 +185,7 @@ class Receiver:
                 raise TimeoutError(f"receiver: {count} of {total} messages within {WAIT_S} s")
             if self.transport is not None:
                 for routing_id, frames, _user in self.transport.poll(100):
-                    msg = wire.decode(frames)
+                    msg = protocol.decode(frames)
                     self.mix(msg.tensors[COMPONENT])
                     count += 1
                     if count % self.t.ack_every == 0:
@@ -223,15 +225,25 @@ def send_trial(trial: Trial, endpoint: str) -> float:
             if trial.mode == "curve"
             else Plaintext()
         )
-        transport = Transport("send", "tcp://127.0.0.1:0", {"recv": endpoint}, TransportConfig(), security)
+        transport = Transport(
+            "send", "tcp://127.0.0.1:0", {"recv": endpoint}, TransportConfig(), security
+        )
         sock = transport.dealers["recv"]  # acknowledgements come back on the DEALER
-        session = wire.new_session()
-        meta = {COMPONENT: wire.TensorMeta(COMPONENT, "float32", delta.shape, base=0)}
+        session = protocol.new_session()
+        meta = {COMPONENT: protocol.TensorMeta(COMPONENT, "float32", delta.shape, base=0)}
 
         def send(seq: int) -> bool:
-            msg = wire.Message(wire.MsgType.DELTA, "send", session, seq, seq, {},
-                               tensors={COMPONENT: delta}, meta=meta)
-            return transport.send("recv", wire.encode(msg))
+            msg = protocol.Message(
+                protocol.MsgType.DELTA,
+                "send",
+                session,
+                seq,
+                seq,
+                {},
+                tensors={COMPONENT: delta},
+                meta=meta,
+            )
+            return transport.send("recv", protocol.encode(msg))
     else:
         ctx = _context()
         sock = ctx.socket(zmq.DEALER)
@@ -247,7 +259,12 @@ def send_trial(trial: Trial, endpoint: str) -> float:
                     sock.send(payload, flags=zmq.NOBLOCK, copy=False)
                 else:
                     tensor = torch.from_numpy(delta) if trial.way == "pickle" else delta
-                    obj = {"sender": "send", "seq": seq, "round": seq, "tensors": {COMPONENT: tensor}}
+                    obj = {
+                        "sender": "send",
+                        "seq": seq,
+                        "round": seq,
+                        "tensors": {COMPONENT: tensor},
+                    }
                     sock.send(pickle.dumps(obj), flags=zmq.NOBLOCK)
             except zmq.Again:
                 return False
@@ -260,7 +277,9 @@ def send_trial(trial: Trial, endpoint: str) -> float:
     try:
         while acked < total:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"sender ({trial.way} {trial.mode} {trial.size}): {acked} of {total} acknowledged, {sent} sent, within {WAIT_S} s")
+                raise TimeoutError(
+                    f"sender ({trial.way} {trial.mode} {trial.size}): {acked} of {total} acknowledged, {sent} sent, within {WAIT_S} s"
+                )
             if sent < total and sent - acked < trial.window:
                 if send(sent + 1):
                     sent += 1
@@ -342,10 +361,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", nargs="*", default=list(SIZES), choices=list(SIZES))
     p.add_argument("--modes", nargs="*", default=["plain", "curve"], choices=["plain", "curve"])
-    p.add_argument("--bytes", type=float, default=512e6, help="payload bytes timed per run and size")
+    p.add_argument(
+        "--bytes", type=float, default=512e6, help="payload bytes timed per run and size"
+    )
     p.add_argument("--repeat", type=int, default=5, help="runs per way; the median is reported")
     p.add_argument("--out", help="write the rows as JSON to this file")
-    p.add_argument("--no-mix", action="store_true", help="diagnosis: receivers decode but do not apply or mix")
+    p.add_argument(
+        "--no-mix", action="store_true", help="diagnosis: receivers decode but do not apply or mix"
+    )
     args = p.parse_args()
 
     spawn = mp.get_context("spawn")
@@ -358,10 +381,13 @@ def main() -> int:
     receiver.start()
     sender.start()
     info = machine()
-    print(f"setup: {info['cpu']}, {info['cores']} cores, load average {info['load_average']:.2f}, "
-          f"python {info['python']}, numpy {info['numpy']}, torch {info['torch']}, pyzmq {info['pyzmq']} "
-          f"(libzmq {info['libzmq']}); sender and receiver in two processes on 127.0.0.1; float32 deltas; "
-          f"~{args.bytes / 1e6:.0f} MB timed per run, median of {args.repeat}", flush=True)
+    print(
+        f"setup: {info['cpu']}, {info['cores']} cores, load average {info['load_average']:.2f}, "
+        f"python {info['python']}, numpy {info['numpy']}, torch {info['torch']}, pyzmq {info['pyzmq']} "
+        f"(libzmq {info['libzmq']}); sender and receiver in two processes on 127.0.0.1; float32 deltas; "
+        f"~{args.bytes / 1e6:.0f} MB timed per run, median of {args.repeat}",
+        flush=True,
+    )
     server, client = _keypair(), _keypair()
     rows = []
     try:
@@ -372,8 +398,18 @@ def main() -> int:
                 rates: dict[str, list[float]] = {w: [] for w in WAYS}
                 for _ in range(args.repeat):
                     for way in WAYS:
-                        trial = Trial(way, mode, size, messages, warmup, window, ack_every, server, client,
-                                      mix=not args.no_mix)
+                        trial = Trial(
+                            way,
+                            mode,
+                            size,
+                            messages,
+                            warmup,
+                            window,
+                            ack_every,
+                            server,
+                            client,
+                            mix=not args.no_mix,
+                        )
                         rx_conn.send(trial)
                         endpoint = _recv(rx_conn, "receiver endpoint")
                         tx_conn.send((trial, endpoint))
@@ -400,11 +436,14 @@ def main() -> int:
                     "runs": {w: r for w, r in rates.items()},
                 }
                 rows.append(row)
-                print(f"{mode:<6}{label:>6}  m3tgossip {med['m3tgossip'] / 1e9:6.3f} GB/s  "
-                      f"raw {med['raw'] / 1e9:6.3f}  pickle {med['pickle'] / 1e9:6.3f}  "
-                      f"pickle-numpy {med['pickle-numpy'] / 1e9:6.3f}  ratio to raw {row['ratio_to_raw']:.2f}  "
-                      f"to pickle {row['ratio_to_pickle']:.2f}  to pickle-numpy {row['ratio_to_pickle_numpy']:.2f}  "
-                      f"({messages} msgs, window {window}, ack every {ack_every})", flush=True)
+                print(
+                    f"{mode:<6}{label:>6}  m3tgossip {med['m3tgossip'] / 1e9:6.3f} GB/s  "
+                    f"raw {med['raw'] / 1e9:6.3f}  pickle {med['pickle'] / 1e9:6.3f}  "
+                    f"pickle-numpy {med['pickle-numpy'] / 1e9:6.3f}  ratio to raw {row['ratio_to_raw']:.2f}  "
+                    f"to pickle {row['ratio_to_pickle']:.2f}  to pickle-numpy {row['ratio_to_pickle_numpy']:.2f}  "
+                    f"({messages} msgs, window {window}, ack every {ack_every})",
+                    flush=True,
+                )
     finally:
         for conn in (rx_conn, tx_conn):
             try:
@@ -416,17 +455,26 @@ def main() -> int:
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=10)
-    print(f"\n{'mode':<6}{'size':>6}{'m3t GB/s':>10}{'raw GB/s':>10}{'pickle GB/s':>12}{'pickle-np GB/s':>15}"
-          f"{'/raw':>7}{'/pickle':>9}{'/pickle-np':>12}")
+    print(
+        f"\n{'mode':<6}{'size':>6}{'m3t GB/s':>10}{'raw GB/s':>10}{'pickle GB/s':>12}{'pickle-np GB/s':>15}"
+        f"{'/raw':>7}{'/pickle':>9}{'/pickle-np':>12}"
+    )
     for r in rows:
         label = next(k for k, v in SIZES.items() if v == r["size_bytes"])
-        print(f"{r['mode']:<6}{label:>6}{r['bytes_per_s'] / 1e9:>10.3f}{r['raw_bytes_per_s'] / 1e9:>10.3f}"
-              f"{r['pickle_bytes_per_s'] / 1e9:>12.3f}{r['pickle_numpy_bytes_per_s'] / 1e9:>15.3f}"
-              f"{r['ratio_to_raw']:>7.2f}{r['ratio_to_pickle']:>9.2f}{r['ratio_to_pickle_numpy']:>12.2f}")
+        print(
+            f"{r['mode']:<6}{label:>6}{r['bytes_per_s'] / 1e9:>10.3f}{r['raw_bytes_per_s'] / 1e9:>10.3f}"
+            f"{r['pickle_bytes_per_s'] / 1e9:>12.3f}{r['pickle_numpy_bytes_per_s'] / 1e9:>15.3f}"
+            f"{r['ratio_to_raw']:>7.2f}{r['ratio_to_pickle']:>9.2f}{r['ratio_to_pickle_numpy']:>12.2f}"
+        )
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"setup": {**info, "bytes": args.bytes, "repeat": args.repeat}, "rows": rows}, indent=2))
+        out.write_text(
+            json.dumps(
+                {"setup": {**info, "bytes": args.bytes, "repeat": args.repeat}, "rows": rows},
+                indent=2,
+            )
+        )
         print(f"wrote {out}")
     return 0
 

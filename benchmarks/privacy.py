@@ -57,14 +57,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from m3tgossip import checkpoint, testbed  # noqa: E402
-from m3tgossip.attacks_mia import loss_threshold_attack, record_losses  # noqa: E402
 from m3tgossip.cli import _option  # noqa: E402
-from m3tgossip.metrics import read_metrics  # noqa: E402
-from m3tgossip.model import build_node_model  # noqa: E402
+from m3tgossip.daemon import checkpoint
+from m3tgossip.daemon.metrics import read_metrics  # noqa: E402
+from m3tgossip.edu.mia import loss_threshold_attack, record_losses  # noqa: E402
+from m3tgossip.edu.model import build_node_model  # noqa: E402
+from m3tgossip.edu.workload import EduWorkload  # noqa: E402
+from m3tgossip.harness import testbed  # noqa: E402
 from m3tgossip.privacy import PROFILES, DeltaPrivatizer, profile_for  # noqa: E402
 from m3tgossip.topology import Topology, load_topology  # noqa: E402
-from m3tgossip.workloads.edu import EduWorkload  # noqa: E402
 
 #: strictest first: the order profiles are ranked in (custom counts as its own name)
 STRICTNESS = ("gdpr", "ferpa", "open")
@@ -128,7 +129,9 @@ def noise_strength(topology: Topology, rounds: int, component: str) -> dict[str,
     if gdpr:
         g = gdpr[0]
         gsizes = {c: x.size for c, x in build_node_model(g).shared_vectors().items()}
-        gp = DeltaPrivatizer(profile_for("gdpr"), g.modalities, gsizes, rounds_planned=rounds, seed=0)
+        gp = DeltaPrivatizer(
+            profile_for("gdpr"), g.modalities, gsizes, rounds_planned=rounds, seed=0
+        )
         if component in gp.components:
             gdpr_var = {"node": g.id, "variance": gp.components[component].noise_std ** 2}
     var = variances[component]
@@ -159,14 +162,31 @@ def _completed(folder: Path, argv: list[str], rounds: int, seed: int) -> dict[st
     return summary
 
 
-def run_testbed(name: str, out: Path, topology: Path, args: argparse.Namespace, extra: list[str],
-                options: list[str]) -> dict[str, Any]:
+def run_testbed(
+    name: str,
+    out: Path,
+    topology: Path,
+    args: argparse.Namespace,
+    extra: list[str],
+    options: list[str],
+) -> dict[str, Any]:
     """One testbed run in DIR/runs/NAME; a completed run there with the same arguments is
     reused, a failed one is moved aside and the run retried (`--retries`)."""
     folder = out / "runs" / name
     argv = [
-        "--topology", str(topology), "--workload", "edu", "--rounds", str(args.rounds),
-        "--out", str(folder), "--seed", str(args.seed), "--deadline", str(args.deadline), "--quiet",
+        "--topology",
+        str(topology),
+        "--workload",
+        "edu",
+        "--rounds",
+        str(args.rounds),
+        "--out",
+        str(folder),
+        "--seed",
+        str(args.seed),
+        "--deadline",
+        str(args.deadline),
+        "--quiet",
     ]
     for o in options:
         argv += ["-o", o]
@@ -174,9 +194,17 @@ def run_testbed(name: str, out: Path, topology: Path, args: argparse.Namespace, 
     done = _completed(folder, argv, args.rounds, args.seed)
     if done is not None:
         print(f"[{name}] reusing the completed run in {folder}", flush=True)
-        return {"name": name, "folder": str(folder), "argv": argv, "exit": 0,
-                "wall_s": done.get("wall_seconds"), "load_before": None, "load_after": None,
-                "reused": True, "summary": done}
+        return {
+            "name": name,
+            "folder": str(folder),
+            "argv": argv,
+            "exit": 0,
+            "wall_s": done.get("wall_seconds"),
+            "load_before": None,
+            "load_after": None,
+            "reused": True,
+            "summary": done,
+        }
     attempts = []
     for attempt in range(max(0, args.retries) + 1):
         if folder.exists() and any(folder.iterdir()):
@@ -198,9 +226,17 @@ def run_testbed(name: str, out: Path, topology: Path, args: argparse.Namespace, 
             break
         if attempt < args.retries:
             print(f"[{name}] failed; retrying ({attempt + 1} of {args.retries})", flush=True)
-    return {"name": name, "folder": str(folder), "argv": argv, "exit": code, "wall_s": wall,
-            "load_before": attempts[-1]["load_before"], "load_after": attempts[-1]["load_after"],
-            "attempts": attempts, "summary": summary}
+    return {
+        "name": name,
+        "folder": str(folder),
+        "argv": argv,
+        "exit": code,
+        "wall_s": wall,
+        "load_before": attempts[-1]["load_before"],
+        "load_after": attempts[-1]["load_after"],
+        "attempts": attempts,
+        "summary": summary,
+    }
 
 
 def node_results(run: dict[str, Any], profiles: dict[str, str], rounds: int) -> dict[str, Any]:
@@ -243,8 +279,14 @@ def group_table(nodes: dict[str, Any], groups: dict[str, list[str]]) -> dict[str
     return out
 
 
-def mia(run_dir: Path, topology: Topology, nid: str, seed: int, options: dict[str, Any],
-        workload_cache: dict[tuple[str, str], EduWorkload]) -> dict[str, Any]:
+def mia(
+    run_dir: Path,
+    topology: Topology,
+    nid: str,
+    seed: int,
+    options: dict[str, Any],
+    workload_cache: dict[tuple[str, str], EduWorkload],
+) -> dict[str, Any]:
     """The loss-threshold attack on node `nid`'s final checkpoint of the run in `run_dir`."""
     key = (nid, json.dumps(options, sort_keys=True))
     if key not in workload_cache:
@@ -256,7 +298,9 @@ def mia(run_dir: Path, topology: Topology, nid: str, seed: int, options: dict[st
     arrays, meta = saved
     w.load_state(arrays)
     tr = w.trainer
-    members = record_losses(tr.model, tr.train_batch, {t: y.numpy() for t, y in tr.train_labels.items()})
+    members = record_losses(
+        tr.model, tr.train_batch, {t: y.numpy() for t, y in tr.train_labels.items()}
+    )
     nonmembers = record_losses(tr.model, tr.test_batch, tr.test_labels)
     result = loss_threshold_attack(members, nonmembers)
     result["round"] = meta.get("round")
@@ -275,9 +319,18 @@ def plot(path: Path, report: dict[str, Any]) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 5))
     ax = axes[0]
-    colours = {"naive": "tab:blue", "aware": "tab:green", "strictest": "tab:red", "open": "tab:grey"}
-    finite = [n["node_epsilon"] for s in report["settings"].values() for n in s["nodes"].values()
-              if math.isfinite(n["node_epsilon"]) and n["node_epsilon"] > 0]
+    colours = {
+        "naive": "tab:blue",
+        "aware": "tab:green",
+        "strictest": "tab:red",
+        "open": "tab:grey",
+    }
+    finite = [
+        n["node_epsilon"]
+        for s in report["settings"].values()
+        for n in s["nodes"].values()
+        if math.isfinite(n["node_epsilon"]) and n["node_epsilon"] > 0
+    ]
     x_inf = (max(finite) if finite else 10.0) * 3.0
     markers = {"gdpr": "o", "ferpa": "s", "open": "^"}
     for name, s in report["settings"].items():
@@ -286,8 +339,15 @@ def plot(path: Path, report: dict[str, Any]) -> None:
             x = n["node_epsilon"] if math.isfinite(n["node_epsilon"]) else x_inf
             if n["final_acc"] is None:
                 continue
-            ax.scatter(x, n["final_acc"], color=colour, marker=markers.get(report["profiles"][nid], "o"),
-                       alpha=0.7, s=30, label=name if nid == next(iter(s["nodes"])) else None)
+            ax.scatter(
+                x,
+                n["final_acc"],
+                color=colour,
+                marker=markers.get(report["profiles"][nid], "o"),
+                alpha=0.7,
+                s=30,
+                label=name if nid == next(iter(s["nodes"])) else None,
+            )
     sweep = report.get("sweep", [])
     if sweep:
         xs = [p["strict_node_epsilon"] for p in sweep]
@@ -320,8 +380,12 @@ def plot(path: Path, report: dict[str, Any]) -> None:
     styles = {"no_dp": "-", "dp": "--"}
     for setting, res in report["mia"].items():
         for variant, r in res["target"].items():
-            ax.plot(r["fpr"], r["tpr"], styles.get(variant, ":"),
-                    label=f"{setting} {variant}: AUC {r['auc']:.3f}")
+            ax.plot(
+                r["fpr"],
+                r["tpr"],
+                styles.get(variant, ":"),
+                label=f"{setting} {variant}: AUC {r['auc']:.3f}",
+            )
     ax.plot([0, 1], [0, 1], color="lightgrey", lw=1)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
@@ -338,23 +402,49 @@ def plot(path: Path, report: dict[str, Any]) -> None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="output folder (created; completed runs in it are reused)")
+    p.add_argument(
+        "--out", required=True, help="output folder (created; completed runs in it are reused)"
+    )
     p.add_argument("--topology", default=str(ROOT / "topology" / "campus.toml"))
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deadline", type=float, default=5.0)
-    p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="edu workload option for every run")
-    p.add_argument("--ref-component", default="backbone",
-                   help="component whose ferpa noise variance sets the noise strength")
-    p.add_argument("--strength", type=float, default=None,
-                   help="noise strength of the aware run (default: computed, see above)")
-    p.add_argument("--mia-node", default=None, help="node whose ROC is plotted (default: first strict node)")
-    p.add_argument("--overfit", default="records=60,local_steps=20",
-                   help="workload options of the overfit-prone MIA runs ('' to skip)")
-    p.add_argument("--retries", type=int, default=1,
-                   help="retries of a failed testbed run (a busy machine can miss the start timeout)")
-    p.add_argument("--sweep", default="", help="comma-separated component budgets for the strict nodes")
+    p.add_argument(
+        "-o",
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="edu workload option for every run",
+    )
+    p.add_argument(
+        "--ref-component",
+        default="backbone",
+        help="component whose ferpa noise variance sets the noise strength",
+    )
+    p.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="noise strength of the aware run (default: computed, see above)",
+    )
+    p.add_argument(
+        "--mia-node", default=None, help="node whose ROC is plotted (default: first strict node)"
+    )
+    p.add_argument(
+        "--overfit",
+        default="records=60,local_steps=20",
+        help="workload options of the overfit-prone MIA runs ('' to skip)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=1,
+        help="retries of a failed testbed run (a busy machine can miss the start timeout)",
+    )
+    p.add_argument(
+        "--sweep", default="", help="comma-separated component budgets for the strict nodes"
+    )
     return p.parse_args(argv)
 
 
@@ -370,23 +460,33 @@ def main(argv: list[str] | None = None) -> int:
     strict_nodes = [nid for nid, p in profiles.items() if p == strictest]
     groups = {p: [nid for nid, q in profiles.items() if q == p] for p in present}
     options = {k: v for k, v in (_option(o) for o in args.option)}
-    print(f"privacy benchmark: topology {base.name} ({len(base.nodes)} nodes, {len(base.edges)} edges), "
-          f"workload edu, rounds {args.rounds}, seed {args.seed}, options {options or 'defaults'}")
+    print(
+        f"privacy benchmark: topology {base.name} ({len(base.nodes)} nodes, {len(base.edges)} edges), "
+        f"workload edu, rounds {args.rounds}, seed {args.seed}, options {options or 'defaults'}"
+    )
     print("  profiles: " + ", ".join(f"{p}: {' '.join(ids)}" for p, ids in groups.items()))
     print(f"  machine: {platform.node()}, {os.cpu_count()} cores, load average {load()}")
     for name in present:
         prof = PROFILES[name]
-        print(f"  {name}: component budget epsilon {prof.epsilon} at delta {prof.delta:g}, clip {prof.clip}, "
-              f"modality factors {prof.modality_factor}")
+        print(
+            f"  {name}: component budget epsilon {prof.epsilon} at delta {prof.delta:g}, clip {prof.clip}, "
+            f"modality factors {prof.modality_factor}"
+        )
 
     if args.strength is None:
         ns = noise_strength(base, args.rounds, args.ref_component)
         strength = ns["strength"]
-        print(f"  noise strength S = 1 / ferpa per-element noise variance of {ns['component']} at "
-              f"{ns['node']} over {args.rounds} planned rounds = 1 / {ns['ferpa_variance']:.2f} = {strength:.5f}"
-              f"  (median over its components {ns['ferpa_variance_median_over_components']:.2f}"
-              + (f"; gdpr {ns['gdpr_reference']['node']} {ns['component']}: {ns['gdpr_reference']['variance']:.1f}"
-                 if ns["gdpr_reference"] else "") + ")")
+        print(
+            f"  noise strength S = 1 / ferpa per-element noise variance of {ns['component']} at "
+            f"{ns['node']} over {args.rounds} planned rounds = 1 / {ns['ferpa_variance']:.2f} = {strength:.5f}"
+            f"  (median over its components {ns['ferpa_variance_median_over_components']:.2f}"
+            + (
+                f"; gdpr {ns['gdpr_reference']['node']} {ns['component']}: {ns['gdpr_reference']['variance']:.1f}"
+                if ns["gdpr_reference"]
+                else ""
+            )
+            + ")"
+        )
     else:
         ns = {"strength": args.strength, "given": True}
         strength = args.strength
@@ -395,7 +495,9 @@ def main(argv: list[str] | None = None) -> int:
     topo_dir = out / "topologies"
     written = write_topology(base, topo_dir / "as-written.toml", profiles)
     all_strict = {nid: strictest for nid in profiles}
-    strict_path = write_topology(with_profiles(base, all_strict), topo_dir / "strictest.toml", all_strict)
+    strict_path = write_topology(
+        with_profiles(base, all_strict), topo_dir / "strictest.toml", all_strict
+    )
     all_open = {nid: "open" for nid in profiles}
     open_path = write_topology(with_profiles(base, all_open), topo_dir / "open.toml", all_open)
 
@@ -407,17 +509,26 @@ def main(argv: list[str] | None = None) -> int:
     ]
     overfit_opts = [o for o in args.overfit.split(",") if o]
     if overfit_opts:
-        merged = [o for o in args.option if o.split("=")[0] not in {x.split("=")[0] for x in overfit_opts}]
+        merged = [
+            o for o in args.option if o.split("=")[0] not in {x.split("=")[0] for x in overfit_opts}
+        ]
         merged += overfit_opts
         plan += [("overfit-naive", written, [], merged), ("overfit-open", open_path, [], merged)]
     sweep_eps = [float(e) for e in args.sweep.split(",") if e]
     if sweep_eps:
         custom = {nid: ("custom" if nid in strict_nodes else p) for nid, p in profiles.items()}
-        custom_path = write_topology(with_profiles(base, custom), topo_dir / "custom-strict.toml", custom)
+        custom_path = write_topology(
+            with_profiles(base, custom), topo_dir / "custom-strict.toml", custom
+        )
         for e in sweep_eps:
             extra = []
             for nid in strict_nodes:
-                extra += ["--node-set", f"{nid}:privacy.base={strictest}", "--node-set", f"{nid}:privacy.epsilon={e!r}"]
+                extra += [
+                    "--node-set",
+                    f"{nid}:privacy.base={strictest}",
+                    "--node-set",
+                    f"{nid}:privacy.epsilon={e!r}",
+                ]
             plan.append((f"sweep-{e:g}", custom_path, extra, args.option))
 
     runs: dict[str, dict[str, Any]] = {}
@@ -443,21 +554,36 @@ def main(argv: list[str] | None = None) -> int:
             continue
         nodes = node_results(r, profiles, args.rounds)
         g = group_table(nodes, {"strict": strict_nodes, "all": list(profiles)})
-        sweep.append({"epsilon": e, "strict_node_epsilon": g["strict"]["node_epsilon"],
-                      "strict_max_component_epsilon": g["strict"]["max_component_epsilon"],
-                      "strict_final_acc": g["strict"]["final_acc"], "strict_late_acc": g["strict"]["late_acc"],
-                      "all_final_acc": g["all"]["final_acc"], "nodes": nodes})
+        sweep.append(
+            {
+                "epsilon": e,
+                "strict_node_epsilon": g["strict"]["node_epsilon"],
+                "strict_max_component_epsilon": g["strict"]["max_component_epsilon"],
+                "strict_final_acc": g["strict"]["final_acc"],
+                "strict_late_acc": g["strict"]["late_acc"],
+                "all_final_acc": g["all"]["final_acc"],
+                "nodes": nodes,
+            }
+        )
 
     # --- membership inference
-    print(f"\nmembership inference (loss threshold) on the strict nodes {', '.join(strict_nodes)}; load {load()}",
-          flush=True)
+    print(
+        f"\nmembership inference (loss threshold) on the strict nodes {', '.join(strict_nodes)}; load {load()}",
+        flush=True,
+    )
     mia_node = args.mia_node or strict_nodes[0]
     cache: dict[tuple[str, str], EduWorkload] = {}
     mia_report: dict[str, Any] = {}
     pairs = [("default", "open", "naive", dict(options))]
     if overfit_opts:
-        pairs.append(("overfit", "overfit-open", "overfit-naive",
-                      {**options, **dict(_option(o) for o in overfit_opts)}))
+        pairs.append(
+            (
+                "overfit",
+                "overfit-open",
+                "overfit-naive",
+                {**options, **dict(_option(o) for o in overfit_opts)},
+            )
+        )
     for label, no_dp, dp, opts in pairs:
         if runs[no_dp]["summary"] is None or runs[dp]["summary"] is None:
             continue
@@ -474,15 +600,24 @@ def main(argv: list[str] | None = None) -> int:
             "no_dp_run": no_dp,
             "dp_run": dp,
             "target": per_node[mia_node],
-            "per_node": {nid: {v: {k: x for k, x in r.items() if k not in ("fpr", "tpr")}
-                               for v, r in res.items()} for nid, res in per_node.items()},
-            "mean_auc": {v: mean([per_node[n][v]["auc"] for n in strict_nodes]) for v in ("no_dp", "dp")},
+            "per_node": {
+                nid: {
+                    v: {k: x for k, x in r.items() if k not in ("fpr", "tpr")}
+                    for v, r in res.items()
+                }
+                for nid, res in per_node.items()
+            },
+            "mean_auc": {
+                v: mean([per_node[n][v]["auc"] for n in strict_nodes]) for v in ("no_dp", "dp")
+            },
         }
     wall = time.monotonic() - t_start
 
     # --- tables
-    print("\nutility: final held-out accuracy (mean over a node's tasks), per node; epsilon = node epsilon "
-          "(all components composed) / largest component epsilon")
+    print(
+        "\nutility: final held-out accuracy (mean over a node's tasks), per node; epsilon = node epsilon "
+        "(all components composed) / largest component epsilon"
+    )
     head = f"{'node':<11}{'profile':<8}" + "".join(f"{s:>22}" for s in settings)
     print(head)
     for nid, prof in profiles.items():
@@ -492,67 +627,110 @@ def main(argv: list[str] | None = None) -> int:
             eps = f"{fmt(n['node_epsilon'], '.2f')}/{fmt(n['max_component_epsilon'], '.2f')}"
             cells += f"{fmt(n['final_acc']):>11} e{eps:>10}"
         print(f"{nid:<11}{prof:<8}{cells}")
-    print("\nutility per group (profile as written): final accuracy / late mean (evaluations in the 2nd half)")
+    print(
+        "\nutility per group (profile as written): final accuracy / late mean (evaluations in the 2nd half)"
+    )
     print(f"{'group':<10}" + "".join(f"{s:>18}" for s in settings))
     for g in [*groups, "all"]:
-        print(f"{g:<10}" + "".join(
-            f"{fmt(s['groups'][g]['final_acc']):>10} /{fmt(s['groups'][g]['late_acc']):>6}" for s in settings.values()))
+        print(
+            f"{g:<10}"
+            + "".join(
+                f"{fmt(s['groups'][g]['final_acc']):>10} /{fmt(s['groups'][g]['late_acc']):>6}"
+                for s in settings.values()
+            )
+        )
     print(f"\nper-task final accuracy of the {strictest} nodes (mean over the nodes with the task)")
     tasks = sorted({t for s in settings.values() for t in s["groups"][strictest]["tasks"]})
     print(f"{'task':<15}" + "".join(f"{s:>11}" for s in settings))
     for t in tasks:
-        print(f"{t:<15}" + "".join(f"{fmt(s['groups'][strictest]['tasks'].get(t)):>11}" for s in settings.values()))
+        print(
+            f"{t:<15}"
+            + "".join(
+                f"{fmt(s['groups'][strictest]['tasks'].get(t)):>11}" for s in settings.values()
+            )
+        )
     print("\nper-task final accuracy over all nodes")
     tasks = sorted({t for s in settings.values() for t in s["groups"]["all"]["tasks"]})
     for t in tasks:
-        print(f"{t:<15}" + "".join(f"{fmt(s['groups']['all']['tasks'].get(t)):>11}" for s in settings.values()))
+        print(
+            f"{t:<15}"
+            + "".join(f"{fmt(s['groups']['all']['tasks'].get(t)):>11}" for s in settings.values())
+        )
     if sweep:
         print(f"\nsweep: strict nodes on a custom profile (base {strictest}), naive mixing")
-        print(f"{'budget':>8}{'node eps':>10}{'max comp eps':>14}{'strict acc':>12}{'late':>8}{'all acc':>9}")
+        print(
+            f"{'budget':>8}{'node eps':>10}{'max comp eps':>14}{'strict acc':>12}{'late':>8}{'all acc':>9}"
+        )
         for p in sweep:
-            print(f"{p['epsilon']:>8g}{fmt(p['strict_node_epsilon'], '.2f'):>10}"
-                  f"{fmt(p['strict_max_component_epsilon'], '.2f'):>14}{fmt(p['strict_final_acc']):>12}"
-                  f"{fmt(p['strict_late_acc']):>8}{fmt(p['all_final_acc']):>9}")
-    print("\nmembership inference AUC (members: train records, non-members: held-out records; +- 1 s.e.)")
-    print(f"{'setting':<9}{'node':<9}{'no DP AUC':>16}{'adv':>7}{'DP AUC':>16}{'adv':>7}"
-          f"{'members/non':>13}{'loss m/n (no DP)':>20}")
+            print(
+                f"{p['epsilon']:>8g}{fmt(p['strict_node_epsilon'], '.2f'):>10}"
+                f"{fmt(p['strict_max_component_epsilon'], '.2f'):>14}{fmt(p['strict_final_acc']):>12}"
+                f"{fmt(p['strict_late_acc']):>8}{fmt(p['all_final_acc']):>9}"
+            )
+    print(
+        "\nmembership inference AUC (members: train records, non-members: held-out records; +- 1 s.e.)"
+    )
+    print(
+        f"{'setting':<9}{'node':<9}{'no DP AUC':>16}{'adv':>7}{'DP AUC':>16}{'adv':>7}"
+        f"{'members/non':>13}{'loss m/n (no DP)':>20}"
+    )
     for label, res in mia_report.items():
         for nid, r in res["per_node"].items():
             a, b = r["no_dp"], r["dp"]
-            print(f"{label:<9}{nid:<9}{a['auc']:>9.3f} +-{a['auc_stderr']:.3f}{a['advantage']:>7.3f}"
-                  f"{b['auc']:>9.3f} +-{b['auc_stderr']:.3f}{b['advantage']:>7.3f}"
-                  f"{a['members']:>7}/{a['nonmembers']:<5}{a['member_loss']:>10.3f}/{a['nonmember_loss']:.3f}")
-        print(f"{label:<9}{'mean':<9}{fmt(res['mean_auc']['no_dp']):>9}{'':>14}{fmt(res['mean_auc']['dp']):>9}")
+            print(
+                f"{label:<9}{nid:<9}{a['auc']:>9.3f} +-{a['auc_stderr']:.3f}{a['advantage']:>7.3f}"
+                f"{b['auc']:>9.3f} +-{b['auc_stderr']:.3f}{b['advantage']:>7.3f}"
+                f"{a['members']:>7}/{a['nonmembers']:<5}{a['member_loss']:>10.3f}/{a['nonmember_loss']:.3f}"
+            )
+        print(
+            f"{label:<9}{'mean':<9}{fmt(res['mean_auc']['no_dp']):>9}{'':>14}{fmt(res['mean_auc']['dp']):>9}"
+        )
 
     # --- targets
     targets: dict[str, Any] = {}
     if {"naive", "aware", "strictest"} <= set(settings):
         nv, aw, st = (settings[k]["groups"] for k in ("naive", "aware", "strictest"))
         targets["aware_beats_naive_on_strict_nodes"] = {
-            "aware": aw[strictest]["final_acc"], "naive": nv[strictest]["final_acc"],
-            "aware_late": aw[strictest]["late_acc"], "naive_late": nv[strictest]["late_acc"],
+            "aware": aw[strictest]["final_acc"],
+            "naive": nv[strictest]["final_acc"],
+            "aware_late": aw[strictest]["late_acc"],
+            "naive_late": nv[strictest]["late_acc"],
             "met": (aw[strictest]["final_acc"] or 0) > (nv[strictest]["final_acc"] or 0),
         }
         targets["aware_beats_strictest_on_mean_utility"] = {
-            "aware": aw["all"]["final_acc"], "strictest": st["all"]["final_acc"],
-            "aware_late": aw["all"]["late_acc"], "strictest_late": st["all"]["late_acc"],
+            "aware": aw["all"]["final_acc"],
+            "strictest": st["all"]["final_acc"],
+            "aware_late": aw["all"]["late_acc"],
+            "strictest_late": st["all"]["late_acc"],
             "met": (aw["all"]["final_acc"] or 0) > (st["all"]["final_acc"] or 0),
             "note": "strict nodes have the same epsilons in both; under 'strictest' the others "
-                    "have the strict (smaller) epsilons instead of their own",
+            "have the strict (smaller) epsilons instead of their own",
         }
     if "default" in mia_report:
         dp_auc = mia_report["default"]["target"]["dp"]["auc"]
         targets["mia_auc_with_dp_at_most_0.55"] = {
-            "node": mia_node, "auc": dp_auc, "met": dp_auc <= 0.55,
-            "all_strict_nodes": {n: r["dp"]["auc"] for n, r in mia_report["default"]["per_node"].items()},
-            **({"overfit_auc": mia_report["overfit"]["target"]["dp"]["auc"],
-                "overfit_met": mia_report["overfit"]["target"]["dp"]["auc"] <= 0.55}
-               if "overfit" in mia_report else {}),
+            "node": mia_node,
+            "auc": dp_auc,
+            "met": dp_auc <= 0.55,
+            "all_strict_nodes": {
+                n: r["dp"]["auc"] for n, r in mia_report["default"]["per_node"].items()
+            },
+            **(
+                {
+                    "overfit_auc": mia_report["overfit"]["target"]["dp"]["auc"],
+                    "overfit_met": mia_report["overfit"]["target"]["dp"]["auc"] <= 0.55,
+                }
+                if "overfit" in mia_report
+                else {}
+            ),
         }
     print("\ntargets")
     for k, v in targets.items():
-        shown = {x: (round(y, 4) if isinstance(y, float) else y) for x, y in v.items()
-                 if x not in ("note", "all_strict_nodes")}
+        shown = {
+            x: (round(y, 4) if isinstance(y, float) else y)
+            for x, y in v.items()
+            if x not in ("note", "all_strict_nodes")
+        }
         print(f"  {k}: {'MET' if v['met'] else 'MISSED'}  {shown}")
     print(f"\nwall {wall:.0f} s; load average at the end {load()}")
     if failed:

@@ -40,9 +40,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from m3tgossip import testbed  # noqa: E402
-from m3tgossip.chaos import digest_spread  # noqa: E402
-from m3tgossip.metrics import read_metrics  # noqa: E402
+from m3tgossip.daemon.metrics import read_metrics  # noqa: E402
+from m3tgossip.harness import testbed  # noqa: E402
+from m3tgossip.harness.chaos import digest_spread  # noqa: E402
 from m3tgossip.topology import load_topology  # noqa: E402
 from m3tgossip.workloads.consensus import ConsensusWorkload, initial_vector  # noqa: E402
 
@@ -53,7 +53,9 @@ BYZANTINE = ("n0", "n10")
 AGGREGATORS = ("mean", "clip", "trimmed")
 
 
-def honest_error(run_dir: Path, spec: Path, seed: int, size: int, honest: list[str]) -> dict[str, Any]:
+def honest_error(
+    run_dir: Path, spec: Path, seed: int, size: int, honest: list[str]
+) -> dict[str, Any]:
     """Spread among honest nodes and error of their mean to the honest initial mean (digests)."""
     topo = load_topology(spec)
     last = {}
@@ -70,12 +72,18 @@ def honest_error(run_dir: Path, spec: Path, seed: int, size: int, honest: list[s
         target.append(ref._directions[comp] @ mean)
     target_vec = np.concatenate(target)
     comps = spread.get("components") or []
-    digests = [np.concatenate([np.asarray(r["digest"][c]) for c in comps]) for r in last.values() if r.get("digest")]
+    digests = [
+        np.concatenate([np.asarray(r["digest"][c]) for c in comps])
+        for r in last.values()
+        if r.get("digest")
+    ]
     err = None
     if digests and comps:
         mean_d = np.mean(digests, axis=0)
         err = float(np.linalg.norm(mean_d - target_vec) / np.linalg.norm(target_vec))
-        worst = max(float(np.linalg.norm(d - target_vec) / np.linalg.norm(target_vec)) for d in digests)
+        worst = max(
+            float(np.linalg.norm(d - target_vec) / np.linalg.norm(target_vec)) for d in digests
+        )
     else:
         worst = None
     finite = all(np.all(np.isfinite(d)) for d in digests)
@@ -94,7 +102,11 @@ def run(out: Path, name: str, args: list[str]) -> tuple[dict[str, Any], Path, fl
     t = time.monotonic()
     code = testbed.main([*args, "--out", str(run_dir), "--quiet"])
     wall = time.monotonic() - t
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+    summary = (
+        json.loads((run_dir / "summary.json").read_text())
+        if (run_dir / "summary.json").exists()
+        else {}
+    )
     summary["exit_code"] = code
     return summary, run_dir, wall
 
@@ -102,9 +114,24 @@ def run(out: Path, name: str, args: list[str]) -> tuple[dict[str, Any], Path, fl
 def consensus_part(a: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     rows = []
     nodes = load_topology(TORUS).ids()
-    base = ["--topology", str(TORUS), "--workload", "consensus", "--rounds", str(a.rounds),
-            "--seed", str(a.seed), "-o", f"size={a.size}", "--deadline", "2", "--timeout", "600",
-            "--set", f"faults.seed={a.seed}"]
+    base = [
+        "--topology",
+        str(TORUS),
+        "--workload",
+        "consensus",
+        "--rounds",
+        str(a.rounds),
+        "--seed",
+        str(a.seed),
+        "-o",
+        f"size={a.size}",
+        "--deadline",
+        "2",
+        "--timeout",
+        "600",
+        "--set",
+        f"faults.seed={a.seed}",
+    ]
     scenarios: list[tuple[str, str, list[str], list[str]]] = []
     for p in (0.0, 0.1, 0.3):
         scenarios.append((f"loss-{int(p * 100)}", "mean", [], ["--set", f"faults.drop={p}"]))
@@ -122,32 +149,84 @@ def consensus_part(a: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
                     sets += ["--node-set", f"{b}:faults.attack={attack}"]
                 scenarios.append((f"{attack}-{k}of16-{agg}", agg, byz, sets))
     for name, agg, byz, extra in scenarios:
-        summary, run_dir, wall = run(out / "consensus", name, base + ["--set", f"gossip.aggregator={agg}"] + extra)
+        summary, run_dir, wall = run(
+            out / "consensus", name, base + ["--set", f"gossip.aggregator={agg}"] + extra
+        )
         honest = [n for n in nodes if n not in byz]
         m = honest_error(run_dir, TORUS, a.seed, a.size, honest)
-        row = {"workload": "consensus", "scenario": name, "aggregator": agg, "byzantine": byz,
-               "wall_s": round(wall, 1), "exit_code": summary.get("exit_code"),
-               "crashed": summary.get("crashed"), "hung": summary.get("hung"), **m}
+        row = {
+            "workload": "consensus",
+            "scenario": name,
+            "aggregator": agg,
+            "byzantine": byz,
+            "wall_s": round(wall, 1),
+            "exit_code": summary.get("exit_code"),
+            "crashed": summary.get("crashed"),
+            "hung": summary.get("hung"),
+            **m,
+        }
         rows.append(row)
-        print(f"  consensus {name:<22} spread {m['spread']:.3e}  err-to-honest-mean "
-              f"{m['error_to_honest_mean']:.3e}  ({wall:.0f} s)", flush=True)
+        print(
+            f"  consensus {name:<22} spread {m['spread']:.3e}  err-to-honest-mean "
+            f"{m['error_to_honest_mean']:.3e}  ({wall:.0f} s)",
+            flush=True,
+        )
     return rows
 
 
 def edu_part(a: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     rows = []
     opts = ["-o", f"eval_every={a.edu_eval_every}"]
-    small = ["--topology", str(RING8), "--workload", "edu", "--rounds", str(a.edu_rounds), "--seed", str(a.seed),
-             "--deadline", "8", "--timeout", "1500", "--set", f"faults.seed={a.seed}", *opts]
-    big = ["--topology", str(TORUS), "--workload", "edu", "--rounds", str(a.edu_rounds), "--seed", str(a.seed),
-           "--deadline", "8", "--timeout", "1500", "--set", f"faults.seed={a.seed}", *opts]
+    small = [
+        "--topology",
+        str(RING8),
+        "--workload",
+        "edu",
+        "--rounds",
+        str(a.edu_rounds),
+        "--seed",
+        str(a.seed),
+        "--deadline",
+        "8",
+        "--timeout",
+        "1500",
+        "--set",
+        f"faults.seed={a.seed}",
+        *opts,
+    ]
+    big = [
+        "--topology",
+        str(TORUS),
+        "--workload",
+        "edu",
+        "--rounds",
+        str(a.edu_rounds),
+        "--seed",
+        str(a.seed),
+        "--deadline",
+        "8",
+        "--timeout",
+        "1500",
+        "--set",
+        f"faults.seed={a.seed}",
+        *opts,
+    ]
     scenarios: list[tuple[str, str, list[str], list[str], list[str]]] = []
     if "edu-loss" in a.parts:
         for p in (0.0, 0.1, 0.3):
-            scenarios.append((f"ring8-loss-{int(p * 100)}", "mean", [], small, ["--set", f"faults.drop={p}"]))
+            scenarios.append(
+                (f"ring8-loss-{int(p * 100)}", "mean", [], small, ["--set", f"faults.drop={p}"])
+            )
         k = max(2, a.edu_rounds // 3)
-        scenarios.append(("ring8-churn-2of8", "mean", [], small,
-                          ["--kill", f"n2@{k}", "--kill", f"n5@{k + 2}", "--restart-after", "2"]))
+        scenarios.append(
+            (
+                "ring8-churn-2of8",
+                "mean",
+                [],
+                small,
+                ["--kill", f"n2@{k}", "--kill", f"n5@{k + 2}", "--restart-after", "2"],
+            )
+        )
     if "edu-byz" in a.parts:
         for agg in a.edu_clean:
             scenarios.append((f"torus16-clean-{agg}", agg, [], big, []))
@@ -158,24 +237,38 @@ def edu_part(a: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
                 sets += ["--node-set", f"{b}:faults.attack={a.edu_attack}"]
             scenarios.append((f"torus16-{a.edu_attack}-2of16-{agg}", agg, byz, big, sets))
     for name, agg, byz, base, extra in scenarios:
-        summary, run_dir, wall = run(out / "edu", name, base + ["--set", f"gossip.aggregator={agg}"] + extra)
+        summary, run_dir, wall = run(
+            out / "edu", name, base + ["--set", f"gossip.aggregator={agg}"] + extra
+        )
         per_node = summary.get("per_node", {})
         honest_final = {
-            n: v["mean_acc"][-1] for n, v in per_node.items()
+            n: v["mean_acc"][-1]
+            for n, v in per_node.items()
             if n not in byz and v.get("mean_acc") and v["mean_acc"][-1] is not None
         }
         acc = float(np.mean(list(honest_final.values()))) if honest_final else None
         # the nodes that are honest in the attacked runs, for a like-for-like comparison
         same = [v for n, v in honest_final.items() if n not in BYZANTINE]
         acc_same = float(np.mean(same)) if same else None
-        row = {"workload": "edu", "scenario": name, "aggregator": agg, "byzantine": byz,
-               "wall_s": round(wall, 1), "exit_code": summary.get("exit_code"),
-               "crashed": summary.get("crashed"), "hung": summary.get("hung"),
-               "honest_mean_acc": acc, "honest_nodes_evaluated": len(honest_final),
-               "mean_acc_without_n0_n10": acc_same,
-               "rounds_done": summary.get("rounds_done")}
+        row = {
+            "workload": "edu",
+            "scenario": name,
+            "aggregator": agg,
+            "byzantine": byz,
+            "wall_s": round(wall, 1),
+            "exit_code": summary.get("exit_code"),
+            "crashed": summary.get("crashed"),
+            "hung": summary.get("hung"),
+            "honest_mean_acc": acc,
+            "honest_nodes_evaluated": len(honest_final),
+            "mean_acc_without_n0_n10": acc_same,
+            "rounds_done": summary.get("rounds_done"),
+        }
         rows.append(row)
-        print(f"  edu {name:<30} honest mean accuracy {acc if acc is None else round(acc, 4)}  ({wall:.0f} s)", flush=True)
+        print(
+            f"  edu {name:<30} honest mean accuracy {acc if acc is None else round(acc, 4)}  ({wall:.0f} s)",
+            flush=True,
+        )
     return rows
 
 
@@ -183,11 +276,16 @@ def tables(rows: list[dict[str, Any]], attacks: list[str]) -> list[str]:
     lines = []
     cons = {r["scenario"]: r for r in rows if r["workload"] == "consensus"}
     if cons:
-        lines += ["", "consensus (torus-16): spread among honest nodes / error of their mean to the honest initial mean"]
+        lines += [
+            "",
+            "consensus (torus-16): spread among honest nodes / error of their mean to the honest initial mean",
+        ]
         lines.append(f"{'scenario':<24}{'spread':>12}{'err->mean':>12}")
         for n in ("loss-0", "loss-10", "loss-30", "churn-4of16"):
             if n in cons:
-                lines.append(f"{n:<24}{cons[n]['spread']:>12.3e}{cons[n]['error_to_honest_mean']:>12.3e}")
+                lines.append(
+                    f"{n:<24}{cons[n]['spread']:>12.3e}{cons[n]['error_to_honest_mean']:>12.3e}"
+                )
         lines += ["", "consensus, Byzantine: error of honest mean to honest initial mean (spread)"]
         cols = ["clean"] + [f"{at}-{k}of16" for at in attacks for k in (1, 2)]
         lines.append(f"{'aggregator':<12}" + "".join(f"{c:>24}" for c in cols))
@@ -207,10 +305,23 @@ def tables(rows: list[dict[str, Any]], attacks: list[str]) -> list[str]:
             if "-2of16-" in r["scenario"]:
                 clean = by.get(f"torus16-clean-{r['aggregator']}")
                 clean_mean = by.get("torus16-clean-mean")
-                if clean and r["aggregator"] != "mean" and acc is not None and clean.get("mean_acc_without_n0_n10") is not None:
-                    notes.append(f"vs attack-free same aggregator {100 * (acc - clean['mean_acc_without_n0_n10']):+.1f} points")
-                if clean_mean and acc is not None and clean_mean.get("mean_acc_without_n0_n10") is not None:
-                    notes.append(f"vs attack-free mean {100 * (acc - clean_mean['mean_acc_without_n0_n10']):+.1f} points")
+                if (
+                    clean
+                    and r["aggregator"] != "mean"
+                    and acc is not None
+                    and clean.get("mean_acc_without_n0_n10") is not None
+                ):
+                    notes.append(
+                        f"vs attack-free same aggregator {100 * (acc - clean['mean_acc_without_n0_n10']):+.1f} points"
+                    )
+                if (
+                    clean_mean
+                    and acc is not None
+                    and clean_mean.get("mean_acc_without_n0_n10") is not None
+                ):
+                    notes.append(
+                        f"vs attack-free mean {100 * (acc - clean_mean['mean_acc_without_n0_n10']):+.1f} points"
+                    )
             note = ("  " + ", ".join(notes)) if notes else ""
             same = r.get("mean_acc_without_n0_n10")
             if not r["byzantine"] and same is not None and "torus16" in r["scenario"]:
@@ -237,8 +348,18 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
         i += 1
         x = np.arange(len(cons))
         floor = 1e-17
-        ax.bar(x - 0.2, [max(floor, min(r["spread"], 1e6)) for r in cons], 0.4, label="spread among honest nodes")
-        ax.bar(x + 0.2, [max(floor, min(r["error_to_honest_mean"], 1e6)) for r in cons], 0.4, label="error to honest mean")
+        ax.bar(
+            x - 0.2,
+            [max(floor, min(r["spread"], 1e6)) for r in cons],
+            0.4,
+            label="spread among honest nodes",
+        )
+        ax.bar(
+            x + 0.2,
+            [max(floor, min(r["error_to_honest_mean"], 1e6)) for r in cons],
+            0.4,
+            label="error to honest mean",
+        )
         ax.set_yscale("log")
         ax.set_xticks(x, [r["scenario"] for r in cons], rotation=60, ha="right", fontsize=8)
         ax.set_title("consensus, torus-16: relative error at the last round")
@@ -246,7 +367,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
     if edu:
         ax = axes[i][0]
         x = np.arange(len(edu))
-        ax.bar(x, [r["honest_mean_acc"] or 0.0 for r in edu], color=["tab:red" if r["byzantine"] else "tab:blue" for r in edu])
+        ax.bar(
+            x,
+            [r["honest_mean_acc"] or 0.0 for r in edu],
+            color=["tab:red" if r["byzantine"] else "tab:blue" for r in edu],
+        )
         ax.set_xticks(x, [r["scenario"] for r in edu], rotation=40, ha="right", fontsize=8)
         ax.set_ylabel("honest mean accuracy")
         ax.set_title("edu: honest nodes' mean held-out accuracy (red: with Byzantine nodes)")
@@ -259,8 +384,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/bench-robustness")
-    p.add_argument("--parts", nargs="*", default=["consensus", "edu-loss", "edu-byz"],
-                   help="consensus, edu-loss (ring-8), edu-byz (torus-16)")
+    p.add_argument(
+        "--parts",
+        nargs="*",
+        default=["consensus", "edu-loss", "edu-byz"],
+        help="consensus, edu-loss (ring-8), edu-byz (torus-16)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=80, help="consensus rounds")
     p.add_argument("--size", type=int, default=1024, help="consensus floats per component")
@@ -268,17 +397,37 @@ def main() -> int:
     p.add_argument("--edu-rounds", type=int, default=15)
     p.add_argument("--edu-eval-every", type=int, default=5)
     p.add_argument("--edu-attack", default="huge")
-    p.add_argument("--edu-clean", nargs="*", default=["mean"], choices=AGGREGATORS,
-                   help="aggregators of the attack-free edu runs on torus-16 (each is one 16-daemon run)")
+    p.add_argument(
+        "--edu-clean",
+        nargs="*",
+        default=["mean"],
+        choices=AGGREGATORS,
+        help="aggregators of the attack-free edu runs on torus-16 (each is one 16-daemon run)",
+    )
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     setup = {
-        "python": platform.python_version(), "machine": platform.machine(), "seed": a.seed,
-        "consensus": {"topology": "torus-16", "rounds": a.rounds, "size": a.size, "deadline_s": 2, "attacks": a.attacks},
-        "edu": {"rounds": a.edu_rounds, "eval_every": a.edu_eval_every, "attack": a.edu_attack,
-                "loss_churn_topology": "ring-8", "byzantine_topology": "torus-16", "deadline_s": 8},
-        "byzantine_nodes": list(BYZANTINE), "parts": a.parts,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "seed": a.seed,
+        "consensus": {
+            "topology": "torus-16",
+            "rounds": a.rounds,
+            "size": a.size,
+            "deadline_s": 2,
+            "attacks": a.attacks,
+        },
+        "edu": {
+            "rounds": a.edu_rounds,
+            "eval_every": a.edu_eval_every,
+            "attack": a.edu_attack,
+            "loss_churn_topology": "ring-8",
+            "byzantine_topology": "torus-16",
+            "deadline_s": 8,
+        },
+        "byzantine_nodes": list(BYZANTINE),
+        "parts": a.parts,
     }
     print("setup: " + json.dumps(setup), flush=True)
     t = time.monotonic()
@@ -286,7 +435,11 @@ def main() -> int:
     path = out / "robustness.json"
 
     def save() -> None:
-        path.write_text(json.dumps({"setup": setup, "rows": rows, "wall_s": round(time.monotonic() - t, 1)}, indent=2))
+        path.write_text(
+            json.dumps(
+                {"setup": setup, "rows": rows, "wall_s": round(time.monotonic() - t, 1)}, indent=2
+            )
+        )
 
     if "consensus" in a.parts:
         rows += consensus_part(a, out)

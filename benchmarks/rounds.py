@@ -28,7 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from m3tgossip import testbed  # noqa: E402
+from m3tgossip.harness import testbed  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import loadavg, wait_for_load  # noqa: E402
@@ -48,16 +48,33 @@ def main() -> int:
     p.add_argument("--out", default="runs/bench-rounds")
     p.add_argument("--topology", default=str(ROOT / "topology" / "ring-8.toml"))
     p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--target", type=float, default=0.10, help="largest share of the round outside local training")
+    p.add_argument(
+        "--target",
+        type=float,
+        default=0.10,
+        help="largest share of the round outside local training",
+    )
     p.add_argument("--load-threshold", type=float, default=4.0)
-    p.add_argument("--max-wait", type=float, default=600.0, help="longest wait for the load to drop (s)")
+    p.add_argument(
+        "--max-wait", type=float, default=600.0, help="longest wait for the load to drop (s)"
+    )
     args = p.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    setup = {"topology": args.topology, "workload": "edu", "rounds": args.rounds, "target": args.target,
-             "platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
-    print(f"setup: {Path(args.topology).name}, education workload (default options), {args.rounds} rounds, "
-          f"one daemon per node on {os.cpu_count()} CPUs, python {platform.python_version()}", flush=True)
+    setup = {
+        "topology": args.topology,
+        "workload": "edu",
+        "rounds": args.rounds,
+        "target": args.target,
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    print(
+        f"setup: {Path(args.topology).name}, education workload (default options), {args.rounds} rounds, "
+        f"one daemon per node on {os.cpu_count()} CPUs, python {platform.python_version()}",
+        flush=True,
+    )
     load0 = wait_for_load(args.load_threshold, args.max_wait)
     print(f"load before: {load0}", flush=True)
     rows: list[dict[str, Any]] = []
@@ -65,32 +82,63 @@ def main() -> int:
         run_dir = out / label
         load = loadavg()
         t0 = time.monotonic()
-        code = testbed.main(["--topology", args.topology, "--workload", "edu", "--rounds", str(args.rounds),
-                             "--set", f"gossip.overlap={overlap}", "--out", str(run_dir), "--quiet"])
+        code = testbed.main(
+            [
+                "--topology",
+                args.topology,
+                "--workload",
+                "edu",
+                "--rounds",
+                str(args.rounds),
+                "--set",
+                f"gossip.overlap={overlap}",
+                "--out",
+                str(run_dir),
+                "--quiet",
+            ]
+        )
         wall = time.monotonic() - t0
         s = json.loads((run_dir / "summary.json").read_text())
         row = {
-            "mode": label, "overlap": overlap == "true", "exit": code, "wall_seconds": wall,
+            "mode": label,
+            "overlap": overlap == "true",
+            "exit": code,
+            "wall_seconds": wall,
             "final_mean_acc": s.get("final_mean_acc"),
             "round_breakdown_s": s.get("round_breakdown_s"),
             "round_breakdown_after_start_s": s.get("round_breakdown_after_start_s"),
             "outside_local_fraction": outside(s.get("round_breakdown_s")),
             "outside_local_fraction_after_start": outside(s.get("round_breakdown_after_start_s")),
-            "load_before": load, "load_after": loadavg(),
+            "load_before": load,
+            "load_after": loadavg(),
         }
         rows.append(row)
-        print(f"{label:<9} exit {code}  acc {row['final_mean_acc']:.4f}  outside local training "
-              f"{row['outside_local_fraction']:.3f} (after start {row['outside_local_fraction_after_start']:.3f})  "
-              f"wall {wall:.1f} s  load {row['load_after']}", flush=True)
-    (out / "rounds.json").write_text(json.dumps({"setup": setup, "load_before": load0, "rows": rows}, indent=2))
+        print(
+            f"{label:<9} exit {code}  acc {row['final_mean_acc']:.4f}  outside local training "
+            f"{row['outside_local_fraction']:.3f} (after start {row['outside_local_fraction_after_start']:.3f})  "
+            f"wall {wall:.1f} s  load {row['load_after']}",
+            flush=True,
+        )
+    (out / "rounds.json").write_text(
+        json.dumps({"setup": setup, "load_before": load0, "rows": rows}, indent=2)
+    )
     keys = ("local", "send", "wait", "mix", "eval_checkpoint", "total")
-    print(f"\n{Path(args.topology).stem}, education workload, {args.rounds} rounds: mean seconds per round")
-    print(f"{'mode':<10}" + "".join(f"{k:>17}" for k in keys) + f"{'outside':>9}{'after start':>13}{'acc':>8}")
+    print(
+        f"\n{Path(args.topology).stem}, education workload, {args.rounds} rounds: mean seconds per round"
+    )
+    print(
+        f"{'mode':<10}"
+        + "".join(f"{k:>17}" for k in keys)
+        + f"{'outside':>9}{'after start':>13}{'acc':>8}"
+    )
     for r in rows:
         bd = r["round_breakdown_s"] or {}
-        print(f"{r['mode']:<10}" + "".join(f"{bd.get(k, float('nan')):>17.3f}" for k in keys)
-              + f"{r['outside_local_fraction']:>9.3f}{r['outside_local_fraction_after_start']:>13.3f}"
-              + f"{r['final_mean_acc']:>8.4f}")
+        print(
+            f"{r['mode']:<10}"
+            + "".join(f"{bd.get(k, float('nan')):>17.3f}" for k in keys)
+            + f"{r['outside_local_fraction']:>9.3f}{r['outside_local_fraction_after_start']:>13.3f}"
+            + f"{r['final_mean_acc']:>8.4f}"
+        )
     print(f"target: at most {args.target:.0%} of the round outside local training")
     print(f"wrote {out / 'rounds.json'}")
     return 0 if all(r["exit"] == 0 for r in rows) else 1

@@ -35,12 +35,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from m3tgossip import testbed  # noqa: E402
+from m3tgossip.harness import testbed  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import loadavg, pyplot, wait_for_load  # noqa: E402
-from m3tgossip.metrics import read_metrics  # noqa: E402
-from m3tgossip.mixing import metropolis_hastings, predicted_rounds, slem  # noqa: E402
+
+from m3tgossip.consensus import metropolis_hastings, predicted_rounds, slem  # noqa: E402
+from m3tgossip.daemon.metrics import read_metrics  # noqa: E402
 from m3tgossip.topology import load_topology  # noqa: E402
 from m3tgossip.workloads.consensus import initial_vector  # noqa: E402
 
@@ -111,10 +112,22 @@ def run_sampled(argv: list[str]) -> tuple[int, dict[str, Any], dict[str, Any]]:
                 if mapped is not None:
                     torch_mapped[c.node] = mapped
         if rss:
-            samples.append({"phase": phase, "time": time.time(), "min_round": min(rounds), "max_round": max(rounds), "rss_kb": rss, "hwm_kb": hwm})
+            samples.append(
+                {
+                    "phase": phase,
+                    "time": time.time(),
+                    "min_round": min(rounds),
+                    "max_round": max(rounds),
+                    "rss_kb": rss,
+                    "hwm_kb": hwm,
+                }
+            )
     summary = json.loads((Path(args.out) / "summary.json").read_text())
     memory = memory_stats(samples)
-    memory["torch_mapped"] = {"checked": len(torch_mapped), "with_libtorch": sorted(n for n, m in torch_mapped.items() if m)}
+    memory["torch_mapped"] = {
+        "checked": len(torch_mapped),
+        "with_libtorch": sorted(n for n, m in torch_mapped.items() if m),
+    }
     return result.get("code", 1), summary, memory
 
 
@@ -167,10 +180,16 @@ def round_times(run_dir: Path) -> dict[str, Any]:
 def initial_error(topo, seed: int, size: int, dtype: str) -> float:
     """The testbed's initial error: sqrt of the sum over nodes of squared relative errors."""
     comps = topo.components()
-    vecs = {n: {c: initial_vector(seed, n, c, size, dtype).astype(np.float64) for c in comps} for n in topo.ids()}
+    vecs = {
+        n: {c: initial_vector(seed, n, c, size, dtype).astype(np.float64) for c in comps}
+        for n in topo.ids()
+    }
     mean = {c: sum(vecs[n][c] for n in topo.ids()) / len(topo.ids()) for c in comps}
     norm = math.sqrt(sum(float(m @ m) for m in mean.values()))
-    errs = [math.sqrt(sum(float((vecs[n][c] - mean[c]) @ (vecs[n][c] - mean[c])) for c in comps)) / norm for n in topo.ids()]
+    errs = [
+        math.sqrt(sum(float((vecs[n][c] - mean[c]) @ (vecs[n][c] - mean[c])) for c in comps)) / norm
+        for n in topo.ids()
+    ]
     return math.sqrt(sum(e * e for e in errs))
 
 
@@ -189,24 +208,46 @@ def main() -> int:
     p.add_argument("--size", type=int, default=256, help="floats per component (consensus)")
     p.add_argument("--degree", type=int, default=6, help="degree of the random regular graphs")
     p.add_argument("--target", type=float, default=1e-6)
-    p.add_argument("--margin", type=float, default=1.3, help="rounds = spectral prediction * margin")
+    p.add_argument(
+        "--margin", type=float, default=1.3, help="rounds = spectral prediction * margin"
+    )
     p.add_argument("--edu-rounds", type=int, default=20)
     p.add_argument("--deadline", type=float, default=30.0, help="round deadline bound (s)")
-    p.add_argument("--set", action="append", default=[], dest="settings", metavar="TABLE.KEY=VALUE",
-                   help="node config setting for every consensus daemon (repeatable), e.g. gossip.silence_s=30")
-    p.add_argument("--startup-grace", type=float, default=300.0,
-                   help="gossip.startup_grace_s of the consensus daemons: the testbed starts them one after the other, "
-                        "128 take over a minute to come up on 2 cores, and a node that starts its rounds before a "
-                        "neighbour is up mixes without it, which moves the network mean for good in lockstep rounds")
-    p.add_argument("--silence", type=float, default=30.0,
-                   help="gossip.silence_s of the consensus daemons: 128 daemons put a load of ~150 on 2 cores, where a "
-                        "live daemon can go unscheduled for more than the default 3 s and would be given up as silent")
-    p.add_argument("--deadline-min", type=float, default=10.0,
-                   help="gossip.deadline_min_s of the consensus daemons: the adaptive deadline learns ~1 s from quiet "
-                        "rounds, and at a load of ~150 a live neighbour can lag by more than the 3 deadlines a node "
-                        "waits for it; a round closed without it moves the network mean for good in lockstep rounds")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="settings",
+        metavar="TABLE.KEY=VALUE",
+        help="node config setting for every consensus daemon (repeatable), e.g. gossip.silence_s=30",
+    )
+    p.add_argument(
+        "--startup-grace",
+        type=float,
+        default=300.0,
+        help="gossip.startup_grace_s of the consensus daemons: the testbed starts them one after the other, "
+        "128 take over a minute to come up on 2 cores, and a node that starts its rounds before a "
+        "neighbour is up mixes without it, which moves the network mean for good in lockstep rounds",
+    )
+    p.add_argument(
+        "--silence",
+        type=float,
+        default=30.0,
+        help="gossip.silence_s of the consensus daemons: 128 daemons put a load of ~150 on 2 cores, where a "
+        "live daemon can go unscheduled for more than the default 3 s and would be given up as silent",
+    )
+    p.add_argument(
+        "--deadline-min",
+        type=float,
+        default=10.0,
+        help="gossip.deadline_min_s of the consensus daemons: the adaptive deadline learns ~1 s from quiet "
+        "rounds, and at a load of ~150 a live neighbour can lag by more than the 3 deadlines a node "
+        "waits for it; a round closed without it moves the network mean for good in lockstep rounds",
+    )
     p.add_argument("--load-threshold", type=float, default=4.0)
-    p.add_argument("--max-wait", type=float, default=600.0, help="longest wait for the load to drop (s)")
+    p.add_argument(
+        "--max-wait", type=float, default=600.0, help="longest wait for the load to drop (s)"
+    )
     args = p.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -218,47 +259,103 @@ def main() -> int:
         "cpus": os.cpu_count(),
         "mem_gib": round(mem_total, 1),
         "python": platform.python_version(),
-        "consensus": {"nodes": args.consensus_nodes, "size": args.size, "dtype": "float64", "graph": f"random_regular d={args.degree} seed=1", "target": args.target, "margin": args.margin, "deadline_s": args.deadline, "startup_grace_s": args.startup_grace, "silence_s": args.silence, "deadline_min_s": args.deadline_min, "settings": args.settings},
+        "consensus": {
+            "nodes": args.consensus_nodes,
+            "size": args.size,
+            "dtype": "float64",
+            "graph": f"random_regular d={args.degree} seed=1",
+            "target": args.target,
+            "margin": args.margin,
+            "deadline_s": args.deadline,
+            "startup_grace_s": args.startup_grace,
+            "silence_s": args.silence,
+            "deadline_min_s": args.deadline_min,
+            "settings": args.settings,
+        },
         "edu": {"nodes": args.edu_nodes, "rounds": args.edu_rounds, "graph": "cycle"},
         "sample_every_s": SAMPLE_EVERY_S,
     }
-    print(f"setup: {setup['cpus']} CPUs, {setup['mem_gib']} GiB, python {setup['python']}; consensus on random "
-          f"{args.degree}-regular graphs of {args.consensus_nodes} nodes, {args.size} float64 per component, "
-          f"target {args.target:g}, rounds = prediction x {args.margin}, deadline {args.deadline:g} s, start-up grace {args.startup_grace:g} s, silence {args.silence:g} s, minimum deadline {args.deadline_min:g} s, settings {args.settings or 'default'}; "
-          f"edu on rings of {args.edu_nodes} nodes, {args.edu_rounds} rounds; RSS sampled every {SAMPLE_EVERY_S:g} s", flush=True)
+    print(
+        f"setup: {setup['cpus']} CPUs, {setup['mem_gib']} GiB, python {setup['python']}; consensus on random "
+        f"{args.degree}-regular graphs of {args.consensus_nodes} nodes, {args.size} float64 per component, "
+        f"target {args.target:g}, rounds = prediction x {args.margin}, deadline {args.deadline:g} s, start-up grace {args.startup_grace:g} s, silence {args.silence:g} s, minimum deadline {args.deadline_min:g} s, settings {args.settings or 'default'}; "
+        f"edu on rings of {args.edu_nodes} nodes, {args.edu_rounds} rounds; RSS sampled every {SAMPLE_EVERY_S:g} s",
+        flush=True,
+    )
     rows: list[dict[str, Any]] = []
     for n in args.consensus_nodes:
-        spec = write_spec(out / f"rr{args.degree}-{n}.toml", f"rr{args.degree}-{n}",
-                          f"{n} peers on a random {args.degree}-regular graph (seed 1).",
-                          {"kind": "random_regular", "n": n, "d": args.degree, "seed": 1})
+        spec = write_spec(
+            out / f"rr{args.degree}-{n}.toml",
+            f"rr{args.degree}-{n}",
+            f"{n} peers on a random {args.degree}-regular graph (seed 1).",
+            {"kind": "random_regular", "n": n, "d": args.degree, "seed": 1},
+        )
         topo = load_topology(spec)
         s = slem(metropolis_hastings(topo.graph()))
         e0 = initial_error(topo, 0, args.size, "float64")
         predicted = predicted_rounds(s, args.target, e0)
         rounds = math.ceil(predicted * args.margin)
         load = wait_for_load(args.load_threshold, args.max_wait if n >= 64 else 0.0)
-        print(f"consensus {n:>4} nodes: SLEM {s:.4f}, initial error {e0:.2f}, predicted {predicted} rounds, running {rounds}; load {load['after']}", flush=True)
+        print(
+            f"consensus {n:>4} nodes: SLEM {s:.4f}, initial error {e0:.2f}, predicted {predicted} rounds, running {rounds}; load {load['after']}",
+            flush=True,
+        )
         run_dir = out / f"consensus-{n}"
         t0 = time.monotonic()
-        code, summary, memory = run_sampled([
-            "--topology", str(spec), "--workload", "consensus", "--rounds", str(rounds), "--out", str(run_dir),
-            "--target", str(args.target), "-o", f"size={args.size}", "--deadline", str(args.deadline),
-            "--timeout", str(600 + 20 * rounds), "--quiet", "--set", f"gossip.startup_grace_s={args.startup_grace}",
-            "--set", f"gossip.silence_s={args.silence}", "--set", f"gossip.deadline_min_s={args.deadline_min}",
-            *[a for kv in args.settings for a in ("--set", kv)],
-        ])
+        code, summary, memory = run_sampled(
+            [
+                "--topology",
+                str(spec),
+                "--workload",
+                "consensus",
+                "--rounds",
+                str(rounds),
+                "--out",
+                str(run_dir),
+                "--target",
+                str(args.target),
+                "-o",
+                f"size={args.size}",
+                "--deadline",
+                str(args.deadline),
+                "--timeout",
+                str(600 + 20 * rounds),
+                "--quiet",
+                "--set",
+                f"gossip.startup_grace_s={args.startup_grace}",
+                "--set",
+                f"gossip.silence_s={args.silence}",
+                "--set",
+                f"gossip.deadline_min_s={args.deadline_min}",
+                *[a for kv in args.settings for a in ("--set", kv)],
+            ]
+        )
         wall = time.monotonic() - t0
         bpr = [b for b in summary["bytes_per_round_per_node"] if b is not None]
         row = {
-            "workload": "consensus", "nodes": n, "graph": topo.name, "slem": s, "initial_error": e0,
-            "predicted_rounds": predicted, "rounds_run": rounds, "measured_rounds": summary["measured_rounds"],
+            "workload": "consensus",
+            "nodes": n,
+            "graph": topo.name,
+            "slem": s,
+            "initial_error": e0,
+            "predicted_rounds": predicted,
+            "rounds_run": rounds,
+            "measured_rounds": summary["measured_rounds"],
             "final_error": summary["final_consensus_error"],
-            "converged": summary["final_consensus_error"] is not None and summary["final_consensus_error"] <= args.target,
+            "converged": summary["final_consensus_error"] is not None
+            and summary["final_consensus_error"] <= args.target,
             "bytes_per_round_per_node": statistics.fmean(bpr) if bpr else None,
             "bytes_sent_total": sum(summary["bytes_sent"].values()),
-            "round_breakdown_s": summary.get("round_breakdown_s"), **round_times(run_dir), "memory": memory,
-            "wall_seconds": wall, "testbed_wall_seconds": summary["wall_seconds"], "exit": code,
-            "crashed": summary["crashed"], "hung": summary["hung"], "load_before": load, "load_after": loadavg(),
+            "round_breakdown_s": summary.get("round_breakdown_s"),
+            **round_times(run_dir),
+            "memory": memory,
+            "wall_seconds": wall,
+            "testbed_wall_seconds": summary["wall_seconds"],
+            "exit": code,
+            "crashed": summary["crashed"],
+            "hung": summary["hung"],
+            "load_before": load,
+            "load_after": loadavg(),
             "consensus_error": summary["consensus_error"],
         }
         rows.append(row)
@@ -267,65 +364,112 @@ def main() -> int:
         if n == 8 and (ROOT / "topology" / "ring-8.toml").exists():
             spec = ROOT / "topology" / "ring-8.toml"
         else:
-            spec = write_spec(out / f"ring-{n}.toml", f"ring-{n}", f"{n} peers on a cycle.", {"kind": "cycle", "n": n})
+            spec = write_spec(
+                out / f"ring-{n}.toml",
+                f"ring-{n}",
+                f"{n} peers on a cycle.",
+                {"kind": "cycle", "n": n},
+            )
         topo = load_topology(spec)
         load = wait_for_load(args.load_threshold, args.max_wait if n >= 16 else 0.0)
-        print(f"edu {n:>4} nodes ({topo.name}), {args.edu_rounds} rounds; load {load['after']}", flush=True)
+        print(
+            f"edu {n:>4} nodes ({topo.name}), {args.edu_rounds} rounds; load {load['after']}",
+            flush=True,
+        )
         run_dir = out / f"edu-{n}"
         t0 = time.monotonic()
-        code, summary, memory = run_sampled([
-            "--topology", str(spec), "--workload", "edu", "--rounds", str(args.edu_rounds), "--out", str(run_dir),
-            "--deadline", str(args.deadline), "--timeout", str(900 + 60 * args.edu_rounds), "--quiet",
-        ])
+        code, summary, memory = run_sampled(
+            [
+                "--topology",
+                str(spec),
+                "--workload",
+                "edu",
+                "--rounds",
+                str(args.edu_rounds),
+                "--out",
+                str(run_dir),
+                "--deadline",
+                str(args.deadline),
+                "--timeout",
+                str(900 + 60 * args.edu_rounds),
+                "--quiet",
+            ]
+        )
         wall = time.monotonic() - t0
         bpr = [b for b in summary["bytes_per_round_per_node"] if b is not None]
         bd = summary.get("round_breakdown_s") or {}
         total = bd.get("total") or float("nan")
         row = {
-            "workload": "edu", "nodes": n, "graph": topo.name, "rounds_run": args.edu_rounds,
+            "workload": "edu",
+            "nodes": n,
+            "graph": topo.name,
+            "rounds_run": args.edu_rounds,
             "final_mean_acc": summary.get("final_mean_acc"),
             "bytes_per_round_per_node": statistics.fmean(bpr) if bpr else None,
             "bytes_sent_total": sum(summary["bytes_sent"].values()),
             "round_breakdown_s": bd,
             "outside_local_fraction": (total - bd.get("local", 0.0)) / total if bd else None,
-            "outside_local_excl_wait_fraction": (total - bd.get("local", 0.0) - bd.get("wait", 0.0)) / total if bd else None,
-            "communication_fraction": (bd.get("send", 0.0) + bd.get("mix", 0.0)) / total if bd else None,
-            **round_times(run_dir), "memory": memory,
-            "wall_seconds": wall, "testbed_wall_seconds": summary["wall_seconds"], "exit": code,
-            "crashed": summary["crashed"], "hung": summary["hung"], "load_before": load, "load_after": loadavg(),
+            "outside_local_excl_wait_fraction": (total - bd.get("local", 0.0) - bd.get("wait", 0.0))
+            / total
+            if bd
+            else None,
+            "communication_fraction": (bd.get("send", 0.0) + bd.get("mix", 0.0)) / total
+            if bd
+            else None,
+            **round_times(run_dir),
+            "memory": memory,
+            "wall_seconds": wall,
+            "testbed_wall_seconds": summary["wall_seconds"],
+            "exit": code,
+            "crashed": summary["crashed"],
+            "hung": summary["hung"],
+            "load_before": load,
+            "load_after": loadavg(),
         }
         rows.append(row)
         print_row(row)
     (out / "scale.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
     plot(out, rows, args.target)
     print()
-    print(f"{'workload':<10}{'nodes':>6}{'rounds':>8}{'to tgt':>8}{'final err/acc':>14}{'round s':>9}"
-          f"{'kB/rnd/node':>12}{'RSS MiB':>9}{'max MiB':>9}{'torch':>7}{'wall s':>8}{'exit':>5}")
+    print(
+        f"{'workload':<10}{'nodes':>6}{'rounds':>8}{'to tgt':>8}{'final err/acc':>14}{'round s':>9}"
+        f"{'kB/rnd/node':>12}{'RSS MiB':>9}{'max MiB':>9}{'torch':>7}{'wall s':>8}{'exit':>5}"
+    )
     for r in rows:
         m = r["memory"]
-        fin = f"{r['final_error']:.2e}" if r["workload"] == "consensus" and r["final_error"] is not None else (
-            f"{r['final_mean_acc']:.3f}" if r.get("final_mean_acc") is not None else "-")
+        fin = (
+            f"{r['final_error']:.2e}"
+            if r["workload"] == "consensus" and r["final_error"] is not None
+            else (f"{r['final_mean_acc']:.3f}" if r.get("final_mean_acc") is not None else "-")
+        )
         torch_n = len(m.get("torch_mapped", {}).get("with_libtorch", []))
-        print(f"{r['workload']:<10}{r['nodes']:>6}{r['rounds_run']:>8}{r.get('measured_rounds') or '-'!s:>8}{fin:>14}"
-              f"{r.get('round_s_median', float('nan')):>9.3f}{(r['bytes_per_round_per_node'] or 0) / 1e3:>12.1f}"
-              f"{m.get('rss_mib_mean', float('nan')):>9.1f}{m.get('rss_mib_max', float('nan')):>9.1f}"
-              f"{torch_n:>4}/{m.get('torch_mapped', {}).get('checked', 0):<2}{r['wall_seconds']:>8.1f}{r['exit']:>5}")
+        print(
+            f"{r['workload']:<10}{r['nodes']:>6}{r['rounds_run']:>8}{r.get('measured_rounds') or '-'!s:>8}{fin:>14}"
+            f"{r.get('round_s_median', float('nan')):>9.3f}{(r['bytes_per_round_per_node'] or 0) / 1e3:>12.1f}"
+            f"{m.get('rss_mib_mean', float('nan')):>9.1f}{m.get('rss_mib_max', float('nan')):>9.1f}"
+            f"{torch_n:>4}/{m.get('torch_mapped', {}).get('checked', 0):<2}{r['wall_seconds']:>8.1f}{r['exit']:>5}"
+        )
     return 0 if all(r["exit"] == 0 for r in rows) else 1
 
 
 def print_row(r: dict[str, Any]) -> None:
     m = r["memory"]
     tm = m.get("torch_mapped", {})
-    line = (f"  -> exit {r['exit']}  wall {r['wall_seconds']:.1f} s  round median {r.get('round_s_median', float('nan')):.3f} s  "
-            f"{(r['bytes_per_round_per_node'] or 0) / 1e3:.1f} kB/round/node  RSS mean {m.get('rss_mib_mean', float('nan')):.1f} MiB "
-            f"max {m.get('rss_mib_max', float('nan')):.1f} MiB (all daemons {m.get('rss_total_mib_max', float('nan')):.0f} MiB, "
-            f"{m.get('samples', 0)} {m.get('phase', '')} samples)  libtorch mapped in {len(tm.get('with_libtorch', []))}/{tm.get('checked', 0)}")
+    line = (
+        f"  -> exit {r['exit']}  wall {r['wall_seconds']:.1f} s  round median {r.get('round_s_median', float('nan')):.3f} s  "
+        f"{(r['bytes_per_round_per_node'] or 0) / 1e3:.1f} kB/round/node  RSS mean {m.get('rss_mib_mean', float('nan')):.1f} MiB "
+        f"max {m.get('rss_mib_max', float('nan')):.1f} MiB (all daemons {m.get('rss_total_mib_max', float('nan')):.0f} MiB, "
+        f"{m.get('samples', 0)} {m.get('phase', '')} samples)  libtorch mapped in {len(tm.get('with_libtorch', []))}/{tm.get('checked', 0)}"
+    )
     if r["workload"] == "consensus":
         line += f"  measured rounds {r['measured_rounds']}  final error {r['final_error']:.2e}"
     else:
         bd = r["round_breakdown_s"]
-        line += (f"  acc {r['final_mean_acc']}  breakdown " + ", ".join(f"{k} {v:.3f}" for k, v in bd.items())
-                 + f"  outside local {r['outside_local_fraction']:.3f}, excl. wait {r['outside_local_excl_wait_fraction']:.3f}")
+        line += (
+            f"  acc {r['final_mean_acc']}  breakdown "
+            + ", ".join(f"{k} {v:.3f}" for k, v in bd.items())
+            + f"  outside local {r['outside_local_fraction']:.3f}, excl. wait {r['outside_local_excl_wait_fraction']:.3f}"
+        )
     print(line + f"  load {r['load_after']}", flush=True)
 
 
@@ -345,8 +489,18 @@ def plot(out: Path, rows: list[dict[str, Any]], target: float) -> None:
     axes[0].legend(fontsize=8)
     for kind, marker in (("consensus", "o"), ("edu", "s")):
         sub = [r for r in rows if r["workload"] == kind and r["memory"].get("samples")]
-        axes[1].plot([r["nodes"] for r in sub], [r["memory"]["rss_mib_mean"] for r in sub], marker=marker, label=kind)
-        axes[2].plot([r["nodes"] for r in sub], [r.get("round_s_median", float("nan")) for r in sub], marker=marker, label=kind)
+        axes[1].plot(
+            [r["nodes"] for r in sub],
+            [r["memory"]["rss_mib_mean"] for r in sub],
+            marker=marker,
+            label=kind,
+        )
+        axes[2].plot(
+            [r["nodes"] for r in sub],
+            [r.get("round_s_median", float("nan")) for r in sub],
+            marker=marker,
+            label=kind,
+        )
     axes[1].set_xscale("log", base=2)
     axes[1].set_xlabel("daemons")
     axes[1].set_ylabel("mean RSS per daemon (MiB)")

@@ -1,12 +1,12 @@
 """Command line: argument parsing only; every subcommand calls into a module.
 
-    m3tgossip node --topology FILE --id NODE [--config FILE] [options]
-    m3tgossip topology check FILE [--target 1e-6] [--json]
-    m3tgossip status ENDPOINT --key DIR/ID --server-key KEY [--timeout 3]
-    m3tgossip status --topology FILE --id NODE --key DIR/ID
-    m3tgossip status ENDPOINT --insecure
-    m3tgossip keys generate --out DIR --id NODE [--force]
-    m3tgossip testbed --topology FILE --workload consensus --rounds 60 --out DIR
+m3tgossip node --topology FILE --id NODE [--config FILE] [options]
+m3tgossip topology check FILE [--target 1e-6] [--json]
+m3tgossip status ENDPOINT --key DIR/ID --server-key KEY [--timeout 3]
+m3tgossip status --topology FILE --id NODE --key DIR/ID
+m3tgossip status ENDPOINT --insecure
+m3tgossip keys generate --out DIR --id NODE [--force]
+m3tgossip testbed --topology FILE --workload consensus --rounds 60 --out DIR
 """
 
 from __future__ import annotations
@@ -45,41 +45,87 @@ def _node_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-dir", dest="state_dir", help="folder for checkpoint and metrics")
     p.add_argument("--metrics", help="metrics file (JSON lines)")
     p.add_argument("--bind", help="endpoint to bind, e.g. tcp://0.0.0.0:5701")
-    p.add_argument("--fresh", action="store_true", default=None, help="ignore an existing checkpoint")
-    p.add_argument("--key-dir", dest="key_dir", help="folder holding this node's ID.key_secret (CURVE)")
-    p.add_argument("--status-key", dest="status_keys", metavar="FILE", help="operator public keys allowed to query status")
     p.add_argument(
-        "--insecure", action="store_true", default=None,
+        "--fresh", action="store_true", default=None, help="ignore an existing checkpoint"
+    )
+    p.add_argument(
+        "--key-dir", dest="key_dir", help="folder holding this node's ID.key_secret (CURVE)"
+    )
+    p.add_argument(
+        "--status-key",
+        dest="status_keys",
+        metavar="FILE",
+        help="operator public keys allowed to query status",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
         help="plaintext links, no encryption or authentication (loopback only)",
     )
     p.add_argument("--mode", dest="gossip.mode", help="sync | push-sum")
-    p.add_argument("--deadline", dest="gossip.round_deadline_s", type=float, help="round deadline (s)")
-    p.add_argument("--startup-grace", dest="gossip.startup_grace_s", type=float, help="seconds to wait for neighbours at start")
     p.add_argument(
-        "--option", "-o", action="append", type=_option, default=[], metavar="KEY=VALUE",
+        "--deadline", dest="gossip.round_deadline_s", type=float, help="round deadline (s)"
+    )
+    p.add_argument(
+        "--startup-grace",
+        dest="gossip.startup_grace_s",
+        type=float,
+        help="seconds to wait for neighbours at start",
+    )
+    p.add_argument(
+        "--option",
+        "-o",
+        action="append",
+        type=_option,
+        default=[],
+        metavar="KEY=VALUE",
         help="workload option (repeatable), e.g. -o size=100000",
     )
     p.add_argument(
-        "--set", action="append", type=_option, default=[], metavar="TABLE.KEY=VALUE", dest="settings",
+        "--set",
+        action="append",
+        type=_option,
+        default=[],
+        metavar="TABLE.KEY=VALUE",
+        dest="settings",
         help="any config key of the gossip, transport, faults or privacy table (repeatable), "
         "e.g. --set gossip.aggregator=clip --set faults.drop=0.1",
     )
 
 
 def _cmd_node(args: argparse.Namespace) -> int:
-    from m3tgossip.config import load_node_config
-    from m3tgossip.node import run_node
+    from m3tgossip.daemon.config import load_node_config
+    from m3tgossip.daemon.node import run_node
 
-    keys = ("topology", "id", "workload", "rounds", "seed", "state_dir", "metrics", "bind", "fresh",
-            "key_dir", "status_keys", "insecure",
-            "gossip.mode", "gossip.round_deadline_s", "gossip.startup_grace_s")
+    keys = (
+        "topology",
+        "id",
+        "workload",
+        "rounds",
+        "seed",
+        "state_dir",
+        "metrics",
+        "bind",
+        "fresh",
+        "key_dir",
+        "status_keys",
+        "insecure",
+        "gossip.mode",
+        "gossip.round_deadline_s",
+        "gossip.startup_grace_s",
+    )
     overrides: dict[str, Any] = {k: getattr(args, k) for k in keys}
     for key, value in args.option:
         overrides[f"workload.{key}"] = value
     for key, value in args.settings:
         table = key.partition(".")[0]
         if table not in ("gossip", "transport", "faults", "privacy") or "." not in key:
-            raise ConfigError("--set", key, "expected TABLE.KEY with TABLE one of gossip, transport, faults, privacy")
+            raise ConfigError(
+                "--set",
+                key,
+                "expected TABLE.KEY with TABLE one of gossip, transport, faults, privacy",
+            )
         overrides[key] = value
     config = load_node_config(args.config, overrides)
     return run_node(config)
@@ -97,8 +143,7 @@ def _cmd_topology_check(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from m3tgossip.security import load_keypair, load_public
-    from m3tgossip.status import query_status
+    from m3tgossip.net import load_keypair, load_public, query_status
 
     endpoint, server_key = args.endpoint, args.server_key
     if args.topology or args.id:
@@ -116,21 +161,26 @@ def _cmd_status(args: argparse.Namespace) -> int:
     else:
         if not args.key:
             raise ConfigError(
-                "status", "--key",
+                "status",
+                "--key",
                 "missing: pass --key DIR/ID (an operator keypair the node allows, see "
                 "--status-key of m3tgossip node), or --insecure for a plaintext node",
             )
         if not server_key:
-            raise ConfigError("status", "--server-key", "missing: the node's public key (or --topology and --id)")
+            raise ConfigError(
+                "status", "--server-key", "missing: the node's public key (or --topology and --id)"
+            )
         if Path(server_key).is_file():
             server_key = load_public(server_key)
-        state = query_status(endpoint, timeout_s=args.timeout, key=load_keypair(args.key), server_key=server_key)
+        state = query_status(
+            endpoint, timeout_s=args.timeout, key=load_keypair(args.key), server_key=server_key
+        )
     print(json.dumps(state, indent=2, sort_keys=True))
     return 0
 
 
 def _cmd_keys_generate(args: argparse.Namespace) -> int:
-    from m3tgossip.security import PUBLIC_SUFFIX, SECRET_SUFFIX, generate_keys
+    from m3tgossip.net import PUBLIC_SUFFIX, SECRET_SUFFIX, generate_keys
 
     for node_id in args.id:
         try:
@@ -139,8 +189,10 @@ def _cmd_keys_generate(args: argparse.Namespace) -> int:
             raise ConfigError(args.out, node_id, str(exc)) from None
         except ValueError as exc:
             raise ConfigError("--id", node_id, str(exc)) from None
-        print(f"{node_id}: public_key = \"{pair.public}\"  "
-              f"(wrote {args.out}/{node_id}{PUBLIC_SUFFIX}, {node_id}{SECRET_SUFFIX} mode 600)")
+        print(
+            f'{node_id}: public_key = "{pair.public}"  '
+            f"(wrote {args.out}/{node_id}{PUBLIC_SUFFIX}, {node_id}{SECRET_SUFFIX} mode 600)"
+        )
     return 0
 
 
@@ -156,21 +208,41 @@ def build_parser() -> argparse.ArgumentParser:
     topo_sub = topo.add_subparsers(dest="topology_command", required=True)
     check = topo_sub.add_parser("check", help="validate a spec and predict consensus speed")
     check.add_argument("file")
-    check.add_argument("--target", type=float, default=1e-6, help="relative consensus error (default 1e-6)")
+    check.add_argument(
+        "--target", type=float, default=1e-6, help="relative consensus error (default 1e-6)"
+    )
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     status = sub.add_parser("status", help="query a running node")
-    status.add_argument("endpoint", nargs="?", help="the node's endpoint, e.g. tcp://127.0.0.1:5701")
+    status.add_argument(
+        "endpoint", nargs="?", help="the node's endpoint, e.g. tcp://127.0.0.1:5701"
+    )
     status.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
-    status.add_argument("--key", metavar="DIR/ID", help="operator keypair (reads DIR/ID.key_secret)")
-    status.add_argument("--server-key", metavar="KEY", help="the node's public key (Z85 text or a .key file)")
+    status.add_argument(
+        "--key", metavar="DIR/ID", help="operator keypair (reads DIR/ID.key_secret)"
+    )
+    status.add_argument(
+        "--server-key", metavar="KEY", help="the node's public key (Z85 text or a .key file)"
+    )
     status.add_argument("--topology", help="take endpoint and node key from this spec ...")
     status.add_argument("--id", help="... for this node")
-    status.add_argument("--insecure", action="store_true", help="plaintext query (a node started with --insecure)")
+    status.add_argument(
+        "--insecure", action="store_true", help="plaintext query (a node started with --insecure)"
+    )
     keys = sub.add_parser("keys", help="manage CURVE keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
-    gen = keys_sub.add_parser("generate", help="write a keypair: DIR/ID.key (public), DIR/ID.key_secret (mode 600)")
-    gen.add_argument("--out", required=True, metavar="DIR", help="folder for the key files (created)")
-    gen.add_argument("--id", required=True, action="append", metavar="NODE", help="node or operator id (repeatable)")
+    gen = keys_sub.add_parser(
+        "generate", help="write a keypair: DIR/ID.key (public), DIR/ID.key_secret (mode 600)"
+    )
+    gen.add_argument(
+        "--out", required=True, metavar="DIR", help="folder for the key files (created)"
+    )
+    gen.add_argument(
+        "--id",
+        required=True,
+        action="append",
+        metavar="NODE",
+        help="node or operator id (repeatable)",
+    )
     gen.add_argument("--force", action="store_true", help="replace existing key files")
     sub.add_parser("testbed", help="run a multi-process testbed on this machine", add_help=False)
     return parser
@@ -179,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["testbed"]:
-        from m3tgossip.testbed import main as testbed_main
+        from m3tgossip.harness.testbed import main as testbed_main
 
         return testbed_main(argv[1:])
     args = build_parser().parse_args(argv)

@@ -4,7 +4,7 @@
     python scripts/chaos.py --topology topology/torus-16.toml --workload consensus \\
         --duration 90 --seed 1 --out runs/chaos
 
-See `m3tgossip.chaos` for the phases, the checks and `DIR/verdict.json`. Exits 0 when every
+See `m3tgossip.harness.chaos` for the phases, the checks and `DIR/verdict.json`. Exits 0 when every
 check passed, 1 when one failed, 2 on a usage or set-up error.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from m3tgossip.chaos import main  # noqa: E402
+from m3tgossip.harness.chaos import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

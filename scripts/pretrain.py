@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Pretrain the M3T base checkpoint that the package ships (`m3tgossip/model/weights/`).
+"""Pretrain the M3T base checkpoint that the package ships (`m3tgossip/edu/model/weights/`).
 
 The encoders, fusion and backbone are trained in full (MiniLM stays frozen) on a public set of
 institutions, `public-0` .. `public-<n-1>`, generated under data seed 1000 (a federation's
@@ -37,15 +37,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from m3tgossip.data import MODALITIES, TASKS, DataConfig, EduData, node_data  # noqa: E402
-from m3tgossip.model import DEFAULT_CHECKPOINT, Batch, M3TConfig, M3TModel  # noqa: E402
-from m3tgossip.model.node_model import make_batch  # noqa: E402
-from m3tgossip.model.pretrained import (  # noqa: E402
+from m3tgossip.edu.data import MODALITIES, TASKS, DataConfig, EduData, node_data  # noqa: E402
+from m3tgossip.edu.model import DEFAULT_CHECKPOINT, Batch, M3TConfig, M3TModel  # noqa: E402
+from m3tgossip.edu.model.node_model import make_batch  # noqa: E402
+from m3tgossip.edu.model.pretrained import (  # noqa: E402
     load_sentence_encoder,
     load_transformers_backbone,
     save_checkpoint,
 )
-from m3tgossip.train import macro_f1, masked_cross_entropy  # noqa: E402
+from m3tgossip.edu.train import macro_f1, masked_cross_entropy  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ def read_ready(proc: subprocess.Popen, timeout: float = WAIT_S) -> dict:
             if not line:
                 raise AssertionError(f"node exited ({proc.wait(timeout=WAIT_S)}) before READY")
             if line.startswith("READY "):
-                return json.loads(line[len("READY "):])
+                return json.loads(line[len("READY ") :])
     finally:
         sel.close()
     raise AssertionError(f"no READY line within {timeout} s")

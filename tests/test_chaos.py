@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from m3tgossip import chaos
+from m3tgossip.harness import chaos
 from m3tgossip.topology import load_topology
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +52,9 @@ def test_nemesis_schedule_is_deterministic_for_a_seed() -> None:
 
 def test_nemesis_never_picks_excluded_nodes() -> None:
     nodes, adj = _adjacency(RING8)
-    plan = chaos.plan_nemesis(nodes, adj, 30.0, seed=3, kill_fraction=0.5, stop_fraction=0.25, exclude=("n0", "n1"))
+    plan = chaos.plan_nemesis(
+        nodes, adj, 30.0, seed=3, kill_fraction=0.5, stop_fraction=0.25, exclude=("n0", "n1")
+    )
     assert all(f.nodes[0] not in ("n0", "n1") for f in plan if f.kind in ("kill", "stop"))
 
 
@@ -75,11 +77,33 @@ def _assert_clean(verdict: dict, out) -> None:
 
 def test_short_chaos_run_on_loopback(tmp_path) -> None:
     out = tmp_path / "run"
-    code = chaos.main([
-        "--topology", RING8, "--workload", "consensus", "--duration", "14", "--seed", "3",
-        "--out", str(out), "--net", "loopback", "--loss", "0.1", "--kill-fraction", "0.125",
-        "--stop-fraction", "0.125", "--settle-timeout", "40", "-o", "size=128", "--quiet",
-    ])
+    code = chaos.main(
+        [
+            "--topology",
+            RING8,
+            "--workload",
+            "consensus",
+            "--duration",
+            "14",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
+            "--net",
+            "loopback",
+            "--loss",
+            "0.1",
+            "--kill-fraction",
+            "0.125",
+            "--stop-fraction",
+            "0.125",
+            "--settle-timeout",
+            "40",
+            "-o",
+            "size=128",
+            "--quiet",
+        ]
+    )
     verdict = json.loads((out / "verdict.json").read_text())
     _assert_clean(verdict, out)
     assert verdict["passed"], verdict["failed"]
@@ -92,7 +116,17 @@ def test_short_chaos_run_on_loopback(tmp_path) -> None:
     restart = verdict["checks"]["resumed_from_checkpoint"]["restarts"][0]
     assert restart["resumed_round"] == restart["checkpoint_round_at_kill"]
     events = [json.loads(line)["event"] for line in (out / "faults.jsonl").read_text().splitlines()]
-    for e in ("setup", "message-loss", "sigkill", "restart", "sigstop", "sigcont", "healed", "settled", "stopped"):
+    for e in (
+        "setup",
+        "message-loss",
+        "sigkill",
+        "restart",
+        "sigstop",
+        "sigcont",
+        "healed",
+        "settled",
+        "stopped",
+    ):
         assert e in events
 
 
@@ -102,15 +136,42 @@ NETNS, WHY = chaos.netns_available() if os.geteuid() == 0 else (False, "not root
 @pytest.mark.skipif(not NETNS, reason=f"network namespaces not available: {WHY}")
 def test_partition_in_namespaces_heals(tmp_path) -> None:
     out = tmp_path / "ns"
-    code = chaos.main([
-        "--topology", RING8, "--workload", "consensus", "--duration", "20", "--seed", "4",
-        "--out", str(out), "--net", "netns", "--loss", "0.0", "--kill-fraction", "0",
-        "--stop-fraction", "0", "--partition-s", "8", "--settle-timeout", "40", "-o", "size=128", "--quiet",
-    ])
+    code = chaos.main(
+        [
+            "--topology",
+            RING8,
+            "--workload",
+            "consensus",
+            "--duration",
+            "20",
+            "--seed",
+            "4",
+            "--out",
+            str(out),
+            "--net",
+            "netns",
+            "--loss",
+            "0.0",
+            "--kill-fraction",
+            "0",
+            "--stop-fraction",
+            "0",
+            "--partition-s",
+            "8",
+            "--settle-timeout",
+            "40",
+            "-o",
+            "size=128",
+            "--quiet",
+        ]
+    )
     verdict = json.loads((out / "verdict.json").read_text())
     _assert_clean(verdict, out)
     assert verdict["net"] == "netns"
-    assert verdict["faults_injected"]["partition"] == 1 and verdict["faults_injected"]["heal-partition"] == 1
+    assert (
+        verdict["faults_injected"]["partition"] == 1
+        and verdict["faults_injected"]["heal-partition"] == 1
+    )
     assert verdict["checks"]["network_cleaned"]["passed"]
     assert verdict["passed"], verdict["failed"]
     assert code == 0
@@ -121,12 +182,16 @@ def test_partition_in_namespaces_heals(tmp_path) -> None:
     healed = next(f for f in faults if f["event"] == "heal-partition")
     side = set(cut["nodes"])
     topo = load_topology(RING8)
-    from m3tgossip.metrics import read_metrics
+    from m3tgossip.daemon.metrics import read_metrics
 
     for n in side:
         if not set(topo.neighbours(n)) - side:
             continue
         recs = read_metrics(out / "nodes" / n / "metrics.jsonl")
-        inside = [rec for prev, rec in zip(recs, recs[1:]) if cut["time"] < prev["time"] and rec["time"] < healed["time"]]
+        inside = [
+            rec
+            for prev, rec in zip(recs, recs[1:])
+            if cut["time"] < prev["time"] and rec["time"] < healed["time"]
+        ]
         assert any(set(rec["heard"]) <= side for rec in inside), (n, [r["heard"] for r in inside])
     assert np.isfinite(verdict["checks"]["converged"]["spread"])

@@ -8,19 +8,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from m3tgossip import testbed, wire
-from m3tgossip.compress import parse_codec
+from m3tgossip import protocol
 from m3tgossip.errors import ProtocolError
+from m3tgossip.harness import testbed
+from m3tgossip.protocol import parse_codec
 
 SESSION = "0" * 32
 
 
 def through_wire(codec_spec: str, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     payload, meta, dense = parse_codec(codec_spec).encode("backbone", delta, 3, 0.0)
-    msg = wire.Message(wire.MsgType.DELTA, "n0", SESSION, 1, 0, {}, {"backbone": payload}, {"backbone": meta})
-    frames = wire.encode(msg)
-    got = wire.decode([bytes(f) for f in frames])
-    return got.tensors["backbone"], dense, wire.frames_nbytes(frames)
+    msg = protocol.Message(
+        protocol.MsgType.DELTA, "n0", SESSION, 1, 0, {}, {"backbone": payload}, {"backbone": meta}
+    )
+    frames = protocol.encode(msg)
+    got = protocol.decode([bytes(f) for f in frames])
+    return got.tensors["backbone"], dense, protocol.frames_nbytes(frames)
 
 
 @pytest.mark.parametrize("spec", ["raw", "fp16", "int8", "topk:0.1", "topk:1.0"])
@@ -54,7 +57,18 @@ def test_bad_int8_rejected(mutate, words) -> None:
     import msgpack
 
     payload, meta, _ = parse_codec("int8").encode("backbone", np.ones(8, np.float32), 0, 0.0)
-    frames = wire.encode(wire.Message(wire.MsgType.DELTA, "n0", SESSION, 1, 0, {}, {"backbone": payload}, {"backbone": meta}))
+    frames = protocol.encode(
+        protocol.Message(
+            protocol.MsgType.DELTA,
+            "n0",
+            SESSION,
+            1,
+            0,
+            {},
+            {"backbone": payload},
+            {"backbone": meta},
+        )
+    )
     header = msgpack.unpackb(frames[0])
     if "needs dtype" in words[0]:
         header["tensors"][0]["dtype"] = "float32"
@@ -63,21 +77,34 @@ def test_bad_int8_rejected(mutate, words) -> None:
         mutate(header, None)
         frames = [msgpack.packb(header), bytes(frames[1])]
     with pytest.raises(ProtocolError) as info:
-        wire.decode(frames)
+        protocol.decode(frames)
     assert all(w in str(info.value) for w in words)
 
 
 def test_bad_topk_payload_rejected() -> None:
     import msgpack
 
-    payload, meta, _ = parse_codec("topk:0.5").encode("backbone", np.arange(8, dtype=np.float32), 0, 0.0)
-    frames = wire.encode(wire.Message(wire.MsgType.DELTA, "n0", SESSION, 1, 0, {}, {"backbone": payload}, {"backbone": meta}))
+    payload, meta, _ = parse_codec("topk:0.5").encode(
+        "backbone", np.arange(8, dtype=np.float32), 0, 0.0
+    )
+    frames = protocol.encode(
+        protocol.Message(
+            protocol.MsgType.DELTA,
+            "n0",
+            SESSION,
+            1,
+            0,
+            {},
+            {"backbone": payload},
+            {"backbone": meta},
+        )
+    )
     header, body = frames[0], bytearray(bytes(frames[1]))
     body[0:4] = np.array([99], "<i4").tobytes()  # index out of range / not increasing
     with pytest.raises(ProtocolError, match="topk indices"):
-        wire.decode([header, bytes(body)])
+        protocol.decode([header, bytes(body)])
     with pytest.raises(ProtocolError, match="not a multiple"):
-        wire.decode([header, bytes(body[:-1])])
+        protocol.decode([header, bytes(body[:-1])])
     assert msgpack.unpackb(header)["tensors"][0]["enc"] == "topk"
 
 
@@ -91,10 +118,25 @@ def test_int8_gossip_with_error_feedback_reaches_consensus(tmp_path: Path) -> No
     spec = tmp_path / "ring.toml"
     spec.write_text('name = "r6"\n[generator]\nkind = "cycle"\nn = 6\n')
     out = tmp_path / "bed"
-    code = testbed.main([
-        "--topology", str(spec), "--rounds", "60", "--out", str(out), "--quiet", "--timeout", "120",
-        "-o", "size=256", "-o", "dtype=float32", "--set", "gossip.compression=int8",
-    ])
+    code = testbed.main(
+        [
+            "--topology",
+            str(spec),
+            "--rounds",
+            "60",
+            "--out",
+            str(out),
+            "--quiet",
+            "--timeout",
+            "120",
+            "-o",
+            "size=256",
+            "-o",
+            "dtype=float32",
+            "--set",
+            "gossip.compression=int8",
+        ]
+    )
     s = json.loads((out / "summary.json").read_text())
     assert code == 0
     assert s["final_consensus_error"] < 1e-4

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
-from m3tgossip import checkpoint
-from m3tgossip.metrics import read_metrics
+from m3tgossip.daemon import checkpoint
+from m3tgossip.daemon.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 
 WRITER = """
 import sys, numpy as np
-from m3tgossip import checkpoint
-from m3tgossip.metrics import MetricsWriter
+from m3tgossip.daemon import checkpoint
+from m3tgossip.daemon.metrics import MetricsWriter
 folder = sys.argv[1]
 m = MetricsWriter(folder + "/metrics.jsonl")
 big = np.random.default_rng(0).standard_normal(2_000_000)
@@ -40,7 +40,10 @@ def test_checkpoint_and_metrics_survive_sigkill_while_writing(tmp_path: Path) ->
     last_round = -1
     for attempt in range(6):
         proc = subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, env=env, text=True
+            [sys.executable, "-c", WRITER, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
         )
         try:
             assert proc.stdout.readline().strip() == "go"

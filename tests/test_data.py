@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from m3tgossip.data import (
+from m3tgossip.edu.data import (
     CLICK_LEN,
     CLICK_VOCAB,
     GROUP_ATTRIBUTES,
@@ -23,7 +23,7 @@ from m3tgossip.data import (
     node_records,
     pooled_data,
 )
-from m3tgossip.data.edu import PRIME_DIGITS, TOKEN_ID
+from m3tgossip.edu.data.edu import PRIME_DIGITS, TOKEN_ID
 from m3tgossip.topology import NodeSpec
 
 INSTITUTIONS = ("uni-a", "uni-b", "college-c", "school-d", "academy-e", "poly-f")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from m3tgossip.edu.workload import EduWorkload
 from m3tgossip.topology import parse_topology
-from m3tgossip.workloads.edu import EduWorkload
 
 SPEC = {
     "name": "edu-three",

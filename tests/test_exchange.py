@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from m3tgossip import testbed, wire
+from m3tgossip import protocol
+from m3tgossip.daemon.config import GossipConfig, NodeConfig
+from m3tgossip.daemon.node import Node
 from m3tgossip.errors import ProtocolError
-from m3tgossip.config import GossipConfig, NodeConfig
-from m3tgossip.node import Node
+from m3tgossip.harness import testbed
 from m3tgossip.topology import load_topology
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,10 +22,12 @@ class CapturingTransport:
     endpoint = "tcp://127.0.0.1:1"
 
     def __init__(self) -> None:
-        self.sent: list[tuple[str, wire.Message, int]] = []
+        self.sent: list[tuple[str, protocol.Message, int]] = []
 
     def send(self, peer: str, frames: list) -> bool:
-        self.sent.append((peer, wire.decode([bytes(f) for f in frames]), wire.frames_nbytes(frames)))
+        self.sent.append(
+            (peer, protocol.decode([bytes(f) for f in frames]), protocol.frames_nbytes(frames))
+        )
         return True
 
 
@@ -33,8 +36,12 @@ def test_only_components_held_by_both_ends_are_sent(tmp_path: Path) -> None:
     local_somewhere = {c for n in topo.nodes for c in n.local}
     assert local_somewhere, "campus should keep some components local"
     for spec in topo.nodes:
-        cfg = NodeConfig(id=spec.id, topology=str(topo.source), state_dir=str(tmp_path / spec.id),
-                         workload_options={"size": 8})
+        cfg = NodeConfig(
+            id=spec.id,
+            topology=str(topo.source),
+            state_dir=str(tmp_path / spec.id),
+            workload_options={"size": 8},
+        )
         node = Node(cfg, topology=topo)
         node.transport = CapturingTransport()
         for round_ in range(2):  # round 0 sends full state, round 1 deltas
@@ -46,8 +53,11 @@ def test_only_components_held_by_both_ends_are_sent(tmp_path: Path) -> None:
             assert set(msg.tensors) <= both, (spec.id, peer, set(msg.tensors) - both)
             assert not set(msg.tensors) & set(spec.local)
         heard = {peer for peer, _, _ in node.transport.sent}
-        silent = {p for p in topo.neighbours(spec.id)
-                  if not set(spec.shared_components) & set(topo.node(p).shared_components)}
+        silent = {
+            p
+            for p in topo.neighbours(spec.id)
+            if not set(spec.shared_components) & set(topo.node(p).shared_components)
+        }
         assert not heard & silent  # zero bytes to a neighbour with no component in common
 
 
@@ -60,10 +70,27 @@ def test_edu_daemons_train_exchange_and_report(tmp_path: Path) -> None:
         'local = ["head.next_response"]\n'
     )
     out = tmp_path / "bed"
-    code = testbed.main([
-        "--topology", str(spec), "--workload", "edu", "--rounds", "3", "--out", str(out), "--quiet",
-        "-o", "eval_every=1", "-o", "local_steps=2", "-o", "records=60", "--timeout", "300",
-    ])
+    code = testbed.main(
+        [
+            "--topology",
+            str(spec),
+            "--workload",
+            "edu",
+            "--rounds",
+            "3",
+            "--out",
+            str(out),
+            "--quiet",
+            "-o",
+            "eval_every=1",
+            "-o",
+            "local_steps=2",
+            "-o",
+            "records=60",
+            "--timeout",
+            "300",
+        ]
+    )
     s = json.loads((out / "summary.json").read_text())
     assert code == 0 and not s["crashed"] and not s["hung"]
     assert s["per_node"]["a"]["rounds"] == [0, 1, 2]
@@ -119,8 +146,13 @@ def test_dp_noise_is_declared_and_spent_budget_stops_sharing(tmp_path: Path) -> 
     )
     topo = load_topology(spec)
     comps = {c: 50 for c in topo.node("a").shared_components}
-    cfg = NodeConfig(id="a", topology=str(spec), state_dir=str(tmp_path / "a"), rounds=0,
-                     privacy={"epsilon": 2.0, "delta": 1e-5, "clip": 0.1, "noise_multiplier": 8.0})
+    cfg = NodeConfig(
+        id="a",
+        topology=str(spec),
+        state_dir=str(tmp_path / "a"),
+        rounds=0,
+        privacy={"epsilon": 2.0, "delta": 1e-5, "clip": 0.1, "noise_multiplier": 8.0},
+    )
     node = Node(cfg, topology=topo, workload=PrivateVectors(comps))
     node.transport = CapturingTransport()
     assert node.privatizer is not None
@@ -133,11 +165,11 @@ def test_dp_noise_is_declared_and_spent_budget_stops_sharing(tmp_path: Path) -> 
         rounds += 1
     assert node.retired == set(comps), "budgets never ran out"
     sent = node.transport.sent
-    updates = [m for _, m, _ in sent if m.type in (wire.MsgType.DELTA, wire.MsgType.STATE)]
+    updates = [m for _, m, _ in sent if m.type in (protocol.MsgType.DELTA, protocol.MsgType.STATE)]
     assert updates and all(t.noise > 0 for m in updates for t in m.meta.values())
-    retires = [m for _, m, _ in sent if m.type is wire.MsgType.RETIRE]
+    retires = [m for _, m, _ in sent if m.type is protocol.MsgType.RETIRE]
     assert {c for m in retires for c in m.body["components"]} == set(comps)
-    last_retire = max(i for i, (_, m, _) in enumerate(sent) if m.type is wire.MsgType.RETIRE)
+    last_retire = max(i for i, (_, m, _) in enumerate(sent) if m.type is protocol.MsgType.RETIRE)
     count = len(sent)
     node.workload.local_step(rounds)
     node._send_round({c: x.copy() for c, x in node.shared.items()})
@@ -160,7 +192,9 @@ def test_privacy_profile_override(tmp_path: Path) -> None:
     comps = {c: 8 for c in topo.node("uni-a").shared_components}
 
     def build(privacy: dict) -> Node:
-        cfg = NodeConfig(id="uni-a", topology=str(topo.source), state_dir=str(tmp_path / "a"), privacy=privacy)
+        cfg = NodeConfig(
+            id="uni-a", topology=str(topo.source), state_dir=str(tmp_path / "a"), privacy=privacy
+        )
         return Node(cfg, topology=topo, workload=PrivateVectors(comps))
 
     assert build({}).privatizer is not None
@@ -181,10 +215,10 @@ class WireTransport:
         self.outbox.append((peer, [bytes(f) for f in frames]))
         return True
 
-    def deliver(self, sender: str, nodes: dict[str, Node]) -> list[wire.Message]:
+    def deliver(self, sender: str, nodes: dict[str, Node]) -> list[protocol.Message]:
         out = []
         for peer, frames in self.outbox:
-            out.append(wire.decode(frames))
+            out.append(protocol.decode(frames))
             nodes[peer]._handle(sender.encode(), frames, None)
         self.outbox.clear()
         return out
@@ -194,15 +228,26 @@ def _pair(tmp_path: Path, same_start: bool, **gossip: object) -> dict[str, Node]
     from m3tgossip.workloads.consensus import ConsensusWorkload
 
     spec = tmp_path / "pair.toml"
-    spec.write_text('name = "pair"\nedges = [["a", "b"]]\n[[nodes]]\nid = "a"\n[[nodes]]\nid = "b"\n')
+    spec.write_text(
+        'name = "pair"\nedges = [["a", "b"]]\n[[nodes]]\nid = "a"\n[[nodes]]\nid = "b"\n'
+    )
     topo = load_topology(spec)
-    workloads = {n: ConsensusWorkload(topology=topo, node_id=n, seed=0, options={"size": 16}) for n in ("a", "b")}
+    workloads = {
+        n: ConsensusWorkload(topology=topo, node_id=n, seed=0, options={"size": 16})
+        for n in ("a", "b")
+    }
     if same_start:
         for comp, x in workloads["b"].shared().items():
             x[...] = workloads["a"].shared()[comp]
     nodes = {}
     for n, w in workloads.items():
-        cfg = NodeConfig(id=n, topology=str(spec), state_dir=str(tmp_path / n), fresh=True, gossip=GossipConfig(**gossip))
+        cfg = NodeConfig(
+            id=n,
+            topology=str(spec),
+            state_dir=str(tmp_path / n),
+            fresh=True,
+            gossip=GossipConfig(**gossip),
+        )
         node = Node(cfg, topology=topo, workload=w)
         node.transport = WireTransport()
         nodes[n] = node
@@ -215,7 +260,9 @@ def _handshake(nodes: dict[str, Node]) -> None:
     nodes["b"].transport.deliver("b", nodes)
 
 
-def test_nodes_starting_from_the_same_values_send_deltas_from_the_first_round(tmp_path: Path) -> None:
+def test_nodes_starting_from_the_same_values_send_deltas_from_the_first_round(
+    tmp_path: Path,
+) -> None:
     nodes = _pair(tmp_path, same_start=True)
     _handshake(nodes)
     for n in nodes.values():
@@ -223,10 +270,12 @@ def test_nodes_starting_from_the_same_values_send_deltas_from_the_first_round(tm
         n._send_round()
     for sender, node in nodes.items():
         sent = node.transport.deliver(sender, nodes)
-        assert [m.type for m in sent] == [wire.MsgType.DELTA]
+        assert [m.type for m in sent] == [protocol.MsgType.DELTA]
     for me, other in (("a", "b"), ("b", "a")):
         for comp in nodes[me].shared:
-            np.testing.assert_array_equal(nodes[other].peers[me].replicas[comp], nodes[me].out_replica[comp])
+            np.testing.assert_array_equal(
+                nodes[other].peers[me].replicas[comp], nodes[me].out_replica[comp]
+            )
             assert nodes[other].peers[me].versions[comp] == nodes[me].out_version[comp] == 1
     assert all(n.rejected == 0 for n in nodes.values())
 
@@ -238,19 +287,31 @@ def test_different_starting_values_are_sent_as_state(tmp_path: Path) -> None:
         n._send_round()
     for sender, node in nodes.items():
         sent = node.transport.deliver(sender, nodes)
-        assert wire.MsgType.STATE in [m.type for m in sent]
+        assert protocol.MsgType.STATE in [m.type for m in sent]
     for me, other in (("a", "b"), ("b", "a")):
         for comp in nodes[me].shared:
-            np.testing.assert_array_equal(nodes[other].peers[me].replicas[comp], nodes[me].out_replica[comp])
+            np.testing.assert_array_equal(
+                nodes[other].peers[me].replicas[comp], nodes[me].out_replica[comp]
+            )
 
 
 def test_a_hello_origin_digest_must_be_32_hex_digits() -> None:
-    body = {"model": "m", "components": ["c"], "listen": "tcp://127.0.0.1:5000", "round": 0, "origin": {"c": "xyz"}}
+    body = {
+        "model": "m",
+        "components": ["c"],
+        "listen": "tcp://127.0.0.1:5000",
+        "round": 0,
+        "origin": {"c": "xyz"},
+    }
     with pytest.raises(ProtocolError, match="origin"):
-        wire.encode(wire.Message(wire.MsgType.HELLO, "a", wire.new_session(), 1, 0, body))
+        protocol.encode(
+            protocol.Message(protocol.MsgType.HELLO, "a", protocol.new_session(), 1, 0, body)
+        )
     body["origin"] = {"c": "0" * 32}
-    frames = wire.encode(wire.Message(wire.MsgType.HELLO, "a", wire.new_session(), 1, 0, body))
-    assert wire.decode([bytes(f) for f in frames]).body["origin"] == {"c": "0" * 32}
+    frames = protocol.encode(
+        protocol.Message(protocol.MsgType.HELLO, "a", protocol.new_session(), 1, 0, body)
+    )
+    assert protocol.decode([bytes(f) for f in frames]).body["origin"] == {"c": "0" * 32}
 
 
 def test_overlapped_mix_keeps_the_local_update_apart_for_privacy(tmp_path: Path) -> None:

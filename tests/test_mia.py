@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from m3tgossip.attacks_mia import (
+from m3tgossip.edu.mia import (
     advantage,
     auc,
     auc_stderr,

@@ -12,21 +12,20 @@ import networkx as nx
 import numpy as np
 import pytest
 
-from m3tgossip import mixing
-from m3tgossip.mixing import (
+from m3tgossip.consensus import (
     PushSum,
     add_into,
     axpy_into,
     choco_mix_into,
     metropolis_hastings,
     mix_into,
-    node_weights,
+    mixing,
     predicted_rounds,
     renormalise,
     simulate_sync,
     slem,
 )
-from m3tgossip.topology import parse_topology
+from m3tgossip.topology import node_weights, parse_topology
 
 
 def _named(graph: nx.Graph) -> nx.Graph:
@@ -329,11 +328,15 @@ def test_kernels_keep_shapes_and_cast(kernel_path: str) -> None:
 def test_large_mixing_matches_the_numpy_reference(dtype: type, kernel_path: str) -> None:
     rng = np.random.default_rng(4)
     own, mine = (rng.standard_normal(LARGE).astype(dtype) for _ in range(2))
-    replicas = {j: np.frombuffer(rng.standard_normal(LARGE).astype(dtype).tobytes(), dtype) for j in "ab"}
+    replicas = {
+        j: np.frombuffer(rng.standard_normal(LARGE).astype(dtype).tobytes(), dtype) for j in "ab"
+    }
     weights = {"s": 0.5, "a": 0.3, "b": 0.2}
     choco = own.copy()
     choco_mix_into(choco, mine, replicas, weights, gamma=0.8)
-    expected = own + 0.8 * (0.3 * replicas["a"].astype(np.float64) + 0.2 * replicas["b"] - 0.5 * mine)
+    expected = own + 0.8 * (
+        0.3 * replicas["a"].astype(np.float64) + 0.2 * replicas["b"] - 0.5 * mine
+    )
     np.testing.assert_allclose(choco, expected, **_tolerance(dtype))
     plain = own.copy()
     mix_into(plain, "s", replicas, weights)
@@ -344,7 +347,7 @@ def test_large_mixing_matches_the_numpy_reference(dtype: type, kernel_path: str)
 def test_small_arrays_never_import_torch() -> None:
     code = (
         "import sys, numpy as np\n"
-        "from m3tgossip.mixing import FUSED_MIN_SIZE, add_into, axpy_into, choco_mix_into, mix_into\n"
+        "from m3tgossip.consensus import FUSED_MIN_SIZE, add_into, axpy_into, choco_mix_into, mix_into\n"
         "n = FUSED_MIN_SIZE - 1\n"
         "x, r = np.ones(n), np.frombuffer(np.ones(n).tobytes())\n"
         "add_into(x, r); axpy_into(x, 0.5, r)\n"
@@ -353,7 +356,12 @@ def test_small_arrays_never_import_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     root = Path(__file__).resolve().parent.parent
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
 
 
 def test_push_sum_split_keeps_mass() -> None:

@@ -6,7 +6,7 @@ import networkx as nx
 import numpy as np
 import pytest
 
-from m3tgossip.mixing import (
+from m3tgossip.consensus import (
     effective_noise_var,
     estimate_noise_var,
     metropolis_hastings,

@@ -11,11 +11,11 @@ import torch
 from peft import PeftModel
 from tiny import TINY
 
-from m3tgossip.data import MODALITIES, TASKS, DataConfig, node_data
-from m3tgossip.model import TEXT_MODEL, Batch, LoraSpec, M3TConfig, M3TModel, build_node_model
-from m3tgossip.model.lora import lora_layers
-from m3tgossip.model.pretrained import DEFAULT_CHECKPOINT, load_checkpoint, minilm_path
-from m3tgossip.train import Trainer
+from m3tgossip.edu.data import MODALITIES, TASKS, DataConfig, node_data
+from m3tgossip.edu.model import TEXT_MODEL, Batch, LoraSpec, M3TConfig, M3TModel, build_node_model
+from m3tgossip.edu.model.lora import lora_layers
+from m3tgossip.edu.model.pretrained import DEFAULT_CHECKPOINT, load_checkpoint, minilm_path
+from m3tgossip.edu.train import Trainer
 
 ALL_TASKS = tuple(TASKS)
 

@@ -14,16 +14,14 @@ from pathlib import Path
 import msgpack
 import pytest
 import zmq
-
-from m3tgossip import checkpoint
-from m3tgossip.metrics import read_metrics
-from m3tgossip.security import generate_keys, load_keypair
-from m3tgossip.status import query_status
-from m3tgossip.testbed import free_ports
-from m3tgossip import testbed
-from m3tgossip.topology import load_topology
-
 from conftest import WAIT_S, read_ready
+
+from m3tgossip.daemon import checkpoint
+from m3tgossip.daemon.metrics import read_metrics
+from m3tgossip.harness import testbed
+from m3tgossip.harness.testbed import free_ports
+from m3tgossip.net import generate_keys, load_keypair, query_status
+from m3tgossip.topology import load_topology
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,14 +34,18 @@ def write_spec(tmp_path: Path, kind: str = "cycle", n: int = 3) -> Path:
     keys = {nid: generate_keys(tmp_path / "keys", nid).public for nid in topo.ids()}
     generate_keys(tmp_path / "operator", "ops")
     resolved = tmp_path / "resolved.toml"
-    resolved.write_text(topo.with_ports(dict(zip(topo.ids(), free_ports(n)))).with_keys(keys).to_toml())
+    resolved.write_text(
+        topo.with_ports(dict(zip(topo.ids(), free_ports(n)))).with_keys(keys).to_toml()
+    )
     return resolved
 
 
 def status(tmp_path: Path, nid: str, endpoint: str) -> dict:
     """`status` of a running daemon over CURVE, as the operator key of `write_spec`."""
     server_key = load_topology(tmp_path / "resolved.toml").node(nid).public_key
-    return query_status(endpoint, key=load_keypair(tmp_path / "operator/ops"), server_key=server_key)
+    return query_status(
+        endpoint, key=load_keypair(tmp_path / "operator/ops"), server_key=server_key
+    )
 
 
 def wait_rounds(path: Path, rounds: int, session: str | None = None) -> list[dict]:
@@ -59,9 +61,25 @@ def wait_rounds(path: Path, rounds: int, session: str | None = None) -> list[dic
 def start(children, spec: Path, nid: str, tmp_path: Path, *extra: str):
     folder = tmp_path / nid
     proc = children.node(
-        "--topology", str(spec), "--id", nid, "--rounds", "0", "--state-dir", str(folder),
-        "--deadline", "1", "--startup-grace", "5", "-o", "size=64",
-        "--key-dir", str(tmp_path / "keys"), "--status-key", str(tmp_path / "operator/ops.key"), *extra,
+        "--topology",
+        str(spec),
+        "--id",
+        nid,
+        "--rounds",
+        "0",
+        "--state-dir",
+        str(folder),
+        "--deadline",
+        "1",
+        "--startup-grace",
+        "5",
+        "-o",
+        "size=64",
+        "--key-dir",
+        str(tmp_path / "keys"),
+        "--status-key",
+        str(tmp_path / "operator/ops.key"),
+        *extra,
         log=tmp_path / f"{nid}.log",
     )
     return proc, read_ready(proc), folder
@@ -69,7 +87,9 @@ def start(children, spec: Path, nid: str, tmp_path: Path, *extra: str):
 
 def run_testbed(tmp_path: Path, *args: str) -> dict:
     out = tmp_path / "bed"
-    code = testbed.main([*args, "--out", str(out), "--quiet", "--deadline", "2", "--timeout", "120"])
+    code = testbed.main(
+        [*args, "--out", str(out), "--quiet", "--deadline", "2", "--timeout", "120"]
+    )
     summary = json.loads((out / "summary.json").read_text())
     summary["exit"] = code
     return summary
@@ -89,7 +109,17 @@ def test_overlapped_rounds_keep_the_exact_mean(tmp_path: Path) -> None:
     reach the exact mean of the starting values."""
     spec = tmp_path / "torus.toml"
     spec.write_text('name = "t9"\n[generator]\nkind = "torus"\nrows = 3\ncols = 3\n')
-    s = run_testbed(tmp_path, "--topology", str(spec), "--rounds", "40", "-o", "size=256", "--set", "gossip.overlap=true")
+    s = run_testbed(
+        tmp_path,
+        "--topology",
+        str(spec),
+        "--rounds",
+        "40",
+        "-o",
+        "size=256",
+        "--set",
+        "gossip.overlap=true",
+    )
     assert s["exit"] == 0 and not s["crashed"] and not s["hung"]
     assert s["final_consensus_error"] <= 1e-6
     for path in (tmp_path / "bed" / "nodes").glob("*/metrics.jsonl"):
@@ -105,8 +135,17 @@ def test_push_sum_converges_to_exact_mean_over_lossy_links(tmp_path: Path) -> No
     spec = tmp_path / "ring.toml"
     spec.write_text('name = "r4"\n[generator]\nkind = "cycle"\nn = 4\n')
     s = run_testbed(
-        tmp_path, "--topology", str(spec), "--rounds", "200", "--mode", "push-sum", "-o", "size=32",
-        "--set", "faults.drop=0.1",
+        tmp_path,
+        "--topology",
+        str(spec),
+        "--rounds",
+        "200",
+        "--mode",
+        "push-sum",
+        "-o",
+        "size=32",
+        "--set",
+        "faults.drop=0.1",
     )
     assert s["exit"] == 0
     assert s["final_consensus_error"] <= 1e-8
@@ -116,8 +155,17 @@ def test_sigkill_mid_run_others_continue_and_victim_resumes(tmp_path: Path) -> N
     spec = tmp_path / "ring.toml"
     spec.write_text('name = "r4"\n[generator]\nkind = "cycle"\nn = 4\n')
     s = run_testbed(
-        tmp_path, "--topology", str(spec), "--rounds", "30", "--kill", "n1@8",
-        "--restart-after", "0.5", "-o", "size=64",
+        tmp_path,
+        "--topology",
+        str(spec),
+        "--rounds",
+        "30",
+        "--kill",
+        "n1@8",
+        "--restart-after",
+        "0.5",
+        "-o",
+        "size=64",
     )
     assert s["killed"] == ["n1"] and not s["crashed"] and not s["hung"]
     assert s["exit"] == 0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from m3tgossip.faults import FaultConfig, FaultyTransport, malicious_value
-from m3tgossip.robust import clipped_mix_into, trimmed_mean_into
+from m3tgossip.consensus import clipped_mix_into, trimmed_mean_into
+from m3tgossip.net import FaultConfig, FaultyTransport, malicious_value
 
 
 def test_trimmed_mean_ignores_one_outlier_per_side() -> None:
@@ -24,7 +24,12 @@ def test_trimmed_mean_shrinks_trim_when_few_values() -> None:
 
 def test_clipping_bounds_an_attackers_pull_and_keeps_honest_pulls() -> None:
     own = np.zeros(4)
-    reps = {"a": np.full(4, 0.1), "b": np.full(4, -0.1), "c": np.full(4, 0.05), "evil": np.full(4, 1e6)}
+    reps = {
+        "a": np.full(4, 0.1),
+        "b": np.full(4, -0.1),
+        "c": np.full(4, 0.05),
+        "evil": np.full(4, 1e6),
+    }
     w = {"self": 0.2, "a": 0.2, "b": 0.2, "c": 0.2, "evil": 0.2}
     tau = clipped_mix_into(own, "self", reps, w)
     assert tau == pytest.approx(np.median([0.2, 0.2, 0.1, 2e6]))

@@ -21,15 +21,19 @@ import numpy as np
 import pytest
 import zmq
 
-from m3tgossip import cli, node as node_mod, wire
-from m3tgossip.config import NodeConfig
+from m3tgossip import cli, protocol
+from m3tgossip.daemon import node as node_mod
+from m3tgossip.daemon.config import NodeConfig
+from m3tgossip.daemon.node import Node
 from m3tgossip.errors import ConfigError
-from m3tgossip.node import Node
-from m3tgossip.security import (
+from m3tgossip.net import (
     OPERATOR_PREFIX,
     AllowList,
     Curve,
     Keypair,
+    Plaintext,
+    Transport,
+    TransportConfig,
     for_node,
     generate_keys,
     load_public,
@@ -38,7 +42,6 @@ from m3tgossip.security import (
     zap_reply,
 )
 from m3tgossip.topology import load_topology
-from m3tgossip.transport import Plaintext, Transport, TransportConfig
 
 #: bound on waiting for a message that should arrive
 ARRIVE_S = 20.0
@@ -159,10 +162,46 @@ def test_operator_key_cannot_double_as_a_node_key() -> None:
 @pytest.mark.parametrize(
     "request_frames, code, user",
     [
-        ([b"1.0", b"7", b"m3tgossip", b"127.0.0.1", b"", b"CURVE", zmq.utils.z85.decode(A.encode())], b"200", b"a"),
-        ([b"1.0", b"7", b"m3tgossip", b"127.0.0.1", b"", b"CURVE", zmq.utils.z85.decode(STRANGER.encode())], b"400", b""),
+        (
+            [
+                b"1.0",
+                b"7",
+                b"m3tgossip",
+                b"127.0.0.1",
+                b"",
+                b"CURVE",
+                zmq.utils.z85.decode(A.encode()),
+            ],
+            b"200",
+            b"a",
+        ),
+        (
+            [
+                b"1.0",
+                b"7",
+                b"m3tgossip",
+                b"127.0.0.1",
+                b"",
+                b"CURVE",
+                zmq.utils.z85.decode(STRANGER.encode()),
+            ],
+            b"400",
+            b"",
+        ),
         ([b"1.0", b"7", b"m3tgossip", b"127.0.0.1", b"", b"NULL"], b"400", b""),
-        ([b"1.0", b"7", b"elsewhere", b"127.0.0.1", b"", b"CURVE", zmq.utils.z85.decode(A.encode())], b"400", b""),
+        (
+            [
+                b"1.0",
+                b"7",
+                b"elsewhere",
+                b"127.0.0.1",
+                b"",
+                b"CURVE",
+                zmq.utils.z85.decode(A.encode()),
+            ],
+            b"400",
+            b"",
+        ),
         ([b"2.0", b"7", b"m3tgossip", b"127.0.0.1", b"", b"CURVE"], b"500", b""),
         ([b"1.0"], b"500", b""),
     ],
@@ -186,10 +225,12 @@ def keypair() -> Keypair:
 def hello(sender: str, reason: bytes = b"") -> list:
     tensors = {"fusion": np.frombuffer(MARKER * 4, dtype=np.uint8).copy()} if reason else {}
     body = {"reason": reason.decode()} if reason else {}
-    kind = wire.MsgType.STATE if reason else wire.MsgType.HEARTBEAT
+    kind = protocol.MsgType.STATE if reason else protocol.MsgType.HEARTBEAT
     if not reason:
         body = {"round": 0}
-    return wire.encode(wire.Message(kind, sender, wire.new_session(), 1, 0, body, tensors=tensors))
+    return protocol.encode(
+        protocol.Message(kind, sender, protocol.new_session(), 1, 0, body, tensors=tensors)
+    )
 
 
 def deliver(server: Transport, client: Transport, frames: list, window_s: float) -> list:
@@ -221,8 +262,12 @@ def transports() -> Iterator[list[Transport]]:
             t.close(0)
 
 
-def curve_server(transports: list[Transport], server_keys: Keypair, allowed: dict[str, str]) -> Transport:
-    t = Transport("srv", "tcp://127.0.0.1:0", {}, FAST, Curve(server_keys, AllowList.build(allowed), {}))
+def curve_server(
+    transports: list[Transport], server_keys: Keypair, allowed: dict[str, str]
+) -> Transport:
+    t = Transport(
+        "srv", "tcp://127.0.0.1:0", {}, FAST, Curve(server_keys, AllowList.build(allowed), {})
+    )
     transports.append(t)
     return t
 
@@ -236,12 +281,14 @@ def client(transports: list[Transport], node_id: str, endpoint: str, security) -
 def test_allow_listed_key_is_delivered_with_its_node_id(transports, server_keys) -> None:
     a = keypair()
     srv = curve_server(transports, server_keys, {"a": a.public})
-    cli_t = client(transports, "a", srv.endpoint, Curve(a, AllowList(), {"srv": server_keys.public}))
+    cli_t = client(
+        transports, "a", srv.endpoint, Curve(a, AllowList(), {"srv": server_keys.public})
+    )
     got = deliver(srv, cli_t, hello("a"), ARRIVE_S)
     assert len(got) == 1
     routing_id, frames, user = got[0]
     assert routing_id == b"a" and user == "a"
-    assert wire.decode(frames).sender == "a"
+    assert protocol.decode(frames).sender == "a"
 
 
 @pytest.mark.parametrize("case", ["unknown key", "plain client", "wrong server key"])
@@ -273,16 +320,28 @@ def _three_node_spec(tmp_path: Path) -> tuple[Path, dict[str, Keypair]]:
 def test_header_sender_must_match_the_authenticated_key(transports, tmp_path, records) -> None:
     spec, keys = _three_node_spec(tmp_path)
     topo = load_topology(spec)
-    cfg = NodeConfig(id="n1", topology=str(spec), state_dir=str(tmp_path / "n1"),
-                     key_dir=str(tmp_path / "keys"), workload_options={"size": 8})
+    cfg = NodeConfig(
+        id="n1",
+        topology=str(spec),
+        state_dir=str(tmp_path / "n1"),
+        key_dir=str(tmp_path / "keys"),
+        workload_options={"size": 8},
+    )
     node = Node(cfg, topology=topo)
-    node.transport = Transport("n1", "tcp://127.0.0.1:0", {}, FAST, for_node(cfg, topo, "tcp://127.0.0.1:0", {}))
+    node.transport = Transport(
+        "n1", "tcp://127.0.0.1:0", {}, FAST, for_node(cfg, topo, "tcp://127.0.0.1:0", {})
+    )
     transports.append(node.transport)
     server_key = {"srv": keys["n1"].public}
     # n2's key, claiming to be n0 (routing id and header sender both "n0")
     for signer in ("n2", "n0"):  # one at a time: a ROUTER admits one link per routing id
-        t = Transport("n0", "tcp://127.0.0.1:0", {"srv": node.transport.endpoint}, FAST,
-                      Curve(keys[signer], AllowList(), server_key))
+        t = Transport(
+            "n0",
+            "tcp://127.0.0.1:0",
+            {"srv": node.transport.endpoint},
+            FAST,
+            Curve(keys[signer], AllowList(), server_key),
+        )
         try:
             got = deliver(node.transport, t, hello("n0"), ARRIVE_S)
         finally:
@@ -355,7 +414,7 @@ def test_eavesdropper_sees_no_plaintext_under_curve(transports, server_keys, sec
         cli_t = client(transports, "a", f"tcp://127.0.0.1:{relay.port}", security)
         got = deliver(srv, cli_t, hello("a", reason=MARKER), ARRIVE_S)
         assert len(got) == 1  # the relay works: the message went through it
-        msg = wire.decode(got[0][1])
+        msg = protocol.decode(got[0][1])
         assert msg.body["reason"].encode() == MARKER
     finally:
         relay.close()
@@ -368,8 +427,13 @@ def test_eavesdropper_sees_no_plaintext_under_curve(transports, server_keys, sec
 
 
 def _cfg(tmp_path: Path, spec: Path, **kw) -> NodeConfig:
-    return NodeConfig(id="n1", topology=str(spec), state_dir=str(tmp_path / "n1"),
-                      workload_options={"size": 8}, **kw)
+    return NodeConfig(
+        id="n1",
+        topology=str(spec),
+        state_dir=str(tmp_path / "n1"),
+        workload_options={"size": 8},
+        **kw,
+    )
 
 
 def test_insecure_is_refused_off_loopback_before_any_bind(tmp_path, monkeypatch) -> None:
@@ -397,7 +461,10 @@ def test_insecure_is_refused_off_loopback_before_any_bind(tmp_path, monkeypatch)
 def test_insecure_on_loopback_warns_loudly(tmp_path, records) -> None:
     spec, _ = _three_node_spec(tmp_path)
     cfg = _cfg(tmp_path, spec, insecure=True)
-    assert isinstance(for_node(cfg, load_topology(spec), "tcp://127.0.0.1:1", {"n0": "tcp://localhost:2"}), Plaintext)
+    assert isinstance(
+        for_node(cfg, load_topology(spec), "tcp://127.0.0.1:1", {"n0": "tcp://localhost:2"}),
+        Plaintext,
+    )
     warning = [r for r in records if r.levelno == logging.WARNING and "INSECURE" in r.getMessage()]
     assert warning
 
@@ -405,14 +472,23 @@ def test_insecure_on_loopback_warns_loudly(tmp_path, records) -> None:
 def test_missing_keys_stop_the_node_with_a_clear_error(tmp_path) -> None:
     spec, keys = _three_node_spec(tmp_path)
     topo = load_topology(spec)
-    with pytest.raises(ConfigError, match="no key folder: pass --key-dir DIR holding n1.key_secret"):
+    with pytest.raises(
+        ConfigError, match="no key folder: pass --key-dir DIR holding n1.key_secret"
+    ):
         for_node(_cfg(tmp_path, spec), topo, "tcp://127.0.0.1:1", {})
     with pytest.raises(ConfigError, match="no such secret key file"):
-        for_node(_cfg(tmp_path, spec, key_dir=str(tmp_path / "nowhere")), topo, "tcp://127.0.0.1:1", {})
+        for_node(
+            _cfg(tmp_path, spec, key_dir=str(tmp_path / "nowhere")), topo, "tcp://127.0.0.1:1", {}
+        )
     bare = tmp_path / "bare.toml"
     bare.write_text(spec.read_text().replace(f'public_key = "{keys["n0"].public}"\n', ""))
     with pytest.raises(ConfigError, match="node n0: no public_key"):
-        for_node(_cfg(tmp_path, bare, key_dir=str(tmp_path / "keys")), load_topology(bare), "tcp://127.0.0.1:1", {})
+        for_node(
+            _cfg(tmp_path, bare, key_dir=str(tmp_path / "keys")),
+            load_topology(bare),
+            "tcp://127.0.0.1:1",
+            {},
+        )
     other = tmp_path / "other"
     generate_keys(other, "n1")
     with pytest.raises(ConfigError, match="does not belong to the public_key of node n1"):

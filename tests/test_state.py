@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from m3tgossip import checkpoint
-from m3tgossip.config import load_node_config
+from m3tgossip.daemon import checkpoint
+from m3tgossip.daemon.config import load_node_config
+from m3tgossip.daemon.metrics import MetricsWriter, read_metrics
 from m3tgossip.errors import ConfigError
-from m3tgossip.metrics import MetricsWriter, read_metrics
-from m3tgossip.workloads.consensus import ConsensusWorkload
 from m3tgossip.topology import load_topology
+from m3tgossip.workloads.consensus import ConsensusWorkload
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,7 +92,9 @@ def test_bad_node_config_names_file_and_entry(tmp_path: Path, text: str, words: 
 
 def test_config_paths_relative_to_file(tmp_path: Path) -> None:
     path = tmp_path / "node.toml"
-    path.write_text("[node]\nid = 'n0'\ntopology = 'topo.toml'\nstate_dir = 'state'\n[workload]\nsize = 7\n")
+    path.write_text(
+        "[node]\nid = 'n0'\ntopology = 'topo.toml'\nstate_dir = 'state'\n[workload]\nsize = 7\n"
+    )
     cfg = load_node_config(str(path), {"rounds": 5})
     assert cfg.topology == str(tmp_path / "topo.toml")
     assert cfg.state_path == tmp_path / "state" and cfg.rounds == 5
@@ -105,18 +107,35 @@ def test_cli_reports_bad_config_and_topology(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     run = subprocess.run(
         [sys.executable, "-m", "m3tgossip", "node", "--config", str(bad)],
-        capture_output=True, text=True, timeout=60, env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
     assert run.returncode == 2 and "nowhere.toml" in run.stderr
     topo = tmp_path / "t.toml"
     topo.write_text("name = 't'\nedges = [['a', 'a']]\n[[nodes]]\nid = 'a'\n")
     run = subprocess.run(
         [sys.executable, "-m", "m3tgossip", "topology", "check", str(topo)],
-        capture_output=True, text=True, timeout=60, env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
     assert run.returncode == 2 and "t.toml" in run.stderr
     run = subprocess.run(
-        [sys.executable, "-m", "m3tgossip", "topology", "check", str(ROOT / "topology/ring-8.toml"), "--json"],
-        capture_output=True, text=True, timeout=60, env=env,
+        [
+            sys.executable,
+            "-m",
+            "m3tgossip",
+            "topology",
+            "check",
+            str(ROOT / "topology/ring-8.toml"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
     assert run.returncode == 0 and json.loads(run.stdout)["connected"] is True

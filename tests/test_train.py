@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from tiny import TINY
 
-from m3tgossip.data import GROUP_ATTRIBUTES, MODALITIES, DataConfig, node_data
-from m3tgossip.model import build_node_model
-from m3tgossip.train import Trainer, macro_f1, masked_cross_entropy
+from m3tgossip.edu.data import GROUP_ATTRIBUTES, MODALITIES, DataConfig, node_data
+from m3tgossip.edu.model import build_node_model
+from m3tgossip.edu.train import Trainer, macro_f1, masked_cross_entropy
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import zmq
 
-from m3tgossip.transport import (
+from m3tgossip.net import (
     POLL_MAX_BYTES,
     Transport,
     TransportConfig,
@@ -20,7 +20,9 @@ from m3tgossip.transport import (
 @pytest.fixture
 def pair() -> Iterator[tuple[Transport, Transport]]:
     server = Transport("srv", "tcp://127.0.0.1:0", {}, TransportConfig(linger_ms=0))
-    client = Transport("cli", "tcp://127.0.0.1:0", {"srv": server.endpoint}, TransportConfig(linger_ms=0))
+    client = Transport(
+        "cli", "tcp://127.0.0.1:0", {"srv": server.endpoint}, TransportConfig(linger_ms=0)
+    )
     try:
         yield server, client
     finally:
@@ -45,11 +47,15 @@ def _batches(server: Transport, count: int, **limits: int) -> list[list[int]]:
         got = server.poll(50, **limits)
         if got:
             assert all(item.routing_id == b"cli" and item.user_id is None for item in got)
-            batches.append([len(item.routing_id) + sum(len(f) for f in item.frames) for item in got])
+            batches.append(
+                [len(item.routing_id) + sum(len(f) for f in item.frames) for item in got]
+            )
     return batches
 
 
-def test_poll_stops_at_max_bytes_but_returns_one_large_message(pair: tuple[Transport, Transport]) -> None:
+def test_poll_stops_at_max_bytes_but_returns_one_large_message(
+    pair: tuple[Transport, Transport],
+) -> None:
     server, client = pair
     big = [b"h", bytes(POLL_MAX_BYTES // 3)]
     _send_all(client, [big] * 7)
@@ -83,7 +89,11 @@ def test_socket_options_are_shared_with_other_sockets() -> None:
         assert (router.getsockopt(zmq.RCVHWM), router.getsockopt(zmq.SNDHWM)) == (9, 7)
         assert dealer.getsockopt(zmq.SNDHWM) == 7 and dealer.getsockopt(zmq.IMMEDIATE) == 1
         assert dealer.getsockopt(zmq.ROUTING_ID) == b"me"
-        assert router.getsockopt(zmq.MAXMSGSIZE) == dealer.getsockopt(zmq.MAXMSGSIZE) == cfg.max_message_bytes
+        assert (
+            router.getsockopt(zmq.MAXMSGSIZE)
+            == dealer.getsockopt(zmq.MAXMSGSIZE)
+            == cfg.max_message_bytes
+        )
         router.close(0)
         dealer.close(0)
     finally:

@@ -16,9 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from m3tgossip import wire
 from m3tgossip.errors import ProtocolError
-from m3tgossip.wire import (
+from m3tgossip.protocol import (
     DEFAULT_LIMITS,
     DTYPES,
     PROTOCOL_VERSION,
@@ -30,6 +29,7 @@ from m3tgossip.wire import (
     encode,
     frames_nbytes,
     new_session,
+    wire,
 )
 
 SESSION = "0123456789abcdef0123456789abcdef"
@@ -748,9 +748,21 @@ def test_hello_answer_flag() -> None:
 
 def test_norm_cap_rejects_huge_tensors() -> None:
     big = np.full(100, 1e9, dtype=np.float64)
-    msg = Message(MsgType.DELTA, "n1", SESSION, 1, 0, {}, {"fusion": big}, {"fusion": TensorMeta("fusion", "float64", (100,), base=0)})
+    msg = Message(
+        MsgType.DELTA,
+        "n1",
+        SESSION,
+        1,
+        0,
+        {},
+        {"fusion": big},
+        {"fusion": TensorMeta("fusion", "float64", (100,), base=0)},
+    )
     raises([bytes(f) for f in encode(msg)], ["'fusion'", "L2 norm", "above the limit"])
     overflow = np.full(10, 3e38, dtype=np.float32)
-    msg.tensors, msg.meta = {"fusion": overflow}, {"fusion": TensorMeta("fusion", "float32", (10,), base=0)}
+    msg.tensors, msg.meta = (
+        {"fusion": overflow},
+        {"fusion": TensorMeta("fusion", "float32", (10,), base=0)},
+    )
     raises([bytes(f) for f in encode(msg)], ["'fusion'", "overflows"])
     assert decode(encode(message())).type is MsgType.DELTA  # ordinary values pass

@@ -1,6 +1,6 @@
 """The smallest M3T configuration the model and training tests build (fast on CPU)."""
 
-from m3tgossip.model import M3TConfig
+from m3tgossip.edu.model import M3TConfig
 
 TINY = M3TConfig(
     d_model=16,

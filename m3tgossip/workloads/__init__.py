@@ -14,7 +14,7 @@ def make_workload(name: str, **kwargs) -> Workload:
 
         return ConsensusWorkload(**kwargs)
     if name == "edu":
-        from m3tgossip.workloads.edu import EduWorkload
+        from m3tgossip.edu.workload import EduWorkload
 
         return EduWorkload(**kwargs)
     raise ValueError(f"unknown workload {name!r}; choose one of {', '.join(WORKLOADS)}")

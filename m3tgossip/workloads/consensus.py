@@ -43,7 +43,9 @@ class ConsensusWorkload:
         options = dict(options or {})
         unknown = set(options) - set(OPTIONS)
         if unknown:
-            raise ValueError(f"workload options: unknown {sorted(unknown)}; known: {', '.join(OPTIONS)}")
+            raise ValueError(
+                f"workload options: unknown {sorted(unknown)}; known: {', '.join(OPTIONS)}"
+            )
         size = int(options.get("size", DEFAULT_SIZE))
         sizes = {str(k): int(v) for k, v in dict(options.get("sizes", {})).items()}
         self.dtype = str(options.get("dtype", "float64"))
@@ -66,9 +68,10 @@ class ConsensusWorkload:
         # Fixed random directions, the same on every node: projections of the state onto them
         # let a reader compare nodes' states (consensus among nodes) without the states.
         self._directions = {
-            c: np.random.default_rng([seed & 0xFFFFFFFF, zlib.crc32(c.encode()), 0xD16E57]).standard_normal(
-                (DIGEST_DIMS, n)
-            ) / np.sqrt(DIGEST_DIMS)
+            c: np.random.default_rng(
+                [seed & 0xFFFFFFFF, zlib.crc32(c.encode()), 0xD16E57]
+            ).standard_normal((DIGEST_DIMS, n))
+            / np.sqrt(DIGEST_DIMS)
             for c, n in self.sizes.items()
         }
 
@@ -83,7 +86,9 @@ class ConsensusWorkload:
         return out
 
     def model_id(self) -> str:
-        digest = hashlib.sha256(f"consensus|{self.seed}|{self.dtype}|{self._layout}".encode()).hexdigest()
+        digest = hashlib.sha256(
+            f"consensus|{self.seed}|{self.dtype}|{self._layout}".encode()
+        ).hexdigest()
         return f"consensus-{digest[:16]}"
 
     def shared(self) -> dict[str, np.ndarray]:

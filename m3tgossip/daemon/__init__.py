@@ -1,0 +1,1 @@
+"""The node daemon: wiring, peers, message handlers, round schedules, checkpoints, metrics."""

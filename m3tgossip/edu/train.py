@@ -1,0 +1,201 @@
+"""Local multi-task training and evaluation of a node's model on its own records.
+
+`Trainer` runs AdamW on the node's trained parameters (LoRA, prompts, heads) with a weighted sum
+of per-task cross-entropies; labels of -1 are ignored, so a record counts for the tasks it has
+labels for. Inputs are prepared once per data set (the frozen text model never runs in a
+step). Batches follow a seeded permutation per epoch, so a trainer restored with `load_state`
+continues exactly where the saved one was.
+
+`evaluate` reports, on the held-out records, per-task accuracy and macro-F1, per-group accuracy
+for every value of each attribute in `GROUP_ATTRIBUTES`, and the gap between the best and worst
+group (groups with at least `MIN_GROUP` labelled records).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from m3tgossip.edu.data import GROUP_ATTRIBUTES, EduData
+from m3tgossip.edu.model.node_model import NodeModel
+
+#: smallest group (labelled test records) that enters the worst-group gap
+MIN_GROUP = 5
+
+
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+    """Mean cross-entropy over the labelled records (label >= 0); None if there are none."""
+    known = labels >= 0
+    if not bool(known.any()):
+        return None
+    return F.cross_entropy(logits[known], labels[known])
+
+
+def macro_f1(y: np.ndarray, pred: np.ndarray) -> float:
+    """Unweighted mean of per-class F1 over the classes that occur in `y` or `pred`."""
+    scores = []
+    for c in np.union1d(y, pred):
+        tp = np.sum((pred == c) & (y == c))
+        fp = np.sum((pred == c) & (y != c))
+        fn = np.sum((pred != c) & (y == c))
+        scores.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores))
+
+
+class Trainer:
+    """Multi-task training of `model` on `train`, evaluation on `test`."""
+
+    def __init__(
+        self,
+        model: NodeModel,
+        train: EduData,
+        test: EduData,
+        *,
+        loss_weights: Mapping[str, float] | None = None,
+        lr: float = 1e-3,
+        batch_size: int = 32,
+        seed: int = 0,
+        weight_decay: float = 0.01,
+    ) -> None:
+        weights = dict(loss_weights or {})
+        unknown = sorted(set(weights) - set(model.tasks))
+        if unknown:
+            raise ValueError(f"loss_weights: {unknown} are not tasks of this node ({model.tasks})")
+        self.model = model
+        self.weights = {t: float(weights.get(t, 1.0)) for t in model.tasks}
+        self.batch_size = batch_size
+        self.seed = seed
+        self.train_batch = model.prepare(train)
+        self.test_batch = model.prepare(test)
+        self.train_labels = {t: torch.from_numpy(train.labels[t]) for t in model.tasks}
+        self.test_labels = {t: test.labels[t] for t in model.tasks}
+        self.test_groups = {g: test.groups[g] for g in GROUP_ATTRIBUTES}
+        labelled = np.zeros(len(train), dtype=bool)
+        for t in model.tasks:
+            labelled |= train.labels[t] >= 0
+        #: records with at least one label for the node's tasks
+        self.pool = np.flatnonzero(labelled)
+        self.params = model.trainable_parameters()
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=lr, weight_decay=weight_decay, foreach=True
+        )
+        self.step = 0
+
+    def _indices(self, step: int) -> torch.Tensor:
+        per_epoch = -(-len(self.pool) // self.batch_size)
+        epoch, i = divmod(step, per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.pool))
+        return torch.from_numpy(self.pool[order[i * self.batch_size : (i + 1) * self.batch_size]])
+
+    def train_steps(self, k: int) -> dict[str, float]:
+        """k optimiser steps; the mean loss of each task over the steps whose batch had its labels.
+
+        A task of weight 0 is reported but gets no gradient at all.
+        """
+        if not len(self.pool) or not self.params:
+            return {}
+        self.model.train()
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for _ in range(k):
+            idx = self._indices(self.step)
+            logits = self.model(self.train_batch.take(idx))
+            total = torch.zeros(())
+            for t in self.model.tasks:
+                loss = masked_cross_entropy(logits[t], self.train_labels[t][idx])
+                if loss is None:
+                    continue
+                sums[t] = sums.get(t, 0.0) + loss.item()
+                counts[t] = counts.get(t, 0) + 1
+                if self.weights[t]:
+                    total = total + self.weights[t] * loss
+            self.optimizer.zero_grad(set_to_none=True)
+            if total.requires_grad:
+                total.backward()
+                self.optimizer.step()
+            self.step += 1
+        return {t: sums[t] / counts[t] for t in sums}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Held-out metrics (JSON-able):
+
+        {"tasks": {task: {"acc", "f1", "n"}}, "groups": {attribute: {value: {task: acc}}},
+         "gaps": {attribute: {task: best - worst group acc}}, "worst_group_gap": float | None,
+         "mean_acc": float | None}
+        """
+        self.model.eval()
+        logits = self.model(self.test_batch)
+        tasks: dict[str, dict[str, float | int]] = {}
+        groups: dict[str, dict[str, dict[str, float]]] = {g: {} for g in self.test_groups}
+        gaps: dict[str, dict[str, float]] = {g: {} for g in self.test_groups}
+        for t in self.model.tasks:
+            y = self.test_labels[t]
+            known = y >= 0
+            if not known.any():
+                continue
+            pred = logits[t].argmax(dim=1).numpy()
+            right = pred == y
+            tasks[t] = {
+                "acc": float(right[known].mean()),
+                "f1": macro_f1(y[known], pred[known]),
+                "n": int(known.sum()),
+            }
+            for g, values in self.test_groups.items():
+                accs = {}
+                for value in np.unique(values[known]):
+                    member = known & (values == value)
+                    groups[g].setdefault(str(value), {})[t] = float(right[member].mean())
+                    if member.sum() >= MIN_GROUP:
+                        accs[str(value)] = float(right[member].mean())
+                if len(accs) >= 2:
+                    gaps[g][t] = max(accs.values()) - min(accs.values())
+        all_gaps = [v for per_task in gaps.values() for v in per_task.values()]
+        return {
+            "tasks": tasks,
+            "groups": groups,
+            "gaps": gaps,
+            "worst_group_gap": max(all_gaps) if all_gaps else None,
+            "mean_acc": float(np.mean([m["acc"] for m in tasks.values()])) if tasks else None,
+        }
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Step counter and AdamW moments, flat per component like the parameter vectors."""
+        out = {"trainer/step": np.array(self.step, dtype=np.int64)}
+        for c, flat in self.model.flat.items():
+            states = [self.optimizer.state.get(p, {}) for p in flat.params]
+            for key in ("exp_avg", "exp_avg_sq"):
+                out[f"adam/{c}/{key}"] = flat.flatten(
+                    [
+                        s.get(key, torch.zeros_like(p))
+                        for s, p in zip(states, flat.params, strict=True)
+                    ]
+                )
+            out[f"adam/{c}/step"] = np.array([float(s.get("step", 0.0)) for s in states])
+        return out
+
+    def load_state(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Restore what `state` returned (for the same model layout)."""
+        wanted = ["trainer/step"] + [
+            f"adam/{c}/{key}" for c in self.model.flat for key in ("exp_avg", "exp_avg_sq", "step")
+        ]
+        missing = [k for k in wanted if k not in arrays]
+        if missing:
+            raise ValueError(f"no optimiser state for {', '.join(missing[:4])}")
+        self.step = int(arrays["trainer/step"])
+        for c, flat in self.model.flat.items():
+            avg = flat.unflatten(arrays[f"adam/{c}/exp_avg"])
+            avg_sq = flat.unflatten(arrays[f"adam/{c}/exp_avg_sq"])
+            steps = np.asarray(arrays[f"adam/{c}/step"])
+            for p, m, v, step in zip(flat.params, avg, avg_sq, steps, strict=True):
+                self.optimizer.state.pop(p, None)
+                if step > 0:
+                    self.optimizer.state[p] = {
+                        "step": torch.tensor(float(step)),
+                        "exp_avg": m,
+                        "exp_avg_sq": v,
+                    }

@@ -1,0 +1,177 @@
+"""The `edu` workload: a node fine-tunes its M3T model on its own education records.
+
+The node builds the model of its topology entry (modalities, tasks, compute tier, local
+components) from the shipped base checkpoint, generates its own records (`node_data`, from its
+entry and the federation seed alone) and trains `local_steps` steps per round. The arrays of
+`shared()` are views of the model's parameters, so the daemon's in-place mixing is the model
+update; `after_mix` has nothing to copy.
+
+Options (`[workload]` table of the node config):
+
+    local_steps   optimiser steps per round (5)
+    eval_every    evaluate on the held-out records every this many rounds (5)
+    lr            AdamW learning rate (1e-3)
+    batch_size    records per step (32)
+    lora_rank     LoRA rank (4)
+    lora_alpha    LoRA alpha; the scale is alpha / rank (2 * rank)
+    lora_mode     "frozen_a" (exact averaging, default) or "separate"
+    records       records per node before the role factor (240)
+    alpha         Dirichlet concentration of the label skew (0.5)
+    loss_weights  {task = weight}, default 1 for every task
+    checkpoint    base checkpoint file (the shipped one)
+    backbone_path a local transformers folder whose encoder layers become the backbone
+    backbone_layers how many of its layers (all)
+
+All nodes of a federation must use the same lora_rank, lora_alpha, lora_mode, checkpoint and
+backbone: `model_id` differs otherwise, and peers with another id are rejected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from m3tgossip.edu.data import DataConfig, node_data
+from m3tgossip.edu.model import DEFAULT_CHECKPOINT, LoraSpec, build_node_model
+from m3tgossip.edu.model.components import component_seed
+from m3tgossip.edu.train import Trainer
+from m3tgossip.log import get_logger
+from m3tgossip.topology import Topology
+
+log = get_logger(__name__)
+
+DEFAULTS: dict[str, Any] = {
+    "local_steps": 5,
+    "eval_every": 5,
+    "lr": 1e-3,
+    "batch_size": 32,
+    "lora_rank": 4,
+    "lora_alpha": None,
+    "lora_mode": "frozen_a",
+    "records": 240,
+    "alpha": 0.5,
+    "loss_weights": {},
+    "checkpoint": None,
+    "backbone_path": None,
+    "backbone_layers": None,
+}
+OPTIONS = tuple(DEFAULTS)
+
+
+def _options(raw: dict[str, Any] | None) -> dict[str, Any]:
+    """The options over the defaults, checked: ValueError naming the option at fault."""
+    options = {**DEFAULTS, **(raw or {})}
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"workload options: unknown {unknown}; known: {', '.join(OPTIONS)}")
+    for key in ("local_steps", "eval_every", "batch_size", "lora_rank", "records"):
+        value = options[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"workload option {key}: a positive integer, got {value!r}")
+    for key in ("lr", "alpha"):
+        value = options[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"workload option {key}: a positive number, got {value!r}")
+    weights = options["loss_weights"]
+    if not isinstance(weights, dict) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in weights.values()
+    ):
+        raise ValueError(
+            f"workload option loss_weights: a table of task = weight >= 0, got {weights!r}"
+        )
+    if options["lora_alpha"] is None:
+        options["lora_alpha"] = 2.0 * options["lora_rank"]
+    return options
+
+
+class EduWorkload:
+    """Fine-tuning of this node's M3T components on its own records."""
+
+    name = "edu"
+    #: trained on the node's own records: outgoing updates follow its privacy profile
+    private_data = True
+
+    def __init__(
+        self, topology: Topology, node_id: str, seed: int = 0, options: dict[str, Any] | None = None
+    ) -> None:
+        torch.set_num_threads(1)  # many daemons share a machine
+        self.options = _options(options)
+        o = self.options
+        node = topology.node(node_id)
+        self.node_id = node_id
+        self.model = build_node_model(
+            node,
+            seed=seed,
+            lora=LoraSpec(rank=o["lora_rank"], mode=o["lora_mode"], alpha=float(o["lora_alpha"])),
+            checkpoint=Path(o["checkpoint"]) if o["checkpoint"] else DEFAULT_CHECKPOINT,
+            backbone_path=Path(o["backbone_path"]) if o["backbone_path"] else None,
+            backbone_layers=o["backbone_layers"],
+        )
+        shared = set(self.model.shared_vectors())
+        if shared != set(node.shared_components):
+            raise ValueError(
+                f'node "{node_id}": the topology lists shared components '
+                f"{sorted(node.shared_components)} but its model shares {sorted(shared)} "
+                f"(compute tier {node.compute!r})"
+            )
+        train, test = node_data(node, DataConfig(records=o["records"], alpha=o["alpha"], seed=seed))
+        self.trainer = Trainer(
+            self.model,
+            train,
+            test,
+            loss_weights=o["loss_weights"],
+            lr=float(o["lr"]),
+            batch_size=o["batch_size"],
+            seed=component_seed(f"batches/{node_id}", seed),
+        )
+        self._model_id = (
+            "edu-"
+            + hashlib.sha256(json.dumps(self.model.identity, sort_keys=True).encode()).hexdigest()[
+                :16
+            ]
+        )
+        log.debug(
+            "%s: model %s, %d train / %d test records",
+            node_id,
+            self._model_id,
+            len(train),
+            len(test),
+        )
+
+    def model_id(self) -> str:
+        """Base checkpoint, component layout, LoRA mode/rank/alpha, backbone, federation seed."""
+        return self._model_id
+
+    def shared(self) -> dict[str, np.ndarray]:
+        return self.model.shared_vectors()
+
+    def local_step(self, round_: int) -> dict[str, Any]:
+        k = self.options["local_steps"]
+        return {"loss": self.trainer.train_steps(k), "steps": k}
+
+    def after_mix(self, round_: int) -> None:
+        """Nothing to do: the mixed arrays are the model's parameters."""
+
+    def evaluate(self, round_: int) -> dict[str, Any]:
+        if (round_ + 1) % self.options["eval_every"]:
+            return {}
+        return self.trainer.evaluate()
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Every trained component (shared and local), AdamW moments and the step counter."""
+        out = {f"param/{c}": x.copy() for c, x in self.model.vectors().items()}
+        out.update(self.trainer.state())
+        return out
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        for c, x in self.model.vectors().items():
+            saved = arrays.get(f"param/{c}")
+            if saved is None or saved.shape != x.shape:
+                raise ValueError(f"checkpoint has no matching state for component {c}")
+            x[...] = saved
+        self.trainer.load_state(arrays)

@@ -1,0 +1,1 @@
+"""Research harnesses: the one-machine testbed as a Python API and the chaos runner."""
