@@ -243,7 +243,7 @@ def test_malformed_messages_are_logged_and_dropped(children, tmp_path: Path) -> 
     wait_rounds(procs["n1"][2] / "metrics.jsonl", len(before) + 3)  # still making rounds
     assert procs["n1"][0].poll() is None
     log = (tmp_path / "n1.log").read_text()
-    assert "dropped message from 'intruder'" in log
+    assert f"dropped message from routing id {b'intruder'.hex()}" in log
     assert "protocol version 99 received" in log
     for p, _, _ in procs.values():
         p.send_signal(signal.SIGTERM)

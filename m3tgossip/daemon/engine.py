@@ -1,0 +1,131 @@
+"""The round engine. A round is one fixed sequence of phases:
+
+    train -> release -> exchange (the schedule orders send, collect and mix) -> after-mix
+          -> evaluate -> checkpoint -> record
+
+`release` is the node's one release path: with a release gate (a private workload under a
+profile that is not `open`), every shared component's local update is clipped, noised and
+charged there, and the node continues from the released values, before any schedule can send
+anything. What leaves the node afterwards (deltas, full states, push-sum shares) is computed
+from released values and neighbours' messages only. The end of a round is written once, here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from m3tgossip.daemon.metrics import MetricsWriter
+from m3tgossip.daemon.schedules import RoundParts, Schedule
+from m3tgossip.daemon.timings import Timings
+from m3tgossip.net import FaultyTransport
+
+
+class RoundEngine:
+    """Runs the node's rounds with its schedule until they are done or the node stops."""
+
+    def __init__(
+        self,
+        parts: RoundParts,
+        schedule: Schedule,
+        metrics: MetricsWriter,
+        checkpoint: Callable[[], None],
+    ) -> None:
+        self.parts = parts
+        self.schedule = schedule
+        self.metrics = metrics
+        self.checkpoint = checkpoint
+
+    def run(self) -> None:
+        node = self.parts.state
+        schedule = self.schedule
+        while not node.done():
+            t = Timings()
+            before = self.snapshot()
+            local = node.workload.local_step(node.round)
+            self.release(before)
+            t.lap("local")
+            outcome = schedule.exchange(self.parts, before, t)
+            if outcome is None:
+                break  # stopping: abandon the round, keep local progress
+            heard, distance = outcome
+            node.workload.after_mix(node.round)
+            t.lap("mix")
+            self.end_round(local, heard, distance, t)
+        schedule.finish(self.parts)
+
+    def snapshot(self) -> dict[str, np.ndarray] | None:
+        """The shared values before training, where the release or the schedule needs them."""
+        node = self.parts.state
+        releasing = node.gate is not None and self.schedule.exchanges
+        if not (releasing or self.schedule.needs_before):
+            return None
+        return {c: x.copy() for c, x in node.shared.items()}
+
+    def release(self, before: dict[str, np.ndarray] | None) -> None:
+        """The one release path: clip, noise and charge each component's local update."""
+        node = self.parts.state
+        gate = node.gate
+        if gate is None or before is None or not self.schedule.exchanges:
+            return
+        for comp, x in node.shared.items():
+            if comp in node.retired:
+                continue
+            if not gate.can_share(comp):
+                self.parts.exchange.retire(comp, gate.spent(comp))
+                continue
+            released, std = gate.privatize(comp, x - before[comp])
+            np.add(before[comp], released, out=x)
+            self.parts.exchange.noise_std[comp] = std
+
+    def end_round(
+        self, local: dict[str, Any], heard: list[str], distance: float, t: Timings
+    ) -> None:
+        node = self.parts.state
+        evaluation = node.workload.evaluate(node.round)
+        node.round += 1
+        node.rounds_done += 1
+        if node.round % node.config.gossip.checkpoint_every == 0 or node.done():
+            self.checkpoint()
+        t.lap("eval_checkpoint")
+        self.record(local, evaluation, heard, distance, t.as_dict())
+
+    def record(
+        self,
+        local: dict[str, Any],
+        evaluation: dict[str, Any],
+        heard: list[str],
+        distance: float,
+        timings: dict[str, float],
+    ) -> None:
+        node = self.parts.state
+        record: dict[str, Any] = {
+            "round": node.round - 1,
+            "node": node.id,
+            "session": self.parts.link.session,
+            "time": time.time(),
+            "consensus_distance": distance,
+            "bytes_in": self.parts.link.bytes_in,
+            "bytes_out": self.parts.link.bytes_out,
+            "heard": heard,
+            "neighbours": len([p for p in node.peers.values() if p.components]),
+            "deadline_s": self.parts.rounds.deadline(),
+        }
+        if node.gate is not None:
+            record["privacy"] = {
+                "node_epsilon": node.gate.node_epsilon(),
+                "epsilon": {c: node.gate.spent(c) for c in node.shared},
+                "retired": sorted(node.retired),
+            }
+        if self.parts.rounds.isolated:
+            record["isolated"] = sorted(self.parts.rounds.isolated)
+        if isinstance(self.parts.link.transport, FaultyTransport):
+            record["faults"] = self.parts.link.transport.stats()
+        record["timings"] = timings
+        if local:
+            record["train"] = local
+        record.update(evaluation)
+        self.metrics.write(record)

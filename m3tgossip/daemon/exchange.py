@@ -1,0 +1,245 @@
+"""The replica protocol of one node: what its neighbours hold of it (the published copy, one
+version per component), the deltas and full states that keep those replicas in step, and the
+neighbours' replicas it builds from what arrives.
+
+Everything sent from here is computed from the node's shared arrays after the round's release
+(`m3tgossip.daemon.engine`), from the published copy, or from neighbours' messages: never from
+a private value that did not pass the node's release gate.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from m3tgossip import protocol
+from m3tgossip.consensus import add_into, estimate_noise_var
+from m3tgossip.daemon.link import Link
+from m3tgossip.daemon.peers import Peer
+from m3tgossip.daemon.state import NodeState
+from m3tgossip.log import get_logger
+from m3tgossip.net import malicious_value
+
+log = get_logger(__name__)
+
+MsgType = protocol.MsgType
+
+
+class Exchange:
+    """Sends this node's components and applies its neighbours' to their replicas."""
+
+    def __init__(self, state: NodeState, link: Link) -> None:
+        self.state = state
+        self.link = link
+        node = state
+        shared = node.shared
+        g = node.config.gossip
+        self.codecs = {
+            c: protocol.parse_codec(str(g.compress.get(c, g.compression))) for c in shared
+        }
+        #: what every neighbour holds of this node (the published copy), and its version
+        self.published = {c: np.zeros_like(x) for c, x in shared.items()}
+        self.version = {c: 0 for c in shared}
+        #: declared DP noise std of this node's last release per component
+        self.noise_std = {c: 0.0 for c in shared}
+        #: on a fresh start, the shared values this node starts from and their digests: a
+        #: neighbour that starts from the same values (a common checkpoint) builds its replica of
+        #: this node from its own copy instead of receiving a full `state`
+        self.origin: dict[str, np.ndarray] = {}
+        self.origin_digest: dict[str, str] = {}
+        if node.resumed_from is None:
+            for comp, x in shared.items():
+                self.origin[comp] = x.copy()
+                self.origin_digest[comp] = protocol.values_digest(x)
+                self.published[comp][...] = x
+
+    # ----------------------------------------------------------------------------- start-up
+
+    def hello(self, peer: Peer, answer: bool = False) -> None:
+        node = self.state
+        body = {
+            "model": node.model_id,
+            "components": list(peer.components),
+            "listen": self.link.transport.endpoint,
+            "round": node.round,
+            "answer": answer,
+        }
+        origin = {c: self.origin_digest[c] for c in peer.components if c in self.origin_digest}
+        if origin:
+            body["origin"] = origin
+        self.link.send(peer, MsgType.HELLO, body)
+
+    def match_origin(self, peer: Peer, origin: dict[str, str]) -> None:
+        """Components both nodes started from the same values need no first `state`: this
+        node's replica of the neighbour starts at version 0 from its own copy, and the
+        neighbour builds its replica of this node the same way while this node has sent nothing."""
+        for comp in peer.components:
+            if comp not in self.origin_digest or origin.get(comp) != self.origin_digest[comp]:
+                continue
+            if comp not in peer.replicas:
+                peer.replicas[comp] = self.origin[comp].copy()
+                peer.versions[comp] = 0
+            if self.version[comp] == 0:
+                peer.need_state.discard(comp)
+
+    # ----------------------------------------------------------------------------- sending
+
+    def send_round(self) -> None:
+        """Delta of every shared component against the published copy; state where needed."""
+        node = self.state
+        if node.config.faults.attack:
+            self.send_attack()
+            return
+        deltas: dict[str, np.ndarray] = {}
+        metas: dict[str, protocol.TensorMeta] = {}
+        for comp, x in node.shared.items():
+            if comp in node.retired:
+                continue
+            delta = x - self.published[comp]  # a fresh array: safe to send without copying
+            payload, meta, decoded = self.codecs[comp].encode(
+                comp, delta, self.version[comp], self.noise_std[comp]
+            )
+            self.published[comp] += decoded  # what the codec lost stays for later rounds
+            if node.gate is not None:
+                x[...] = self.published[comp]  # a private node goes on from what it released
+            self.version[comp] += 1
+            deltas[comp] = payload
+            metas[comp] = meta
+        for peer in node.peers.values():
+            if not peer.components or not peer.model_ok:
+                continue
+            live = [c for c in peer.components if c in deltas]
+            state = sorted(peer.need_state & set(live))
+            rest = [c for c in live if c not in peer.need_state]
+            if rest:
+                tensors = {c: deltas[c] for c in rest}
+                self.link.send(
+                    peer, MsgType.DELTA, {}, tensors=tensors, meta={c: metas[c] for c in rest}
+                )
+            if state:
+                self.send_state(peer, state)
+
+    def send_state(self, peer: Peer, comps: list[str]) -> None:
+        """Full state of `comps` as the neighbours' replica has it (already public)."""
+        comps = [c for c in comps if c not in self.state.retired]
+        if not comps:
+            return
+        tensors = {c: self.published[c].copy() for c in comps}
+        meta = {
+            c: protocol.TensorMeta(
+                c, str(t.dtype), t.shape, base=self.version[c] - 1, noise=self.noise_std[c]
+            )
+            for c, t in tensors.items()
+        }
+        body = {"reason": "replica reset"}
+        if self.link.send(peer, MsgType.STATE, body, tensors=tensors, meta=meta):
+            peer.need_state -= set(comps)
+
+    def send_states(self, out_peers: list[str]) -> None:
+        """Time-varying topology: full state to this round's out-peers (links change every
+        round, so there are no replica chains to keep)."""
+        node = self.state
+        for comp, x in node.shared.items():
+            self.published[comp][...] = x
+            self.version[comp] += 1
+        for pid in out_peers:
+            peer = node.peers.get(pid)
+            if peer is not None and peer.model_ok and peer.components:
+                self.send_state(peer, list(peer.components))
+
+    def send_attack(self) -> None:
+        """Byzantine mode: claim a malicious full state every round instead of honest deltas."""
+        node = self.state
+        f = node.config.faults
+        values: dict[str, np.ndarray] = {}
+        for comp, x in node.shared.items():
+            seen = {p.id: p.replicas[comp] for p in node.peers.values() if comp in p.replicas}
+            values[comp] = malicious_value(f.attack, f.attack_scale, x, seen)
+            self.version[comp] += 1
+        for peer in node.peers.values():
+            if not peer.components or not peer.model_ok:
+                continue
+            tensors = {c: values[c] for c in peer.components}
+            meta = {
+                c: protocol.TensorMeta(c, str(t.dtype), t.shape, base=self.version[c] - 1)
+                for c, t in tensors.items()
+            }
+            body = {"reason": "replica reset"}
+            self.link.send(peer, MsgType.STATE, body, tensors=tensors, meta=meta)
+
+    def retire(self, comp: str, epsilon: float) -> None:
+        """The privacy budget of `comp` is spent: keep training it here, never send it again."""
+        node = self.state
+        node.retired.add(comp)
+        log.warning(
+            "%s: privacy budget of %s spent (epsilon %.3g); it is no longer shared",
+            node.id,
+            comp,
+            epsilon,
+        )
+        for peer in node.peers.values():
+            if comp in peer.components:
+                body = {"components": [comp], "reason": "privacy budget spent"}
+                self.link.send(peer, MsgType.RETIRE, body)
+
+    # ----------------------------------------------------------------------------- receiving
+
+    def apply(self, peer: Peer, msg: protocol.Message) -> bool:
+        """Apply a `delta` or `state` to `peer`'s replicas; True if a replica changed. A delta
+        for a replica version this node does not hold asks the neighbour for its state."""
+        node = self.state
+        gaps: list[str] = []
+        changed = False
+        for name, tensor in msg.tensors.items():
+            if name not in peer.components:
+                log.warning(
+                    "%s: ignored %s from %s: component not shared between us",
+                    node.id,
+                    name,
+                    peer.id,
+                )
+                continue
+            own = node.shared[name]
+            if tensor.shape != own.shape:
+                log.warning(
+                    "%s: ignored %s from %s: shape %s, expected %s",
+                    node.id,
+                    name,
+                    peer.id,
+                    tensor.shape,
+                    own.shape,
+                )
+                continue
+            base = msg.meta[name].base
+            peer.noise[name] = msg.meta[name].noise
+            if msg.type is MsgType.DELTA and node.config.gossip.noise_strength > 0:
+                estimates = peer.noise_estimates.setdefault(name, deque(maxlen=8))
+                estimates.append(estimate_noise_var([tensor]))
+            if msg.type is MsgType.STATE:
+                peer.replicas[name] = np.array(tensor, dtype=own.dtype)
+                peer.versions[name] = base + 1
+            elif peer.versions.get(name) == base and name in peer.replicas:
+                add_into(peer.replicas[name], tensor)
+                peer.versions[name] = base + 1
+            else:
+                gaps.append(name)
+                peer.replicas.pop(name, None)
+                peer.versions.pop(name, None)
+                continue
+            changed = True
+            peer.heard[name] = msg.round
+        if gaps:
+            self.ask_resync(
+                peer, f"delta for a replica version this node does not have ({', '.join(gaps)})"
+            )
+        return changed
+
+    def ask_resync(self, peer: Peer, reason: str) -> None:
+        node = self.state
+        if peer.resync_asked == node.round:
+            return
+        peer.resync_asked = node.round
+        comps = [c for c in peer.components if c not in peer.replicas]
+        if comps:
+            self.link.send(peer, MsgType.RESYNC, {"components": comps, "reason": reason})

@@ -1,0 +1,76 @@
+"""The mix phase: each shared component moves towards the replicas heard this round, with the
+node's mixer and its mixing row (Metropolis-Hastings, noise-aware, or this round's row of a
+time-varying topology), renormalised over the neighbours actually heard."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from m3tgossip.consensus import effective_noise_var, noise_aware_weights, renormalise
+from m3tgossip.daemon.exchange import Exchange
+from m3tgossip.daemon.rounds import RoundCollector
+from m3tgossip.daemon.state import NodeState
+from m3tgossip.topology import node_weights
+
+
+class MixStep:
+    """Mixes the round being collected into the node's shared arrays."""
+
+    def __init__(
+        self, state: NodeState, exchange: Exchange, rounds: RoundCollector, mixer: Any
+    ) -> None:
+        self.state = state
+        self.exchange = exchange
+        self.rounds = rounds
+        self.mixer = mixer
+        node = state
+        self.weights = {c: node_weights(node.topology, node.id, c) for c in node.shared}
+
+    def mix(self) -> tuple[list[str], float]:
+        """Mix over the replicas heard this round; returns (heard ids, consensus distance)."""
+        node = self.state
+        mixing = node.mixing_round
+        row_of_round = self.rounds.row
+        heard_any: set[str] = set()
+        dist_sq = 0.0
+        norm_sq = 0.0
+        for comp, x in node.shared.items():
+            if comp in node.retired:
+                continue
+            heard = {
+                p.id
+                for p in node.peers.values()
+                if comp in p.replicas and p.heard.get(comp) == mixing
+            }
+            heard_any |= heard
+            mine = self.exchange.published[comp]
+            replicas = {pid: node.peers[pid].replicas[comp] for pid in heard}
+            for r in replicas.values():
+                d = r - mine
+                dist_sq = max(dist_sq, float(d @ d))
+            norm_sq += float(mine @ mine)
+            row = row_of_round if row_of_round is not None else self.noise_aware(comp)
+            self.mixer.mix_into(x, mine, replicas, renormalise(row, node.id, heard), node.id)
+        distance = math.sqrt(dist_sq / norm_sq) if norm_sq > 0 else math.sqrt(dist_sq)
+        return sorted(heard_any), distance
+
+    def noise_aware(self, comp: str) -> dict[str, float]:
+        """The Metropolis-Hastings row of `comp`, shrunk on edges to noisy neighbours."""
+        node = self.state
+        strength = node.config.gossip.noise_strength
+        row = self.weights[comp]
+        if strength <= 0:
+            return row
+        var = {}
+        for j in row:
+            if j == node.id:
+                continue
+            peer = node.peers[j]
+            estimates = peer.noise_estimates.get(comp)
+            estimated = float(np.median(estimates)) if estimates else 0.0
+            var[j] = effective_noise_var(peer.noise.get(comp, 0.0) ** 2, estimated)
+        own_var = self.exchange.noise_std[comp] ** 2
+        return noise_aware_weights(row, node.id, var, own_var, strength)

@@ -1,0 +1,83 @@
+"""What a node knows about each of its neighbours: session, sequence, replicas, round, counters."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from m3tgossip.protocol import Message
+    from m3tgossip.topology import Topology
+
+
+@dataclass
+class Peer:
+    """One neighbour, as this node sees it."""
+
+    id: str
+    endpoint: str
+    components: tuple[str, ...]
+    session: str | None = None
+    #: it answered one of our hellos: our link to it works (and its link to us)
+    answered: bool = False
+    last_seq: int = -1
+    model_ok: bool = True
+    left: bool = False
+    missed: int = 0
+    last_heard: float = 0.0
+    round: int = -1
+    replicas: dict[str, np.ndarray] = field(default_factory=dict)
+    versions: dict[str, int] = field(default_factory=dict)
+    heard: dict[str, int] = field(default_factory=dict)
+    pending: list[Message] = field(default_factory=list)
+    need_state: set[str] = field(default_factory=set)
+    resync_asked: int = -1
+    bytes_in: int = 0
+    bytes_out: int = 0
+    dropped_out: int = 0
+    #: per component: declared DP noise std of its last delta, recent estimates of its variance
+    noise: dict[str, float] = field(default_factory=dict)
+    noise_estimates: dict[str, deque[float]] = field(default_factory=dict)
+    #: push-sum running sums: everything ever sent to it, and the last totals received from
+    #: it (whose value parts live in `replicas`); a lost push is made good by the next one
+    push_sent: dict[str, np.ndarray] = field(default_factory=dict)
+    push_sent_w: dict[str, float] = field(default_factory=dict)
+    push_recv_w: dict[str, float] = field(default_factory=dict)
+
+    def reset(self, session: str | None) -> None:
+        """A new incarnation of the neighbour: forget its replicas, send it full state."""
+        self.session = session
+        self.last_seq = -1
+        self.replicas.clear()
+        self.versions.clear()
+        self.heard.clear()
+        self.pending.clear()
+        self.need_state = set(self.components)
+        self.left = False
+        self.missed = 0
+        self.push_sent.clear()
+        self.push_sent_w.clear()
+        self.push_recv_w.clear()
+
+    @property
+    def live(self) -> bool:
+        """Shares something with this node, runs the same model and has not left."""
+        return bool(self.components) and self.model_ok and not self.left
+
+    def heard_round(self, round_: int) -> bool:
+        """Every component this neighbour shares with us arrived for `round_`."""
+        return all(self.heard.get(c) == round_ for c in self.components)
+
+
+def make_peers(topology: Topology, node_id: str, held: set[str]) -> dict[str, Peer]:
+    """One `Peer` per topology neighbour, with the components both ends hold shared."""
+    peers = {}
+    for nid in topology.neighbours(node_id):
+        spec = topology.node(nid)
+        common = tuple(sorted(held & set(spec.shared_components)))
+        peers[nid] = Peer(nid, spec.endpoint if spec.port else "", common)
+        peers[nid].need_state = set(common)
+    return peers

@@ -1,0 +1,178 @@
+"""Collecting a round: neighbours' messages held until this node reaches their round, an
+adaptive deadline from observed arrival delays, and a wait that never lasts forever.
+
+Messages that arrive early (a neighbour already in the next round) wait in a bounded queue and
+are applied when this node reaches that round, so both ends of an edge always mix the same pair
+of replica versions and the network mean is preserved exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
+
+from m3tgossip import protocol
+from m3tgossip.daemon.exchange import Exchange
+from m3tgossip.daemon.link import Link
+from m3tgossip.daemon.peers import Peer
+from m3tgossip.daemon.state import NodeState
+from m3tgossip.log import get_logger
+
+log = get_logger(__name__)
+
+#: early messages buffered per neighbour before the oldest are dropped (and a resync asked)
+MAX_PENDING = 64
+#: longest single poll, so signals and heartbeats are noticed promptly
+POLL_SLICE_MS = 50
+
+
+class RoundCollector:
+    """Waits for the messages of the round being mixed (`Node.mixing_round`)."""
+
+    def __init__(
+        self, state: NodeState, link: Link, exchange: Exchange, poll: Callable[[int], None]
+    ) -> None:
+        self.state = state
+        self.link = link
+        self.exchange = exchange
+        #: handles whatever arrives within the given milliseconds (the node's handlers)
+        self.poll = poll
+        #: arrival delays (s) of neighbours' round messages after this node's round started
+        self.latencies: deque[float] = deque(maxlen=64)
+        #: when this node sent its current round (arrival delays count from here)
+        self.started = time.monotonic()
+        self.collecting = False
+        #: time-varying topology: this round's mixing row (self and in-peers); None if static
+        self.row: dict[str, float] | None = None
+        self.isolated: set[str] = set()
+
+    def receive(self, peer: Peer, msg: protocol.Message) -> None:
+        """A `delta` or `state`: apply it if its round is due, else hold it."""
+        node = self.state
+        if msg.round > node.mixing_round:
+            if len(peer.pending) >= MAX_PENDING:
+                peer.pending.pop(0)
+                peer.replicas.clear()
+                peer.versions.clear()
+                self.exchange.ask_resync(peer, "early-message queue overflow")
+            peer.pending.append(msg)
+            return
+        self._apply(peer, msg)
+
+    def _apply(self, peer: Peer, msg: protocol.Message) -> None:
+        # one arrival delay per neighbour and round, none from this session's first round: its
+        # arrivals measure how far apart the daemons came up, not the network
+        node = self.state
+        timed = (
+            node.rounds_done > 0
+            and msg.round == node.mixing_round
+            and not any(peer.heard.get(c) == msg.round for c in peer.components)
+        )
+        if self.exchange.apply(peer, msg) and timed:
+            self.latencies.append(time.monotonic() - self.started)
+
+    def deadline(self) -> float:
+        """This round's deadline: median + k * MAD of recent arrival delays, within bounds."""
+        g = self.state.config.gossip
+        if len(self.latencies) < 8:
+            return g.round_deadline_s
+        lat = np.fromiter(self.latencies, dtype=np.float64)
+        med = float(np.median(lat))
+        mad = float(np.median(np.abs(lat - med)))
+        return min(g.round_deadline_s, max(g.deadline_min_s, med + g.deadline_k * mad))
+
+    def in_round(self, peer: Peer) -> bool:
+        """The neighbour takes part in this round (always, on a static topology)."""
+        return self.row is None or peer.id in self.row
+
+    def expected(self) -> list[Peer]:
+        suspect_after = self.state.config.gossip.suspect_after
+        return [
+            p
+            for p in self.state.peers.values()
+            if p.live and p.missed < suspect_after and self.in_round(p)
+        ]
+
+    def collect(self) -> bool:
+        """Wait for this round's messages. False if a stop signal arrived meanwhile."""
+        node = self.state
+        g = node.config.gossip
+        mixing = node.mixing_round
+        for peer in node.peers.values():
+            due = [m for m in peer.pending if m.round <= mixing]
+            if due:
+                peer.pending = [m for m in peer.pending if m.round > mixing]
+                for msg in due:
+                    self._apply(peer, msg)
+        start = time.monotonic()
+        deadline_s = self.deadline()
+        soft = start + deadline_s
+        hard = start + deadline_s * g.max_wait_factor
+        next_beat = start
+        self.collecting = True
+        try:
+            while True:
+                if node.stop_reason is not None:
+                    return False
+                expected = self.expected()
+                # A neighbour already past this round will not send it any more (a message
+                # of a link arrives in order, and a node at round R has sent every round before
+                # R): what is missing from it was lost.
+                waiting = [p for p in expected if not p.heard_round(mixing) and p.round <= mixing]
+                if not waiting:
+                    break
+                now = time.monotonic()
+                if now >= hard:
+                    break
+                if now >= soft:
+                    heard_fraction = 1.0 - len(waiting) / max(1, len(expected))
+                    alive = [p for p in waiting if now - p.last_heard < g.silence_s]
+                    if not alive and heard_fraction >= g.quorum:
+                        break
+                if now >= next_beat:
+                    self.link.heartbeat(list(node.peers.values()))
+                    next_beat = now + g.heartbeat_s
+                self.poll(min(POLL_SLICE_MS, max(1, int((hard - now) * 1000))))
+        finally:
+            self.collecting = False
+        self._count_misses(mixing)
+        self._check_isolation()
+        self.poll(0)
+        return True
+
+    def _count_misses(self, mixing: int) -> None:
+        g = self.state.config.gossip
+        for peer in self.state.peers.values():
+            if not self.in_round(peer) or not peer.components or peer.heard_round(mixing):
+                continue
+            peer.missed += 1
+            if peer.missed == g.suspect_after and not peer.left:
+                log.warning(
+                    "%s: %s missed %d rounds; not waiting for it until it is heard again",
+                    self.state.id,
+                    peer.id,
+                    peer.missed,
+                )
+
+    def _check_isolation(self) -> None:
+        """Warn when no live neighbour is left for a component: its consensus is cut off here."""
+        if self.row is not None:
+            return  # a time-varying topology links other peers every round
+        node = self.state
+        alive = {p.id for p in self.expected()}
+        for comp in node.shared:
+            holders = [p.id for p in node.peers.values() if comp in p.components]
+            cut = bool(holders) and not (alive & set(holders))
+            if cut and comp not in self.isolated:
+                log.warning(
+                    "%s: no live neighbour holds %s: this node's part of its holder graph is "
+                    "disconnected",
+                    node.id,
+                    comp,
+                )
+                self.isolated.add(comp)
+            elif not cut:
+                self.isolated.discard(comp)

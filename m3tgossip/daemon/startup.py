@@ -1,0 +1,117 @@
+"""Bringing a node up: its release gate from the privacy profile, its transport (security
+decided before any socket is bound), and the hello handshake with its neighbours."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from m3tgossip import protocol
+from m3tgossip.daemon.config import NodeConfig
+from m3tgossip.daemon.exchange import Exchange
+from m3tgossip.daemon.link import Link, TransportLike
+from m3tgossip.daemon.peers import Peer
+from m3tgossip.daemon.rounds import POLL_SLICE_MS
+from m3tgossip.daemon.state import NodeState
+from m3tgossip.errors import ConfigError
+from m3tgossip.log import get_logger
+from m3tgossip.net import FaultyTransport, Transport, for_node
+from m3tgossip.privacy import ReleaseGate, profile_for
+from m3tgossip.topology import NodeSpec, Topology
+from m3tgossip.workloads import Workload
+
+log = get_logger(__name__)
+
+#: seconds between HELLO retries while waiting for neighbours at start-up
+HELLO_RETRY_S = 0.25
+
+
+def make_gate(
+    config: NodeConfig, spec: NodeSpec, workload: Workload, shared: dict[str, np.ndarray]
+) -> ReleaseGate | None:
+    """The release gate of a node whose workload learns from private records under a profile
+    that is not `open`; None otherwise. `[privacy] profile` in the node config overrides the
+    spec's profile (e.g. "open" for a run on synthetic data); the other keys of that table are
+    the `custom` profile's."""
+    table = {k: v for k, v in config.privacy.items() if k != "profile"}
+    name = str(config.privacy.get("profile", spec.privacy))
+    try:
+        profile = profile_for(name, table or None)
+    except ValueError as exc:
+        raise ConfigError(config.topology, f'node "{config.id}" privacy', str(exc)) from exc
+    if not getattr(workload, "private_data", False) or profile.is_open:
+        return None
+    return ReleaseGate(
+        profile,
+        spec.modalities,
+        {c: x.size for c, x in shared.items()},
+        rounds_planned=config.rounds or None,
+    )
+
+
+def open_transport(config: NodeConfig, topology: Topology, peers: dict[str, Peer]) -> TransportLike:
+    """Bind the node's ZeroMQ transport (CURVE unless refused), with fault injection if asked."""
+    spec = topology.node(config.id)
+    bind = config.bind
+    if not bind:
+        if spec.port is None:
+            raise ConfigError(
+                str(topology.source),
+                f'node "{config.id}"',
+                "has no port in the topology; pass --bind",
+            )
+        bind = spec.endpoint
+    neighbours = {p.id: p.endpoint for p in peers.values() if p.endpoint}
+    # decided (and refused) before any socket is bound
+    secure = for_node(config, topology, bind, neighbours)
+    transport: TransportLike = Transport(config.id, bind, neighbours, config.transport, secure)
+    if config.faults.active:
+        log.warning("%s: injecting faults %s", config.id, config.faults)
+        transport = FaultyTransport(transport, config.faults)
+    if config.faults.attack:
+        log.warning("%s: running as a Byzantine node (attack %r)", config.id, config.faults.attack)
+    return transport
+
+
+def handshake(
+    state: NodeState, link: Link, exchange: Exchange, poll: Callable[[int], None]
+) -> None:
+    """Say hello until every neighbour answered or the grace period ran out, then join the
+    neighbours' round if this node is behind them.
+
+    An answer proves both directions of the link work: a DEALER drops what it is given
+    before its connection is up, so rounds start only once messages can arrive.
+    """
+    g = state.config.gossip
+    deadline = time.monotonic() + g.startup_grace_s
+    next_hello = 0.0
+    peers = list(state.peers.values())
+    while state.stop_reason is None and time.monotonic() < deadline:
+        missing = [p for p in peers if not p.answered and p.model_ok]
+        if not missing:
+            break
+        if time.monotonic() >= next_hello:
+            for peer in missing:
+                exchange.hello(peer)
+            # neighbours already in their first round keep waiting for a node still
+            # starting, instead of giving it up as silent
+            for peer in peers:
+                if peer.answered:
+                    link.send(peer, protocol.MsgType.HEARTBEAT, {"round": state.round})
+            next_hello = time.monotonic() + HELLO_RETRY_S
+        poll(POLL_SLICE_MS)
+    silent = [p.id for p in peers if not p.answered]
+    if silent:
+        log.warning("%s: starting without hello from %s", state.id, ", ".join(silent))
+    # A node that restarts behind its neighbours joins them at their round; so does a
+    # fresh node that starts well after them (a late joiner). A fresh node only a few
+    # rounds behind runs those rounds: its neighbours are waiting for its messages.
+    ahead = max((p.round for p in peers if p.model_ok), default=-1)
+    lag = 0 if state.resumed_from is not None else g.late_join_rounds
+    if ahead > state.round + lag:
+        log.info(
+            "%s: neighbours are at round %d; joining there (was %d)", state.id, ahead, state.round
+        )
+        state.round = ahead

@@ -1,0 +1,56 @@
+"""What every part of a node reads: its settings, its place in the topology, its workload's
+shared arrays, its neighbours, the release gate and the round counters."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from m3tgossip.daemon.config import NodeConfig
+from m3tgossip.daemon.peers import Peer
+from m3tgossip.privacy import ReleaseGate
+from m3tgossip.topology import NodeSpec, Topology
+from m3tgossip.workloads import Workload
+
+
+class NodeState:
+    """The state a node's parts share. `round` is the round this node is in; the round it
+    collects and mixes is `mixing_round` (one earlier with overlapped rounds)."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        topology: Topology,
+        workload: Workload,
+        peers: dict[str, Peer],
+        gate: ReleaseGate | None,
+        lag: int,
+    ) -> None:
+        self.config = config
+        self.topology = topology
+        self.id = config.id
+        self.spec: NodeSpec = topology.node(config.id)
+        self.workload = workload
+        self.model_id = workload.model_id()
+        self.shared: dict[str, np.ndarray] = workload.shared()
+        self.peers = peers
+        #: the release gate of a private workload (None: open profile or nothing private)
+        self.gate = gate
+        self.lag = lag
+        self.round = 0
+        #: rounds this session has completed
+        self.rounds_done = 0
+        self.resumed_from: int | None = None
+        #: components whose privacy budget is spent: trained on, never sent again
+        self.retired: set[str] = set()
+        self.stop_reason: str | None = None
+        self.started = time.time()
+
+    @property
+    def mixing_round(self) -> int:
+        """The round whose messages this node collects and mixes now."""
+        return self.round - self.lag
+
+    def done(self) -> bool:
+        return self.stop_reason is not None or (0 < self.config.rounds <= self.round)
