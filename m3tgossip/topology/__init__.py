@@ -3,7 +3,7 @@
 from m3tgossip.topology.generators import GENERATORS
 from m3tgossip.topology.load import load_topology, parse_topology
 from m3tgossip.topology.plans import node_weights, round_plan, round_plans
-from m3tgossip.topology.report import check_report, format_report
+from m3tgossip.topology.report import check_report, format_report, time_varying_rounds
 from m3tgossip.topology.spec import (
     DYNAMICS,
     KNOWN_TASKS,
@@ -28,4 +28,5 @@ __all__ = [
     "parse_topology",
     "round_plan",
     "round_plans",
+    "time_varying_rounds",
 ]
