@@ -72,7 +72,12 @@ def dynamic_links(ids: list[str], kind: str) -> list[tuple[str, str]]:
     if kind == "s-out":
         return [(ids[i], ids[j]) for i in range(n) for j in range(i + 1, n)]
     hops = {_hop(n, t) for t in range(one_peer_period(n))} - {0}
-    return sorted({tuple(sorted((ids[i], ids[(i + h) % n]))) for i in range(n) for h in hops})
+    links = set()
+    for i in range(n):
+        for h in hops:
+            u, v = ids[i], ids[(i + h) % n]
+            links.add((u, v) if u < v else (v, u))
+    return sorted(links)
 
 
 def one_peer_period(n: int) -> int:

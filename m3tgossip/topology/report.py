@@ -81,11 +81,12 @@ def check_report(
             needed = TASK_NEEDS.get(task)
             if needed is not None and needed not in node.modalities:
                 warnings.append(f"node {node.id}: task {task} needs {needed} data, which it lacks")
+    mh_slem: float | None = None
     if dynamics is None:
-        mh_slem: float | None = slem(metropolis_hastings(graph))
+        mh_slem = slem(metropolis_hastings(graph))
         rounds_total = predicted_rounds(mh_slem, target_error)
     else:
-        mh_slem, rounds_total = None, dynamics["rounds"]
+        rounds_total = dynamics["rounds"]
     report = {
         "name": topology.name,
         "source": topology.source,
