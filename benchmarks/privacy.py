@@ -7,7 +7,7 @@ Testbed runs (multi-process, `--workload edu`, sync mode, same seed, rounds and 
              open), plain Metropolis-Hastings mixing (`gossip.noise_strength` 0);
   aware      the same profiles, regulation-aware (noise-aware) mixing: `--set
              gossip.noise_strength=S`, S = 1 / (typical per-element noise variance of a ferpa
-             node), computed from `privacy.DeltaPrivatizer` for the representative component
+             node), computed from `privacy.ReleaseGate` for the representative component
              (`--ref-component`, default backbone) of the first ferpa node at the planned rounds;
   strictest  every node on the strictest profile present (gdpr): a rewritten topology copy;
   open       every node open (no DP): the reference;
@@ -64,7 +64,7 @@ from m3tgossip.edu.mia import loss_threshold_attack, record_losses  # noqa: E402
 from m3tgossip.edu.model import build_node_model  # noqa: E402
 from m3tgossip.edu.workload import EduWorkload  # noqa: E402
 from m3tgossip.harness import testbed  # noqa: E402
-from m3tgossip.privacy import PROFILES, DeltaPrivatizer, profile_for  # noqa: E402
+from m3tgossip.privacy import PROFILES, ReleaseGate, profile_for  # noqa: E402
 from m3tgossip.topology import Topology, load_topology  # noqa: E402
 
 #: strictest first: the order profiles are ranked in (custom counts as its own name)
@@ -118,7 +118,7 @@ def noise_strength(topology: Topology, rounds: int, component: str) -> dict[str,
         raise ValueError("the topology has no ferpa node to calibrate the noise strength on")
     node = ferpa[0]
     sizes = {c: x.size for c, x in build_node_model(node).shared_vectors().items()}
-    privatizer = DeltaPrivatizer(
+    privatizer = ReleaseGate(
         profile_for("ferpa"), node.modalities, sizes, rounds_planned=rounds, seed=0
     )
     variances = {c: s.noise_std**2 for c, s in privatizer.components.items()}
@@ -129,9 +129,7 @@ def noise_strength(topology: Topology, rounds: int, component: str) -> dict[str,
     if gdpr:
         g = gdpr[0]
         gsizes = {c: x.size for c, x in build_node_model(g).shared_vectors().items()}
-        gp = DeltaPrivatizer(
-            profile_for("gdpr"), g.modalities, gsizes, rounds_planned=rounds, seed=0
-        )
+        gp = ReleaseGate(profile_for("gdpr"), g.modalities, gsizes, rounds_planned=rounds, seed=0)
         if component in gp.components:
             gdpr_var = {"node": g.id, "variance": gp.components[component].noise_std ** 2}
     var = variances[component]

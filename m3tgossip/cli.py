@@ -134,8 +134,10 @@ def _cmd_node(args: argparse.Namespace) -> int:
 def _cmd_topology_check(args: argparse.Namespace) -> int:
     from m3tgossip.topology import check_report, format_report, load_topology
 
+    if not args.target > 0.0:
+        raise ConfigError("topology check", "--target", f"must be positive, got {args.target}")
     topo = load_topology(args.file)
-    report = check_report(topo, target_error=args.target)
+    report = check_report(topo, target_error=args.target, seed=args.seed)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0 if report.get("connected", False) else 1
 
@@ -210,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     check.add_argument(
         "--target", type=float, default=1e-6, help="relative consensus error (default 1e-6)"
+    )
+    check.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="federation seed the s-out peer draws come from (default 0, the node default)",
     )
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     status = sub.add_parser("status", help="query a running node")

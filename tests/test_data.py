@@ -13,9 +13,11 @@ from m3tgossip.edu.data import (
     GROUP_ATTRIBUTES,
     IMAGE_SHAPE,
     MODALITIES,
+    PRIME_DIGITS,
     SIGNAL_SHAPE,
     TABULAR_DIM,
     TASKS,
+    TOKEN_ID,
     DataConfig,
     EduData,
     institution_profile,
@@ -23,7 +25,6 @@ from m3tgossip.edu.data import (
     node_records,
     pooled_data,
 )
-from m3tgossip.edu.data.edu import PRIME_DIGITS, TOKEN_ID
 from m3tgossip.topology import NodeSpec
 
 INSTITUTIONS = ("uni-a", "uni-b", "college-c", "school-d", "academy-e", "poly-f")
@@ -107,7 +108,7 @@ def test_records_scale_with_role() -> None:
 def test_clickstream_sessions_are_well_formed() -> None:
     data = both(make_node("uni-a-1"), DataConfig(records=60))
     answers = data.clickstream >= TOKEN_ID["quiz_correct_0"]
-    for tokens, is_answer in zip(data.clickstream, answers):
+    for tokens, is_answer in zip(data.clickstream, answers, strict=True):
         length = int((tokens != 0).sum())
         assert (tokens[:length] != 0).all() and (tokens[length:] == 0).all()  # right padding
         assert tokens[0] == TOKEN_ID["login"] and tokens[length - 1] == TOKEN_ID["logout"]
@@ -137,7 +138,7 @@ def test_missing_records_within_collected_modalities() -> None:
         assert 0.5 < data.present[modality].mean() <= 1.0
     missing = ~data.present["signal"]
     assert not data.signal[missing].any()
-    assert all((t != "") == p for t, p in zip(data.text, data.present["text"]))
+    assert all((t != "") == p for t, p in zip(data.text, data.present["text"], strict=True))
 
 
 def test_subset_and_concat() -> None:
@@ -243,7 +244,7 @@ def test_groups_and_under_representation() -> None:
 def test_text_follows_the_writers_language() -> None:
     words: dict[str, set[str]] = {}
     for d in institution_data().values():
-        for text, language in zip(d.text, d.groups["language"]):
+        for text, language in zip(d.text, d.groups["language"], strict=True):
             words.setdefault(str(language), set()).update(text.lower().split())
     assert len(words) >= 2
     languages = sorted(words)

@@ -17,9 +17,9 @@ from m3tgossip.consensus import (
     add_into,
     axpy_into,
     choco_mix_into,
+    kernels,
     metropolis_hastings,
     mix_into,
-    mixing,
     predicted_rounds,
     renormalise,
     simulate_sync,
@@ -252,7 +252,8 @@ def test_choco_gamma_scales_the_step() -> None:
     np.testing.assert_allclose(own, [0.5, 1.0])
 
 
-LARGE = mixing.FUSED_MIN_SIZE + mixing.NUMPY_BLOCK + 3  # the fused path; numpy's in several blocks
+#: the fused path; numpy's in several blocks
+LARGE = kernels.FUSED_MIN_SIZE + kernels.NUMPY_BLOCK + 3
 
 
 def _tolerance(dtype: type) -> dict[str, float]:
@@ -275,7 +276,7 @@ def _pair(size: int, dtype: type, read_only: bool, shape: tuple[int, ...] | None
 @pytest.fixture(params=["torch", "numpy"])
 def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "numpy":
-        monkeypatch.setattr(mixing, "_torch", False)  # as without torch installed
+        monkeypatch.setattr(kernels, "_torch", False)  # as without torch installed
     else:
         pytest.importorskip("torch")
     return request.param
@@ -347,12 +348,15 @@ def test_large_mixing_matches_the_numpy_reference(dtype: type, kernel_path: str)
 def test_small_arrays_never_import_torch() -> None:
     code = (
         "import sys, numpy as np\n"
-        "from m3tgossip.consensus import FUSED_MIN_SIZE, add_into, axpy_into, choco_mix_into, mix_into\n"
+        "from m3tgossip.consensus import (\n"
+        "    FUSED_MIN_SIZE, add_into, axpy_into, choco_mix_into, make_mixer, mix_into,\n"
+        ")\n"
         "n = FUSED_MIN_SIZE - 1\n"
         "x, r = np.ones(n), np.frombuffer(np.ones(n).tobytes())\n"
         "add_into(x, r); axpy_into(x, 0.5, r)\n"
         "w = {'s': 0.5, 'a': 0.5}\n"
         "choco_mix_into(x, np.zeros(n), {'a': r}, w); mix_into(x, 's', {'a': r}, w)\n"
+        "make_mixer('mean', gamma=0.5).mix_into(x, np.zeros(n), {'a': r}, w, 's')\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     root = Path(__file__).resolve().parent.parent

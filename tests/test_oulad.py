@@ -7,8 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from m3tgossip.edu.data import CLICK_LEN, GROUP_ATTRIBUTES, TABULAR_FEATURES, load_oulad
-from m3tgossip.edu.data.edu import TOKEN_ID, answer_token
+from m3tgossip.edu.data import (
+    CLICK_LEN,
+    GROUP_ATTRIBUTES,
+    TABULAR_FEATURES,
+    TOKEN_ID,
+    answer_token,
+    load_oulad,
+)
 from m3tgossip.errors import ConfigError
 
 FILES = {

@@ -1,4 +1,4 @@
-"""Privacy: profiles, per-modality sensitivity, the RDP accountant, the delta privatizer."""
+"""Privacy: profiles, per-modality sensitivity, the RDP accountant, the release gate."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from m3tgossip.privacy import (
     DEFAULT_ORDERS,
     MODALITY_ORDER,
     PROFILES,
-    DeltaPrivatizer,
     PrivacyBudgetExhausted,
     RDPAccountant,
+    ReleaseGate,
     calibrate_noise_multiplier,
     component_modality,
     gaussian_rdp,
@@ -185,9 +185,9 @@ def test_composition_equals_one_release_of_scaled_noise(z, releases):
 
 def test_epsilon_is_monotone_in_releases_and_noise():
     eps_t = [_acc(3.0, t).epsilon(1e-5) for t in range(1, 60)]
-    assert all(a < b for a, b in zip(eps_t, eps_t[1:]))
+    assert all(a < b for a, b in zip(eps_t, eps_t[1:], strict=False))
     eps_z = [_acc(z, 20).epsilon(1e-5) for z in np.geomspace(0.5, 100, 40)]
-    assert all(a > b for a, b in zip(eps_z, eps_z[1:]))
+    assert all(a > b for a, b in zip(eps_z, eps_z[1:], strict=False))
 
 
 def _acc(z: float, releases: int) -> RDPAccountant:
@@ -227,14 +227,14 @@ def test_rdp_helpers_validate():
         rdp_to_epsilon(np.ones(len(DEFAULT_ORDERS)), DEFAULT_ORDERS, 0.0)
 
 
-# --- privatizer ----------------------------------------------------------------------------
+# --- release gate -------------------------------------------------------------------------
 
 COMPONENTS = {"encoder.signal": 64, "encoder.tabular": 32, "fusion": 16, "head.stress": 8}
 MODS = ("signal", "tabular")
 
 
 def test_privatize_clips_and_adds_the_seeded_noise():
-    p = DeltaPrivatizer(PROFILES["ferpa"], MODS, COMPONENTS, seed=7)
+    p = ReleaseGate(PROFILES["ferpa"], MODS, COMPONENTS, seed=7)
     spec = p.components["encoder.tabular"]
     assert spec.clip == 1.0 and spec.noise_multiplier == 17.0 and spec.noise_std == 17.0
     big = np.arange(32, dtype=np.float64) + 1.0  # norm far above the clip
@@ -246,10 +246,11 @@ def test_privatize_clips_and_adds_the_seeded_noise():
     out_small, _ = p.privatize("encoder.tabular", small.copy())
     assert np.allclose(out_small, small + 17.0 * ref.standard_normal(32))
     assert p.releases("encoder.tabular") == 2
+    assert p.charged("encoder.tabular") == 2 and p.charged("fusion") == 0 and p.released == 2
 
 
 def test_privatize_in_place_or_into_out():
-    p = DeltaPrivatizer(PROFILES["gdpr"], MODS, COMPONENTS, seed=1)
+    p = ReleaseGate(PROFILES["gdpr"], MODS, COMPONENTS, seed=1)
     d = np.ones(32, dtype=np.float32)
     res, _ = p.privatize("encoder.tabular", d)
     assert res is d and res.dtype == np.float32
@@ -260,18 +261,18 @@ def test_privatize_in_place_or_into_out():
 
 
 def test_noise_std_is_measured():
-    p = DeltaPrivatizer(PROFILES["ferpa"], ("tabular",), {"encoder.tabular": 200_000}, seed=3)
+    p = ReleaseGate(PROFILES["ferpa"], ("tabular",), {"encoder.tabular": 200_000}, seed=3)
     d, std = p.privatize("encoder.tabular", np.zeros(200_000))
     assert float(d.std()) == pytest.approx(std, rel=0.01)
 
 
 def test_stricter_modalities_get_more_noise():
-    p = DeltaPrivatizer(PROFILES["gdpr"], MODS, COMPONENTS, rounds_planned=100)
+    p = ReleaseGate(PROFILES["gdpr"], MODS, COMPONENTS, rounds_planned=100)
     sig = {c: s.noise_multiplier for c, s in p.components.items()}
     assert sig["encoder.signal"] > sig["encoder.tabular"]
     # components trained on all modalities take the strictest one's noise
     assert sig["fusion"] == sig["head.stress"] == sig["encoder.signal"]
-    q = DeltaPrivatizer(PROFILES["gdpr"], ("clickstream", "tabular"), {"fusion": 4}, 100)
+    q = ReleaseGate(PROFILES["gdpr"], ("clickstream", "tabular"), {"fusion": 4}, 100)
     assert q.components["fusion"].modality == "clickstream"
     assert sig["encoder.tabular"] < q.components["fusion"].noise_multiplier < sig["fusion"]
 
@@ -281,7 +282,7 @@ def test_stricter_modalities_get_more_noise():
 def test_calibrated_run_spends_exactly_the_budget(name, neighbouring, sensitivity):
     rounds = 30
     prof = PROFILES[name]
-    p = DeltaPrivatizer(prof, MODS, COMPONENTS, rounds, seed=0, neighbouring=neighbouring)
+    p = ReleaseGate(prof, MODS, COMPONENTS, rounds, seed=0, neighbouring=neighbouring)
     rng = np.random.default_rng(5)
     for _ in range(rounds):
         for c, n in COMPONENTS.items():
@@ -298,6 +299,9 @@ def test_calibrated_run_spends_exactly_the_budget(name, neighbouring, sensitivit
         with pytest.raises(PrivacyBudgetExhausted):
             p.privatize(c, np.zeros(COMPONENTS[c]))
     assert p.releases("fusion") == rounds  # the refused release was not counted
+    # every value the gate let out was charged, the refused ones were not
+    assert all(p.charged(c) == rounds for c in COMPONENTS)
+    assert p.released == rounds * len(COMPONENTS)
     # all components come from the same data: node-level RDP is the sum
     specs = p.components.values()
     total = sum(rounds / (2 * (s.noise_multiplier / sensitivity) ** 2) for s in specs)
@@ -308,7 +312,7 @@ def test_calibrated_run_spends_exactly_the_budget(name, neighbouring, sensitivit
 
 def test_fixed_noise_stops_when_the_budget_is_spent():
     prof = PROFILES["gdpr"]
-    p = DeltaPrivatizer(prof, ("tabular",), {"encoder.tabular": 4}, seed=0)
+    p = ReleaseGate(prof, ("tabular",), {"encoder.tabular": 4}, seed=0)
     spec = p.components["encoder.tabular"]
     assert spec.noise_multiplier == prof.noise_multiplier / prof.modality_factor["tabular"]
     # independently: the largest T whose closed-form epsilon fits the budget
@@ -325,7 +329,7 @@ def test_fixed_noise_stops_when_the_budget_is_spent():
 
 
 def test_open_profile_does_nothing():
-    p = DeltaPrivatizer(PROFILES["open"], MODS, COMPONENTS, rounds_planned=10, seed=0)
+    p = ReleaseGate(PROFILES["open"], MODS, COMPONENTS, rounds_planned=10, seed=0)
     d = np.arange(64, dtype=np.float64) * 100.0
     out, std = p.privatize("encoder.signal", d.copy())
     assert std == 0.0 and np.array_equal(out, d)
@@ -333,11 +337,12 @@ def test_open_profile_does_nothing():
     assert p.node_epsilon() == 0.0
     rep = p.report()["encoder.signal"]
     assert rep["clip"] is None and rep["budget"] is None and rep["releases"] == 1
+    assert p.charged("encoder.signal") == 1 and p.released == 1  # charged, at no cost
     json.dumps(p.report(), allow_nan=False)
 
 
 def test_report_is_json_and_complete():
-    p = DeltaPrivatizer(PROFILES["ferpa"], MODS, COMPONENTS, rounds_planned=2, seed=0)
+    p = ReleaseGate(PROFILES["ferpa"], MODS, COMPONENTS, rounds_planned=2, seed=0)
     p.privatize("fusion", np.ones(16))
     rep = json.loads(json.dumps(p.report(), allow_nan=False))
     assert set(rep) == set(COMPONENTS)
@@ -352,21 +357,24 @@ def test_report_is_json_and_complete():
 
 
 def test_state_survives_a_restart():
-    p = DeltaPrivatizer(PROFILES["gdpr"], MODS, COMPONENTS, rounds_planned=3, seed=0)
+    p = ReleaseGate(PROFILES["gdpr"], MODS, COMPONENTS, rounds_planned=3, seed=0)
     for _ in range(3):
         p.privatize("fusion", np.ones(16))
     state = json.loads(json.dumps(p.state()))
-    q = DeltaPrivatizer(PROFILES["gdpr"], MODS, COMPONENTS, rounds_planned=3)
+    q = ReleaseGate(PROFILES["gdpr"], MODS, COMPONENTS, rounds_planned=3)
+    assert q.released == 0
     q.load(state)
     assert q.spent("fusion") == pytest.approx(p.spent("fusion"))
     assert q.releases("fusion") == 3 and not q.can_share("fusion")
-    r = DeltaPrivatizer(PROFILES["ferpa"], MODS, COMPONENTS)
+    # what a checkpoint restores was charged by an earlier gate, not by this one
+    assert q.charged("fusion") == 0 and q.released == 0 and p.charged("fusion") == 3
+    r = ReleaseGate(PROFILES["ferpa"], MODS, COMPONENTS)
     with pytest.raises(ValueError, match="profile"):
         r.load(state)
 
 
 def test_privatize_validates_its_input():
-    p = DeltaPrivatizer(PROFILES["ferpa"], MODS, COMPONENTS, seed=0)
+    p = ReleaseGate(PROFILES["ferpa"], MODS, COMPONENTS, seed=0)
     with pytest.raises(KeyError, match="not privatized"):
         p.privatize("backbone", np.zeros(3))
     with pytest.raises(ValueError, match="elements"):
@@ -375,8 +383,10 @@ def test_privatize_validates_its_input():
         p.privatize("fusion", np.zeros(16, dtype=np.int64))
     with pytest.raises(ValueError, match="non-finite"):
         p.privatize("fusion", np.full(16, np.nan))
-    assert p.releases("fusion") == 0
+    assert p.releases("fusion") == 0 and p.charged("fusion") == 0 and p.released == 0
+    with pytest.raises(KeyError, match="not privatized"):
+        p.charged("backbone")
     with pytest.raises(ValueError, match="neighbouring"):
-        DeltaPrivatizer(PROFILES["ferpa"], MODS, COMPONENTS, neighbouring="swap")
+        ReleaseGate(PROFILES["ferpa"], MODS, COMPONENTS, neighbouring="swap")
     with pytest.raises(ValueError, match="unknown modality"):
-        DeltaPrivatizer(PROFILES["ferpa"], ("video",), COMPONENTS)
+        ReleaseGate(PROFILES["ferpa"], ("video",), COMPONENTS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 from pathlib import Path
@@ -253,6 +254,14 @@ def test_components_lists_only_shared_ones(mini: Topology) -> None:
     assert mini.neighbours("d") == ["a", "c", "e"]
 
 
+def test_holder_subgraphs_keep_spec_order() -> None:
+    topology = load_topology(SPECS / "campus.toml")
+    for component in topology.components():
+        graph = topology.component_graph(component)
+        assert list(graph.nodes) == topology.holders(component), component
+        assert check_report(topology)["components"][component]["holders"] == list(graph.nodes)
+
+
 def test_graph_is_cached_and_frozen(mini: Topology) -> None:
     assert mini.graph() is mini.graph()
     with pytest.raises(nx.NetworkXError):
@@ -314,6 +323,45 @@ def test_every_generator(kind: str, params: dict, nodes: int, edges: int) -> Non
     assert len(topology.nodes) == nodes
     assert len(topology.edges) == edges
     assert nx.is_connected(topology.graph())
+
+
+# ----------------------------------------------------------------------------- package layout
+
+PACKAGE = Path(__file__).resolve().parent.parent / "m3tgossip"
+
+
+def _imported(path: Path) -> set[str]:
+    """The m3tgossip modules a file imports (`from m3tgossip.x import y` counts m3tgossip.x)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+    return {n for n in names if n.split(".")[0] == "m3tgossip"}
+
+
+def test_topology_modules_import_siblings_by_path_without_cycles() -> None:
+    modules = {
+        f"m3tgossip.topology.{p.stem}": _imported(p)
+        for p in (PACKAGE / "topology").glob("*.py")
+        if p.stem != "__init__"
+    }
+    siblings = {m: {i for i in imports if i in modules} for m, imports in modules.items()}
+    for module, imports in modules.items():
+        assert "m3tgossip.topology" not in imports, module
+        assert not {i for i in imports if i.startswith("m3tgossip.topology.")} - set(modules)
+
+    def reaches(start: str, seen: set[str]) -> set[str]:
+        for nxt in siblings[start] - seen:
+            seen.add(nxt)
+            reaches(nxt, seen)
+        return seen
+
+    for module in modules:
+        assert module not in reaches(module, set()), f"{module} imports itself through a cycle"
+    for path in (PACKAGE / "consensus").glob("*.py"):
+        assert not any(i.startswith("m3tgossip.topology") for i in _imported(path)), path
 
 
 # ----------------------------------------------------------------------------- check report

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from m3tgossip.edu.data import GROUP_ATTRIBUTES, EduData
+from m3tgossip.edu.data.records import EduData
+from m3tgossip.edu.data.schema import GROUP_ATTRIBUTES
 from m3tgossip.edu.model.node_model import NodeModel
 
 #: smallest group (labelled test records) that enters the worst-group gap

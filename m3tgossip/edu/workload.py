@@ -36,9 +36,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from m3tgossip.edu.data import DataConfig, node_data
-from m3tgossip.edu.model import DEFAULT_CHECKPOINT, LoraSpec, build_node_model
+from m3tgossip.edu.data.config import DataConfig
+from m3tgossip.edu.data.federation import node_data
 from m3tgossip.edu.model.components import component_seed
+from m3tgossip.edu.model.lora import LoraSpec
+from m3tgossip.edu.model.node_model import build_node_model
+from m3tgossip.edu.model.pretrained import DEFAULT_CHECKPOINT
 from m3tgossip.edu.train import Trainer
 from m3tgossip.log import get_logger
 from m3tgossip.topology import Topology

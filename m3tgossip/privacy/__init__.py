@@ -1,28 +1,36 @@
 """Privacy of what a node releases: profiles, the accountant and the release gate."""
 
-from m3tgossip.privacy.dp import (
+from m3tgossip.privacy.accountant import (
     DEFAULT_ORDERS,
-    MODALITY_ORDER,
-    PROFILES,
-    DeltaPrivatizer,
-    PrivacyBudgetExhausted,
-    PrivacyProfile,
     RDPAccountant,
     calibrate_noise_multiplier,
-    component_modality,
     gaussian_rdp,
-    profile_for,
     rdp_to_epsilon,
+)
+from m3tgossip.privacy.gate import (
+    NEIGHBOURING,
+    ComponentPrivacy,
+    PrivacyBudgetExhausted,
+    ReleaseGate,
+)
+from m3tgossip.privacy.profiles import (
+    MODALITY_ORDER,
+    PROFILES,
+    PrivacyProfile,
+    component_modality,
+    profile_for,
 )
 
 __all__ = [
     "DEFAULT_ORDERS",
-    "DeltaPrivatizer",
     "MODALITY_ORDER",
+    "NEIGHBOURING",
     "PROFILES",
+    "ComponentPrivacy",
     "PrivacyBudgetExhausted",
     "PrivacyProfile",
     "RDPAccountant",
+    "ReleaseGate",
     "calibrate_noise_multiplier",
     "component_modality",
     "gaussian_rdp",

@@ -1,22 +1,21 @@
-"""Topology specs: loading and checking, generators, time-varying round plans, the check report."""
+"""Topology specs: the model, loading, generators, time-varying round plans, the check report."""
 
-from m3tgossip.topology.plans import (
-    node_weights,
-    round_plan,
-)
+from m3tgossip.topology.generators import GENERATORS
+from m3tgossip.topology.load import load_topology, parse_topology
+from m3tgossip.topology.plans import node_weights, round_plan, round_plans
+from m3tgossip.topology.report import check_report, format_report, time_varying_rounds
 from m3tgossip.topology.spec import (
+    DYNAMICS,
     KNOWN_TASKS,
     MODALITIES,
     PRIVACY_PROFILES,
     NodeSpec,
     Topology,
-    check_report,
-    format_report,
-    load_topology,
-    parse_topology,
 )
 
 __all__ = [
+    "DYNAMICS",
+    "GENERATORS",
     "KNOWN_TASKS",
     "MODALITIES",
     "NodeSpec",
@@ -28,4 +27,6 @@ __all__ = [
     "node_weights",
     "parse_topology",
     "round_plan",
+    "round_plans",
+    "time_varying_rounds",
 ]

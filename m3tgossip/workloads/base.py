@@ -14,6 +14,12 @@ import numpy as np
 
 
 class Workload(Protocol):
+    """What a node trains or averages, as the daemon sees it: flat shared arrays and hooks.
+
+    Implementations take `(topology, node_id, seed, options)` (see `make_workload`); a bad
+    option raises ValueError naming it.
+    """
+
     #: name written into metrics and summaries
     name: str
     #: True if `shared()` is learned from the node's own records (then the node's privacy
@@ -40,7 +46,7 @@ class Workload(Protocol):
         """Metrics to record this round (may be empty on rounds that do not evaluate)."""
 
     def state(self) -> dict[str, np.ndarray]:
-        """Everything needed to resume (shared and local parameters, optimiser moments) as arrays."""
+        """Everything needed to resume, as arrays: shared and local parameters, optimiser state."""
 
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
         """Restore from `state()` output (after a restart)."""

@@ -2,28 +2,38 @@
 
 `node_data` gives a node its own records from its topology entry and the federation seed;
 `load_oulad` reads the Open University Learning Analytics Dataset into the same `EduData` form.
+
+- `schema`: modalities, tasks, shapes, the clickstream vocabulary, group attributes;
+- `records`: `EduData`, the container every source fills;
+- `config`: `DataConfig`, how many built-in records a node makes and how skewed they are;
+- `federation`: `node_data`, `node_records`, `pooled_data`, the records of each node;
+- `institutions`, `learners`: the population an institution draws and the learners' latents;
+- `text`, `clickstream`, `tabular`, `signals`, `handwriting`: one generator per modality;
+- `draws`: the seeded streams and link function the generators share;
+- `oulad`: `load_oulad`.
 """
 
-from m3tgossip.edu.data.edu import (
+from m3tgossip.edu.data.config import DataConfig
+from m3tgossip.edu.data.federation import node_data, node_records, pooled_data
+from m3tgossip.edu.data.institutions import institution_profile
+from m3tgossip.edu.data.oulad import load_oulad
+from m3tgossip.edu.data.records import EduData
+from m3tgossip.edu.data.schema import (
     CLICK_LEN,
     CLICK_TOKENS,
     CLICK_VOCAB,
     GROUP_ATTRIBUTES,
     IMAGE_SHAPE,
     MODALITIES,
+    PRIME_DIGITS,
     SIGNAL_CHANNELS,
     SIGNAL_SHAPE,
     TABULAR_DIM,
     TABULAR_FEATURES,
     TASKS,
-    DataConfig,
-    EduData,
-    institution_profile,
-    node_data,
-    node_records,
-    pooled_data,
+    TOKEN_ID,
+    answer_token,
 )
-from m3tgossip.edu.data.oulad import load_oulad
 
 __all__ = [
     "CLICK_LEN",
@@ -32,13 +42,16 @@ __all__ = [
     "GROUP_ATTRIBUTES",
     "IMAGE_SHAPE",
     "MODALITIES",
+    "PRIME_DIGITS",
     "SIGNAL_CHANNELS",
     "SIGNAL_SHAPE",
     "TABULAR_DIM",
     "TABULAR_FEATURES",
     "TASKS",
+    "TOKEN_ID",
     "DataConfig",
     "EduData",
+    "answer_token",
     "institution_profile",
     "load_oulad",
     "node_data",

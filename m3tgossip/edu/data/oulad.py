@@ -50,13 +50,8 @@ from typing import TextIO
 
 import numpy as np
 
-from m3tgossip.edu.data.edu import (
-    CLICK_LEN,
-    TABULAR_FEATURES,
-    TOKEN_ID,
-    EduData,
-    answer_token,
-)
+from m3tgossip.edu.data.records import EduData
+from m3tgossip.edu.data.schema import CLICK_LEN, TABULAR_FEATURES, TOKEN_ID, answer_token
 from m3tgossip.errors import ConfigError
 from m3tgossip.log import get_logger
 
@@ -406,7 +401,7 @@ def _sequence(
     if len(codes) > room:
         codes = codes[np.rint(np.linspace(0, len(codes) - 1, room)).astype(int)]
     dates, tokens = codes // 64, codes % 64
-    events = [(int(d), 0, int(t)) for d, t in zip(dates, tokens)]
+    events = [(int(d), 0, int(t)) for d, t in zip(dates, tokens, strict=True)]
     events += [
         (day, 1, answer_token(assessments[aid].skill, score >= PASS_MARK))
         for day, aid, score, _ in history

@@ -20,7 +20,13 @@ import math
 import torch
 from torch import nn
 
-from m3tgossip.edu.data import CLICK_LEN, CLICK_VOCAB, IMAGE_SHAPE, SIGNAL_SHAPE, TABULAR_DIM
+from m3tgossip.edu.data.schema import (
+    CLICK_LEN,
+    CLICK_VOCAB,
+    IMAGE_SHAPE,
+    SIGNAL_SHAPE,
+    TABULAR_DIM,
+)
 from m3tgossip.edu.model.config import M3TConfig
 from m3tgossip.edu.model.layers import MLP, Block
 

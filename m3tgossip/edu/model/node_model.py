@@ -24,7 +24,8 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from m3tgossip.edu.data import MODALITIES, TASKS, EduData
+from m3tgossip.edu.data.records import EduData
+from m3tgossip.edu.data.schema import MODALITIES, TASKS
 from m3tgossip.edu.model.components import TEXT_MODEL, Component, FlatParameters, component_of
 from m3tgossip.edu.model.config import M3TConfig
 from m3tgossip.edu.model.lora import LoraSpec, attach_lora, delta_weights, load_lora

@@ -1,0 +1,163 @@
+"""In-place mixing kernels: a node's state plus weighted neighbour values, one pass per term.
+
+This module owns the per-element arithmetic of averaging and nothing else: it sees numpy arrays,
+never graphs, sockets or messages. `add_into` is numpy's one-pass in-place add. For arrays of
+at least `FUSED_MIN_SIZE` elements (C-contiguous, aligned, non-overlapping, both float32 or both
+float64) `axpy_into` runs torch's fused `add_(src, alpha=a)` on zero-copy views: one pass and no
+temporary, about half the time of numpy's multiply-then-add. torch is imported on that path
+only, on first use, so a daemon whose components are all smaller never loads it; without torch,
+or for other arrays, numpy ufuncs with `out=` do the work through a scratch block of at most
+`NUMPY_BLOCK` elements. `mix_into` (plain weighted average) and `choco_mix_into` (the CHOCO step
+over replicas) are built on `axpy_into`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+#: elements from which `axpy_into` uses torch's fused kernel
+FUSED_MIN_SIZE = 1 << 17
+#: elements per scratch block of `axpy_into`'s numpy path (fits a 1 MiB L2 cache as float32)
+NUMPY_BLOCK = 1 << 18
+_FUSED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+#: the torch module once imported, False if it is not installed, None before the first try
+_torch: Any = None
+
+
+def _fused() -> Any:
+    """torch, imported on first use; None where it is not installed."""
+    global _torch
+    if _torch is None:
+        try:
+            import torch
+        except ImportError:
+            _torch = False
+        else:
+            _torch = torch
+    return _torch or None
+
+
+def _can_fuse(dst: np.ndarray, src: np.ndarray) -> bool:
+    """True if torch may update `dst` from `src` element by element through zero-copy views."""
+    return (
+        dst.dtype in _FUSED_DTYPES
+        and src.dtype == dst.dtype
+        and src.shape == dst.shape
+        and dst.flags.c_contiguous
+        and src.flags.c_contiguous
+        and dst.flags.aligned
+        and src.flags.aligned
+        and dst.flags.writeable
+        and not np.may_share_memory(dst, src)
+    )
+
+
+def _fused_add(torch: Any, dst: np.ndarray, src: np.ndarray, alpha: float) -> None:
+    out = torch.from_numpy(dst)
+    if src.flags.writeable:
+        other = torch.from_numpy(src)
+    else:
+        # the view is only read; torch warns about read-only arrays all the same
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+            other = torch.from_numpy(src)
+    out.add_(other, alpha=alpha)
+
+
+def add_into(dst: np.ndarray, src: np.ndarray) -> None:
+    """`dst += src`, in place, in one pass; `src` may be read-only and of another dtype (cast).
+
+    numpy's in-place add is already one pass without a temporary (as fast as torch's).
+    """
+    np.add(dst, src, out=dst, casting="same_kind")
+
+
+def axpy_into(dst: np.ndarray, alpha: float, src: np.ndarray) -> None:
+    """`dst += alpha * src`, in place.
+
+    `src` may be read-only; one of another dtype is cast to `dst`'s (`same_kind`). Large
+    float arrays use torch's fused kernel (see the module docstring); otherwise numpy multiplies
+    into a scratch block of at most `NUMPY_BLOCK` elements and adds it (a scratch as large as
+    `dst` only when one of the arrays is not C-contiguous or `src` is broadcast).
+    """
+    n = dst.size
+    if n >= FUSED_MIN_SIZE:
+        if _can_fuse(dst, src) and (torch := _fused()) is not None:
+            _fused_add(torch, dst, src, float(alpha))
+            return
+        if src.shape == dst.shape and dst.flags.c_contiguous and src.flags.c_contiguous:
+            flat, other = dst.reshape(-1), src.reshape(-1)
+            scratch = np.empty(min(n, NUMPY_BLOCK), dst.dtype)
+            for start in range(0, n, NUMPY_BLOCK):
+                stop = min(start + NUMPY_BLOCK, n)
+                block = scratch[: stop - start]
+                np.multiply(other[start:stop], alpha, out=block, casting="same_kind")
+                np.add(flat[start:stop], block, out=flat[start:stop])
+            return
+    scratch = np.empty(dst.shape, dst.dtype)
+    np.multiply(src, alpha, out=scratch, casting="same_kind")
+    np.add(dst, scratch, out=dst)
+
+
+def mix_into(
+    own: np.ndarray,
+    self_id: str,
+    values: Mapping[str, np.ndarray],
+    weights: Mapping[str, float],
+) -> None:
+    """`own[:] = w_ii * own + sum_j w_ij * values[j]`, in place.
+
+    One pass over `own` per term (`axpy_into`); neighbour values of another dtype are cast.
+    Every neighbour in `weights` must have a value (call `renormalise` first).
+    """
+    if self_id not in weights:
+        raise ValueError(f'weights have no entry for self "{self_id}"')
+    neighbours = sorted(j for j in weights if j != self_id)
+    for j in neighbours:
+        if j not in values:
+            raise KeyError(f'no value from neighbour "{j}"; renormalise over those heard first')
+        if values[j].shape != own.shape:
+            raise ValueError(f'value from "{j}" has shape {values[j].shape}, expected {own.shape}')
+    own *= weights[self_id]
+    for j in neighbours:
+        axpy_into(own, weights[j], values[j])
+
+
+def choco_mix_into(
+    own: np.ndarray,
+    replica_self: np.ndarray,
+    replicas: Mapping[str, np.ndarray],
+    weights: Mapping[str, float],
+    gamma: float = 1.0,
+) -> None:
+    """CHOCO-gossip step: `own += gamma * sum_j w_ij * (replicas[j] - replica_self)`, in place.
+
+    `replica_self` is the public copy of this node's state that its neighbours hold and
+    `replicas[j]` this node's copy of neighbour j's; both are kept up to date from compressed
+    deltas elsewhere. `weights` is a row from `node_weights`/`renormalise`: its one key without a
+    replica is the node itself, whose term is zero. With `gamma = 1` and exact replicas this
+    equals `mix_into`.
+    """
+    without_replica = sorted(j for j in weights if j not in replicas)
+    if len(without_replica) > 1:
+        raise KeyError(
+            f"no replica for {without_replica}; only the node itself may lack one "
+            "(renormalise over the neighbours heard first)"
+        )
+    if replica_self.shape != own.shape:
+        raise ValueError(f"replica_self has shape {replica_self.shape}, expected {own.shape}")
+    terms = sorted(j for j in weights if j in replicas)
+    for j in terms:
+        if replicas[j].shape != own.shape:
+            raise ValueError(
+                f'replica of "{j}" has shape {replicas[j].shape}, expected {own.shape}'
+            )
+    if not terms:
+        return
+    for j in terms:
+        axpy_into(own, gamma * weights[j], replicas[j])
+    axpy_into(own, -gamma * sum(weights[j] for j in terms), replica_self)

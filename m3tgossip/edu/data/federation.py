@@ -1,0 +1,129 @@
+"""The built-in federation: each node's own multi-modal records, from its topology entry alone.
+
+A node calls `node_data(node, config)` and gets its own train and test records, generated from
+its topology entry and the federation seed: no node needs another node's data and no server
+hands data out. The node's institution (`institutions`) sets the population, its learners
+(`learners`, with the node's label skew) carry the latent profile, and each modality is
+rendered from that profile with its own noise (`text`, `clickstream`, `tabular`, `signals`,
+`handwriting`), so the modalities carry the signal the tasks need.
+
+Modalities a node does not collect are absent (zeros, `present` False) for all its records;
+within the modalities it collects, text and signal are missing for some records (no reflection
+written, wearable not worn), never all modalities of a record. Tasks a node does not serve
+have label -1.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from m3tgossip.edu.data.clickstream import sessions
+from m3tgossip.edu.data.config import ROLE_SCALE, DataConfig
+from m3tgossip.edu.data.draws import entropy
+from m3tgossip.edu.data.handwriting import handwritten_answers
+from m3tgossip.edu.data.institutions import Institution, institution_profile
+from m3tgossip.edu.data.learners import skewed_learners
+from m3tgossip.edu.data.records import EduData
+from m3tgossip.edu.data.schema import MODALITIES, TASKS
+from m3tgossip.edu.data.signals import signal_windows
+from m3tgossip.edu.data.tabular import tabular_features
+from m3tgossip.edu.data.text import reflections
+
+if TYPE_CHECKING:
+    from m3tgossip.topology import Topology
+
+
+class NodeLike(Protocol):
+    """What the generator reads of a topology node (`m3tgossip.topology.spec.NodeSpec` fits)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def role(self) -> str: ...
+    @property
+    def institution(self) -> str | None: ...
+    @property
+    def modalities(self) -> tuple[str, ...]: ...
+    @property
+    def tasks(self) -> tuple[str, ...]: ...
+
+
+def node_records(node: NodeLike, config: DataConfig) -> int:
+    """How many records (train + test) the node generates: `config.records` scaled by role."""
+    if node.role not in ROLE_SCALE:
+        raise ValueError(f'node "{node.id}": unknown role {node.role!r}')
+    return max(4, round(config.records * ROLE_SCALE[node.role]))
+
+
+def _presence(
+    node: NodeLike, inst: Institution, rng: np.random.Generator, n: int
+) -> dict[str, np.ndarray]:
+    """Modality -> which of the n records have it: what the node collects, less the missing
+    reflections and recordings, and never no modality at all in a record."""
+    collected = set(node.modalities)
+    present = {m: np.full(n, m in collected) for m in MODALITIES}
+    present["text"] &= rng.random(n) >= inst.text_missing
+    present["signal"] &= rng.random(n) >= inst.signal_missing
+    nothing = ~np.any([present[m] for m in MODALITIES], axis=0)
+    for m in ("text", "signal"):
+        present[m] |= nothing & (m in collected)
+    return present
+
+
+def node_data(node: NodeLike, config: DataConfig) -> tuple[EduData, EduData]:
+    """The node's own (train, test) records, from its topology entry and the federation seed."""
+    unknown = [m for m in node.modalities if m not in MODALITIES]
+    unknown += [t for t in node.tasks if t not in TASKS]
+    if unknown:
+        names = ", ".join(map(repr, unknown))
+        raise ValueError(f'node "{node.id}": the built-in education data has no {names}')
+    n = node_records(node, config)
+    n_test = min(max(1, round(n * config.test_fraction)), n - 1)
+    inst = institution_profile(node.institution or node.id, config.seed)
+    rng = np.random.default_rng(np.random.SeedSequence(entropy(config.seed, "node", node.id)))
+    people = skewed_learners(inst, config, rng, n)
+    is_test = np.zeros(n, bool)
+    is_test[rng.permutation(n)[:n_test]] = True
+    present = _presence(node, inst, rng, n)
+
+    clickstream, next_response = sessions(inst, people, rng)
+    image, handwriting = handwritten_answers(inst, people, is_test, rng)
+    text = [
+        t if p else "" for t, p in zip(reflections(inst, people, rng), present["text"], strict=True)
+    ]
+    arrays = {
+        "image": image,
+        "signal": signal_windows(people, rng),
+        "clickstream": clickstream,
+        "tabular": tabular_features(inst, people, rng),
+    }
+    for m, array in arrays.items():
+        array[~present[m]] = 0
+    labels = {
+        "at_risk": people["at_risk"],
+        "engagement": people["engagement_level"],
+        "stress": people["stress_label"],
+        "handwriting": handwriting,
+        "next_response": next_response,
+    }
+    data = EduData(
+        text=text,
+        **arrays,
+        present=present,
+        labels={t: labels[t] if t in node.tasks else np.full(n, -1, np.int64) for t in TASKS},
+        groups={
+            "gender": people["gender"],
+            "first_generation": np.where(people["first_generation"], "yes", "no").astype("<U16"),
+            "language": people["language"],
+            "disability": np.where(people["disability"], "yes", "no").astype("<U16"),
+        },
+    )
+    return data.subset(~is_test), data.subset(is_test)
+
+
+def pooled_data(topology: Topology, config: DataConfig) -> tuple[EduData, EduData]:
+    """Every node's (train, test) records concatenated: for the centralized reference only."""
+    parts = [node_data(node, config) for node in topology.nodes]
+    return EduData.concat([p[0] for p in parts]), EduData.concat([p[1] for p in parts])

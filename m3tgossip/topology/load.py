@@ -1,0 +1,359 @@
+"""Loading a topology spec: reading the TOML file and validating every entry of it.
+
+Bad input raises `ConfigError` naming the file, the entry (top-level key, `nodes[i] (id "x")`
+with its attribute, `edges[i]`, `generator.key`, `dynamics.key`, a default and the node it
+reaches) and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+
+from m3tgossip.errors import ConfigError
+from m3tgossip.topology.generators import generate
+from m3tgossip.topology.plans import dynamic_links
+from m3tgossip.topology.problems import abbreviate, describe_parts, reject_unknown
+from m3tgossip.topology.spec import (
+    COMPUTE_TIERS,
+    DYNAMICS,
+    MAX_NODES,
+    MODALITIES,
+    NODE_ID,
+    PRIVACY_PROFILES,
+    ROLES,
+    Z85_CHARS,
+    NodeSpec,
+    Topology,
+    endpoint_clash,
+)
+
+_TASK = re.compile(r"[a-z][a-z0-9_]*")
+_TOP_KEYS = ("name", "description", "edges", "generator", "defaults", "nodes", "dynamics")
+_NODE_KEYS = (
+    "id",
+    "role",
+    "institution",
+    "modalities",
+    "tasks",
+    "host",
+    "port",
+    "compute",
+    "privacy",
+    "public_key",
+    "local",
+)
+#: attributes that must be set per node, never in [defaults]
+_PER_NODE_KEYS = ("id", "port", "public_key")
+_BUILTIN_DEFAULTS: dict[str, Any] = {
+    "role": "student",
+    "institution": None,
+    "modalities": ["clickstream", "tabular"],
+    "tasks": ["at_risk"],
+    "host": "127.0.0.1",
+    "port": None,
+    "compute": "full",
+    "privacy": "open",
+    "public_key": None,
+    "local": [],
+}
+
+
+def load_topology(path: str | os.PathLike[str]) -> Topology:
+    """Read and validate a topology spec file; ConfigError naming the file and entry if bad."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(source, "", "no such topology file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(source, "", f"cannot read topology file: {exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "TOML syntax", str(exc)) from None
+    return parse_topology(data, source)
+
+
+def parse_topology(data: Mapping[str, Any], source: str) -> Topology:
+    """Validate a parsed spec (the dict tomllib returns); `source` names it in errors."""
+    reject_unknown(data, _TOP_KEYS, source, "", "top-level key")
+    name = data.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(source, "name", "a topology needs a non-empty string name")
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise ConfigError(source, "description", "must be a string")
+    defaults = _parse_defaults(data.get("defaults", {}), source)
+    node_tables = data.get("nodes", [])
+    if not isinstance(node_tables, list) or not all(isinstance(t, dict) for t in node_tables):
+        raise ConfigError(source, "nodes", "must be an array of tables ([[nodes]])")
+
+    has_edges, has_generator = "edges" in data, "generator" in data
+    if has_edges == has_generator:
+        which = "both" if has_edges else "neither"
+        problem = f"give exactly one of edges = [...] or [generator], got {which}"
+        raise ConfigError(source, "edges/generator", problem)
+    if has_generator:
+        graph = generate(data["generator"], source)
+        ids = list(graph.nodes)
+        edges = list(graph.edges)
+        given = _index_node_tables(node_tables, source, known=ids)
+    else:
+        given = _index_node_tables(node_tables, source, known=None)
+        if not given:
+            raise ConfigError(source, "nodes", "a spec with explicit edges must list its [[nodes]]")
+        ids = list(given)
+        edges = _parse_edges(data["edges"], set(ids), source)
+    if len(ids) > MAX_NODES:
+        raise ConfigError(source, "nodes", f"{len(ids)} nodes; at most {MAX_NODES} are supported")
+
+    nodes = []
+    for index, node_id in enumerate(ids):
+        position, table = given.get(node_id, (None, {}))
+        entry = _node_entry(node_id, position)
+        nodes.append(_parse_node(node_id, index, table, defaults, source, entry))
+    _check_clashes(nodes, given, source)
+
+    dynamics, sample = _parse_dynamics(data.get("dynamics"), source)
+    if dynamics != "static":
+        layouts = {n.shared_components for n in nodes}
+        if len(layouts) > 1:
+            raise ConfigError(
+                source,
+                "dynamics",
+                "a time-varying topology needs every node to share the same components",
+            )
+        edges = dynamic_links(ids, dynamics)
+    graph = nx.Graph()
+    graph.add_nodes_from(ids)
+    graph.add_edges_from(edges)
+    if not nx.is_connected(graph):
+        where = "generator" if has_generator else "edges"
+        raise ConfigError(source, where, f"the graph is disconnected: {describe_parts(graph, ids)}")
+    return Topology(
+        name=name,
+        source=source,
+        description=description,
+        nodes=tuple(nodes),
+        edges=tuple(sorted(tuple(sorted(e)) for e in edges)),
+        dynamics=dynamics,
+        sample=sample,
+    )
+
+
+def _parse_dynamics(table: Any, source: str) -> tuple[str, int]:
+    if table is None:
+        return "static", 1
+    if not isinstance(table, dict):
+        raise ConfigError(source, "dynamics", "must be a table ([dynamics])")
+    reject_unknown(table, ("kind", "sample"), source, "dynamics.", "key")
+    kind = table.get("kind", "static")
+    if kind not in DYNAMICS:
+        raise ConfigError(source, "dynamics.kind", f"one of {', '.join(DYNAMICS)}, got {kind!r}")
+    sample = table.get("sample", 1)
+    if isinstance(sample, bool) or not isinstance(sample, int) or sample < 1:
+        raise ConfigError(source, "dynamics.sample", f"an integer >= 1, got {sample!r}")
+    return kind, sample
+
+
+def _node_entry(node_id: str, position: int | None) -> str:
+    """How errors name a node: by its [[nodes]] table if it has one, else by id."""
+    if position is None:
+        return f'node "{node_id}"'
+    return f'nodes[{position}] (id "{node_id}")'
+
+
+def _parse_defaults(table: Any, source: str) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError(source, "defaults", "must be a table ([defaults])")
+    reject_unknown(table, _NODE_KEYS, source, "defaults.", "node attribute")
+    for key in _PER_NODE_KEYS:
+        if key in table:
+            raise ConfigError(source, f"defaults.{key}", "must be set per node, not in [defaults]")
+    return {**_BUILTIN_DEFAULTS, **table}
+
+
+def _index_node_tables(
+    tables: list[dict[str, Any]], source: str, known: list[str] | None
+) -> dict[str, tuple[int, dict[str, Any]]]:
+    """Map id -> (position in [[nodes]], table), checking ids are present, valid and unique."""
+    given: dict[str, tuple[int, dict[str, Any]]] = {}
+    known_ids = set(known) if known is not None else None
+    for position, table in enumerate(tables):
+        node_id = table.get("id")
+        if not isinstance(node_id, str):
+            raise ConfigError(source, f"nodes[{position}]", "needs a string `id`")
+        entry = _node_entry(node_id, position)
+        if not NODE_ID.fullmatch(node_id):
+            raise ConfigError(
+                source,
+                entry,
+                "an id is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
+            )
+        if node_id in given:
+            raise ConfigError(source, entry, f"duplicate node id (also nodes[{given[node_id][0]}])")
+        if known is not None and known_ids is not None and node_id not in known_ids:
+            listed = abbreviate(known)
+            raise ConfigError(
+                source, entry, f"no such node in the generated graph (its ids are {listed})"
+            )
+        given[node_id] = (position, table)
+    return given
+
+
+def _parse_edges(raw: Any, ids: set[str], source: str) -> list[tuple[str, str]]:
+    if not isinstance(raw, list):
+        raise ConfigError(source, "edges", "must be an array of [id, id] pairs")
+    seen: dict[frozenset[str], int] = {}
+    edges = []
+    for position, pair in enumerate(raw):
+        entry = f"edges[{position}] {json.dumps(pair, default=str)}"
+        is_pair = isinstance(pair, list) and len(pair) == 2
+        if not is_pair or not all(isinstance(p, str) for p in pair):
+            raise ConfigError(source, entry, "an edge is a pair of node ids")
+        u, v = pair
+        for end in (u, v):
+            if end not in ids:
+                raise ConfigError(source, entry, f'unknown node id "{end}"')
+        if u == v:
+            raise ConfigError(source, entry, "self-loop: an edge must join two different nodes")
+        key = frozenset(pair)
+        if key in seen:
+            raise ConfigError(source, entry, f"duplicate edge (also edges[{seen[key]}])")
+        seen[key] = position
+        edges.append((u, v))
+    return edges
+
+
+def _parse_node(
+    node_id: str,
+    index: int,
+    table: dict[str, Any],
+    defaults: dict[str, Any],
+    source: str,
+    entry: str,
+) -> NodeSpec:
+    """Validate one node: its own table over the defaults; errors name where a value came from."""
+    reject_unknown(table, _NODE_KEYS, source, f"{entry}.", "node attribute")
+    attrs = {**defaults, **table}
+
+    def fail(key: str, problem: str) -> ConfigError:
+        where = f"{entry}.{key}" if key in table else f"defaults.{key} (for {entry})"
+        return ConfigError(source, where, problem)
+
+    def choice(key: str, allowed: tuple[str, ...]) -> str:
+        value = attrs[key]
+        if value not in allowed:
+            raise fail(key, f"{value!r} is not one of {', '.join(allowed)}")
+        return value
+
+    def names(key: str, check: Callable[[str], str | None]) -> tuple[str, ...]:
+        value = attrs[key]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise fail(key, "must be an array of strings")
+        for v in value:
+            problem = check(v)
+            if problem:
+                raise fail(key, problem)
+        duplicates = sorted({v for v in value if value.count(v) > 1})
+        if duplicates:
+            raise fail(key, f"listed twice: {', '.join(duplicates)}")
+        return tuple(sorted(value))
+
+    role = choice("role", ROLES)
+    institution = attrs["institution"]
+    if institution is not None and (not isinstance(institution, str) or not institution):
+        raise fail("institution", "must be a non-empty string")
+    modalities = names("modalities", _modality_problem)
+    tasks = names("tasks", _task_problem)
+    if not modalities:
+        raise fail("modalities", "a node needs at least one modality")
+    if not tasks:
+        raise fail("tasks", "a node needs at least one task")
+    host = attrs["host"]
+    if not isinstance(host, str) or not host or re.search(r"[\s/]", host):
+        raise fail("host", f"{host!r} is not a host name or address")
+    port = attrs["port"]
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int)):
+        raise fail("port", f"must be an integer, got {port!r}")
+    if port is not None and not 1 <= port <= 65535:
+        raise fail("port", f"{port} is outside 1..65535")
+    compute = choice("compute", COMPUTE_TIERS)
+    privacy = choice("privacy", PRIVACY_PROFILES)
+    public_key = attrs["public_key"]
+    if public_key is not None and (
+        not isinstance(public_key, str) or len(public_key) != 40 or not set(public_key) <= Z85_CHARS
+    ):
+        raise fail("public_key", "a CURVE public key is 40 characters of Z85 text")
+    node = NodeSpec(
+        id=node_id,
+        index=index,
+        role=role,
+        institution=institution,
+        modalities=modalities,
+        tasks=tasks,
+        host=host,
+        port=port,
+        compute=compute,
+        privacy=privacy,
+        public_key=public_key,
+        local=(),
+    )
+    held = node.components
+
+    def not_held(component: str) -> str | None:
+        if component in held:
+            return None
+        return f'"{component}" is not a component this node holds (it holds {", ".join(held)})'
+
+    return replace(node, local=names("local", not_held))
+
+
+def _modality_problem(modality: str) -> str | None:
+    if modality in MODALITIES:
+        return None
+    return f'unknown modality "{modality}" (known: {", ".join(MODALITIES)})'
+
+
+def _task_problem(task: str) -> str | None:
+    if _TASK.fullmatch(task):
+        return None
+    return f'task "{task}" is not an identifier [a-z][a-z0-9_]*'
+
+
+def _check_clashes(
+    nodes: list[NodeSpec], given: dict[str, tuple[int, dict[str, Any]]], source: str
+) -> None:
+    """Port clashes and shared public keys are copy-paste mistakes; name both nodes."""
+
+    def entry(node: NodeSpec) -> str:
+        return _node_entry(node.id, given[node.id][0] if node.id in given else None)
+
+    clash = endpoint_clash(nodes)
+    if clash is not None:
+        first, second = clash
+        raise ConfigError(
+            source,
+            entry(second),
+            f"{second.host}:{second.port} is already used by {entry(first)}",
+        )
+    owners: dict[str, NodeSpec] = {}
+    for node in nodes:
+        if node.public_key is None:
+            continue
+        if node.public_key in owners:
+            raise ConfigError(
+                source,
+                f"{entry(node)}.public_key",
+                f"same key as {entry(owners[node.public_key])}; every node needs its own keypair",
+            )
+        owners[node.public_key] = node
