@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from fakes import FakeNetwork, PrivateVectors, node_config, run_nodes
+
 from m3tgossip import protocol
 from m3tgossip.daemon.node import Node
 from m3tgossip.errors import ConfigError
@@ -113,7 +113,11 @@ def test_a_local_only_private_node_sends_nothing_and_spends_nothing(tmp_path: Pa
 @pytest.mark.parametrize(
     ("gossip", "dynamics", "words"),
     [
-        ({"mode": "push-sum", "overlap": True}, False, "overlap = true has no meaning with the push-sum"),
+        (
+            {"mode": "push-sum", "overlap": True},
+            False,
+            "overlap = true has no meaning with the push-sum",
+        ),
         ({"overlap": True}, True, "time-varying schedule"),
         ({"mode": "push-sum"}, True, "push-sum schedule runs on the static graph"),
         ({"mode": "local", "overlap": True}, False, "local-only"),

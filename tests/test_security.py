@@ -22,7 +22,7 @@ import pytest
 import zmq
 
 from m3tgossip import cli, protocol
-from m3tgossip.daemon import node as node_mod
+from m3tgossip.daemon import startup
 from m3tgossip.daemon.config import NodeConfig
 from m3tgossip.daemon.node import Node
 from m3tgossip.errors import ConfigError
@@ -327,28 +327,28 @@ def test_header_sender_must_match_the_authenticated_key(transports, tmp_path, re
         key_dir=str(tmp_path / "keys"),
         workload_options={"size": 8},
     )
-    node = Node(cfg, topology=topo)
-    node.transport = Transport(
+    server = Transport(
         "n1", "tcp://127.0.0.1:0", {}, FAST, for_node(cfg, topo, "tcp://127.0.0.1:0", {})
     )
-    transports.append(node.transport)
+    transports.append(server)
+    node = Node(cfg, topology=topo, transport=server)
     server_key = {"srv": keys["n1"].public}
     # n2's key, claiming to be n0 (routing id and header sender both "n0")
     for signer in ("n2", "n0"):  # one at a time: a ROUTER admits one link per routing id
         t = Transport(
             "n0",
             "tcp://127.0.0.1:0",
-            {"srv": node.transport.endpoint},
+            {"srv": server.endpoint},
             FAST,
             Curve(keys[signer], AllowList(), server_key),
         )
         try:
-            got = deliver(node.transport, t, hello("n0"), ARRIVE_S)
+            got = deliver(server, t, hello("n0"), ARRIVE_S)
         finally:
             t.close(0)
         assert len(got) == 1 and got[0].user_id == signer
-        node._handle(*got[0])
-    assert node.rejected == 1
+        node.handlers.handle(*got[0])
+    assert node.link.rejected == 1
     assert "header says sender 'n0', link authenticated the key of 'n2'" in messages(records)
     assert node.peers["n0"].session is not None  # the honest one was accepted
     assert node.peers["n2"].session is None
@@ -448,7 +448,7 @@ def test_insecure_is_refused_off_loopback_before_any_bind(tmp_path, monkeypatch)
     def no_bind(*args, **kwargs):
         raise AssertionError("the transport must not be made: refusal comes before binding")
 
-    monkeypatch.setattr(node_mod, "Transport", no_bind)
+    monkeypatch.setattr(startup, "Transport", no_bind)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with pytest.raises(ConfigError, match="only on loopback"):
