@@ -157,3 +157,21 @@ def test_every_schedule_keeps_the_exact_mean(tmp_path: Path, schedule: str) -> N
             np.testing.assert_allclose(now, mean, rtol=1e-9, atol=1e-12)
         spread = max(np.abs(n.shared[comp] - mean).max() for n in nodes)
         assert spread < 0.2 * np.abs(mean).max() + 1e-6, (schedule, comp, spread)
+
+
+@pytest.mark.parametrize(
+    ("gossip", "words"),
+    [
+        ({"aggregator": "clip", "compression": "topk:0.1"}, "clip"),
+        ({"aggregator": "trimmed", "gamma": 0.5}, "gamma"),
+        ({"aggregator": "trimmed", "noise_strength": 1.0}, "noise_strength"),
+    ],
+)
+def test_mixing_settings_with_no_meaning_together_are_refused(
+    tmp_path: Path, gossip: dict, words: str
+) -> None:
+    topo = ring(tmp_path, privacy="open")
+    cfg = node_config(topo, "n0", tmp_path, **gossip)
+    with pytest.raises(ConfigError, match=words) as err:
+        Node(cfg, topology=topo, transport=FakeNetwork().transport("n0"))
+    assert 'node "n0" [gossip]' in str(err.value)
