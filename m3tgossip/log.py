@@ -1,4 +1,4 @@
-"""Logging set-up: `get_logger(__name__)`, level from `M3TGOSSIP_LOG_LEVEL`, colour only on a tty."""
+"""Logging set-up: `get_logger(__name__)`, level from `M3TGOSSIP_LOG_LEVEL`, colour on a tty."""
 
 from __future__ import annotations
 

@@ -53,8 +53,10 @@ def test_edu_daemons_train_exchange_and_report(tmp_path: Path) -> None:
     spec = tmp_path / "pair.toml"
     spec.write_text(
         'name = "pair"\nedges = [["a", "b"]]\n'
-        '[[nodes]]\nid = "a"\nrole = "instructor"\nmodalities = ["clickstream", "tabular"]\ntasks = ["at_risk"]\n'
-        '[[nodes]]\nid = "b"\nrole = "student"\nmodalities = ["clickstream"]\ntasks = ["at_risk", "next_response"]\n'
+        '[[nodes]]\nid = "a"\nrole = "instructor"\nmodalities = ["clickstream", "tabular"]\n'
+        'tasks = ["at_risk"]\n'
+        '[[nodes]]\nid = "b"\nrole = "student"\nmodalities = ["clickstream"]\n'
+        'tasks = ["at_risk", "next_response"]\n'
         'local = ["head.next_response"]\n'
     )
     out = tmp_path / "bed"

@@ -68,9 +68,10 @@ class GossipConfig:
     #: larger per-element DP noise variance of its two ends (declared, checked against an
     #: estimate from the deltas received); 0 mixes naively. Federation-wide.
     noise_strength: float = 0.0
-    #: how deltas are compressed on the wire: raw | fp16 | int8 | topk:F (m3tgossip.protocol.codecs),
-    #: with per-component overrides in `compress` ({component = codec}); what a codec loses
-    #: stays in the replica gap and is sent later (error feedback)
+    #: how deltas are compressed on the wire: raw | fp16 | int8 | topk:F
+    #: (m3tgossip.protocol.codecs), with per-component overrides in `compress`
+    #: ({component = codec}); what a codec loses stays in the replica gap and is sent later
+    #: (error feedback)
     compression: str = "raw"
     compress: dict = field(default_factory=dict)
     #: consensus step size of CHOCO mixing over replicas (below 1 for heavy compression)
@@ -188,7 +189,7 @@ class NodeConfig:
     transport: TransportConfig = field(default_factory=TransportConfig)
     #: injected faults and attack mode (tests, chaos runs, robustness research)
     faults: FaultConfig = field(default_factory=FaultConfig)
-    #: the `custom` privacy profile's table (keys of m3tgossip.privacy.dp.profile_for)
+    #: the `custom` privacy profile's table (keys of m3tgossip.privacy.profile_for)
     privacy: dict[str, Any] = field(default_factory=dict)
     workload_options: dict[str, Any] = field(default_factory=dict)
 
