@@ -19,6 +19,7 @@ from hypothesis.extra import numpy as hnp
 import m3tgossip
 from m3tgossip.errors import ProtocolError
 from m3tgossip.protocol import (
+    BODY_TYPES,
     DEFAULT_LIMITS,
     DTYPES,
     PROTOCOL_VERSION,
@@ -30,6 +31,7 @@ from m3tgossip.protocol import (
     encode,
     frames_nbytes,
     new_session,
+    schema,
 )
 
 SESSION = "0123456789abcdef0123456789abcdef"
@@ -375,6 +377,7 @@ REJECTED: list[Any] = [
     (D, drop("seq"), ["header: missing key 'seq'"]),
     (D, drop("tensors"), ["header: missing key 'tensors'"]),
     (D, put("type", value="bogus"), ["header 'type': unknown message type 'bogus'"]),
+    (D, put("type", value="ack"), ["header 'type': unknown message type 'ack'"]),
     (D, put("type", value=3), ["header 'type': unknown message type 3"]),
     (D, put("type", value="DELTA"), ["unknown message type 'DELTA'"]),
     (D, put("sender", value="-n1"), ["header 'sender': not a valid node id: '-n1'"]),
@@ -693,6 +696,34 @@ def test_retyped_header_fields_raise_only_protocol_error(
     if got is not None:  # whatever decode accepts, encode accepts and decode reads back
         again = decode(encode(got))
         assert (again.type, again.body.keys(), again.meta) == (got.type, got.body.keys(), got.meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# typed bodies and the schema agree
+
+
+@pytest.mark.parametrize("mtype", list(MsgType), ids=lambda t: t.value)
+def test_each_body_type_lists_the_keys_the_schema_requires(mtype: MsgType) -> None:
+    body = BODY_TYPES[mtype]
+    assert set(BODIES[mtype]) == body.__required_keys__
+    header, payloads = valid(mtype)
+    for key in body.__required_keys__:
+        del header["body"][key]
+        raises(pack(header, payloads), [f"{mtype.value} body: missing key {key!r}"])
+        header, payloads = valid(mtype)
+    assert body.__optional_keys__ == ({"answer", "origin"} if mtype is MsgType.HELLO else set())
+
+
+def test_schema_refuses_to_load_without_a_checker_for_a_body_key(monkeypatch) -> None:
+    monkeypatch.setitem(schema._OPTIONAL, MsgType.HELLO, {"answer": schema._flag})
+    with pytest.raises(RuntimeError, match=r"hello body: optional keys \['answer', 'origin'\]"):
+        schema._check_body_schemas()
+    monkeypatch.undo()
+    monkeypatch.setitem(
+        schema._REQUIRED, MsgType.LEAVE, {"reason": schema._str, "why": schema._str}
+    )
+    with pytest.raises(RuntimeError, match="leave body: required keys"):
+        schema._check_body_schemas()
 
 
 # ---------------------------------------------------------------------------------------------
