@@ -81,7 +81,7 @@ class Codec(ABC):
 
 
 def _values(view: memoryview, meta: TensorMeta, where: str) -> np.ndarray:
-    """A read-only view of a frame of `prod(shape)` little-endian values of `meta.dtype`."""
+    """The frame as `prod(shape)` little-endian values of `meta.dtype` (a view, not a copy)."""
     dtype = np.dtype(meta.dtype).newbyteorder("<")
     need = math.prod(meta.shape) * dtype.itemsize
     if view.nbytes != need:
