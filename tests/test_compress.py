@@ -11,7 +11,7 @@ import pytest
 from m3tgossip import protocol
 from m3tgossip.errors import ProtocolError
 from m3tgossip.harness import testbed
-from m3tgossip.protocol import parse_codec
+from m3tgossip.protocol import DEFAULT_LIMITS, ENCODINGS, codecs, parse_codec
 
 SESSION = "0" * 32
 
@@ -109,9 +109,43 @@ def test_bad_topk_payload_rejected() -> None:
 
 
 def test_bad_codec_names() -> None:
-    for spec in ("zip", "topk", "topk:0", "topk:2", "int8:3"):
-        with pytest.raises(ValueError):
+    for spec in ("zip", "topk", "topk:0", "topk:2", "topk:nan", "int8:3"):
+        with pytest.raises(ValueError, match=f"compression {spec!r}"):
             parse_codec(spec)
+    with pytest.raises(ValueError, match=r"topk needs a fraction in \(0, 1\], got 1.5"):
+        codecs.TopK(1.5)
+
+
+@pytest.mark.parametrize(
+    ("spec", "tag"),
+    [("raw", "raw"), ("fp16", "raw"), ("int8", "int8"), ("topk:0.25", "topk")],
+)
+def test_each_codec_decodes_its_own_wire_tag(spec: str, tag: str) -> None:
+    codec = parse_codec(spec)
+    delta = np.random.default_rng(2).standard_normal((4, 5)).astype(np.float64)
+    payload, meta, dense = codec.encode("backbone", delta, 0, 0.0)
+    assert codec.tag == meta.enc == tag
+    decoder = codecs.decoder_for(meta.enc, "here")
+    view = memoryview(np.ascontiguousarray(payload).reshape(-1).view(np.uint8))
+    got = decoder.decode(view, meta, "here", DEFAULT_LIMITS)
+    assert got.shape == delta.shape and not got.flags.writeable
+    assert np.array_equal(got.astype(np.float64), dense.astype(np.float64))
+
+
+def test_every_allowed_wire_tag_has_a_decoder() -> None:
+    assert set(codecs.DECODERS) == set(ENCODINGS)
+    with pytest.raises(ProtocolError, match=r"here: encoding 'zip' not known \(known: raw, int8"):
+        codecs.decoder_for("zip", "here")
+
+
+def test_codecs_refuse_to_load_with_a_tag_and_no_decoder(monkeypatch) -> None:
+    monkeypatch.delitem(codecs.DECODERS, "topk")
+    with pytest.raises(RuntimeError, match="wire encodings without a decoder in codecs.py: topk"):
+        codecs._check_registry()
+    monkeypatch.undo()
+    monkeypatch.setattr(codecs, "ENCODINGS", ("raw", "int8"))
+    with pytest.raises(RuntimeError, match=r"wire tag is not in ENCODINGS: topk \(topk\)"):
+        codecs._check_registry()
 
 
 def test_int8_gossip_with_error_feedback_reaches_consensus(tmp_path: Path) -> None:

@@ -328,7 +328,11 @@ def test_header_sender_must_match_the_authenticated_key(transports, tmp_path, re
         workload_options={"size": 8},
     )
     server = Transport(
-        "n1", "tcp://127.0.0.1:0", {}, FAST, for_node(cfg, topo, "tcp://127.0.0.1:0", {})
+        "n1",
+        "tcp://127.0.0.1:0",
+        {},
+        FAST,
+        for_node("n1", topo, "tcp://127.0.0.1:0", {}, key_dir=cfg.key_dir),
     )
     transports.append(server)
     node = Node(cfg, topology=topo, transport=server)
@@ -441,9 +445,9 @@ def test_insecure_is_refused_off_loopback_before_any_bind(tmp_path, monkeypatch)
     topo = load_topology(spec)
     cfg = _cfg(tmp_path, spec, insecure=True, bind="tcp://192.0.2.7:5701")
     with pytest.raises(ConfigError, match="only on loopback, but tcp://192.0.2.7:5701"):
-        for_node(cfg, topo, cfg.bind, {})
+        for_node("n1", topo, cfg.bind, {}, insecure=True)
     with pytest.raises(ConfigError, match="only on loopback, but tcp://10.0.0.2:1"):
-        for_node(cfg, topo, "tcp://127.0.0.1:1", {"n0": "tcp://10.0.0.2:1"})
+        for_node("n1", topo, "tcp://127.0.0.1:1", {"n0": "tcp://10.0.0.2:1"}, insecure=True)
 
     def no_bind(*args, **kwargs):
         raise AssertionError("the transport must not be made: refusal comes before binding")
@@ -460,11 +464,9 @@ def test_insecure_is_refused_off_loopback_before_any_bind(tmp_path, monkeypatch)
 
 def test_insecure_on_loopback_warns_loudly(tmp_path, records) -> None:
     spec, _ = _three_node_spec(tmp_path)
-    cfg = _cfg(tmp_path, spec, insecure=True)
-    assert isinstance(
-        for_node(cfg, load_topology(spec), "tcp://127.0.0.1:1", {"n0": "tcp://localhost:2"}),
-        Plaintext,
-    )
+    topo = load_topology(spec)
+    secure = for_node("n1", topo, "tcp://127.0.0.1:1", {"n0": "tcp://localhost:2"}, insecure=True)
+    assert isinstance(secure, Plaintext)
     warning = [r for r in records if r.levelno == logging.WARNING and "INSECURE" in r.getMessage()]
     assert warning
 
@@ -475,24 +477,44 @@ def test_missing_keys_stop_the_node_with_a_clear_error(tmp_path) -> None:
     with pytest.raises(
         ConfigError, match="no key folder: pass --key-dir DIR holding n1.key_secret"
     ):
-        for_node(_cfg(tmp_path, spec), topo, "tcp://127.0.0.1:1", {})
+        for_node("n1", topo, "tcp://127.0.0.1:1", {})
     with pytest.raises(ConfigError, match="no such secret key file"):
-        for_node(
-            _cfg(tmp_path, spec, key_dir=str(tmp_path / "nowhere")), topo, "tcp://127.0.0.1:1", {}
-        )
+        for_node("n1", topo, "tcp://127.0.0.1:1", {}, key_dir=tmp_path / "nowhere")
     bare = tmp_path / "bare.toml"
     bare.write_text(spec.read_text().replace(f'public_key = "{keys["n0"].public}"\n', ""))
     with pytest.raises(ConfigError, match="node n0: no public_key"):
-        for_node(
-            _cfg(tmp_path, bare, key_dir=str(tmp_path / "keys")),
-            load_topology(bare),
-            "tcp://127.0.0.1:1",
-            {},
-        )
+        for_node("n1", load_topology(bare), "tcp://127.0.0.1:1", {}, key_dir=tmp_path / "keys")
     other = tmp_path / "other"
     generate_keys(other, "n1")
     with pytest.raises(ConfigError, match="does not belong to the public_key of node n1"):
-        for_node(_cfg(tmp_path, spec, key_dir=str(other)), topo, "tcp://127.0.0.1:1", {})
+        for_node("n1", topo, "tcp://127.0.0.1:1", {}, key_dir=other)
+
+
+def test_node_security_allows_its_neighbours_and_the_status_keys(tmp_path) -> None:
+    spec, keys = _three_node_spec(tmp_path)
+    topo = load_topology(spec)
+    operator = generate_keys(tmp_path / "ops", "alice")
+    status_keys = tmp_path / "ops" / "alice.key"
+    secure = for_node(
+        "n1",
+        topo,
+        "tcp://127.0.0.1:1",
+        {"n0": "tcp://127.0.0.1:2", "n2": "tcp://127.0.0.1:3"},
+        key_dir=tmp_path / "keys",
+        status_keys=status_keys,
+    )
+    assert isinstance(secure, Curve)
+    assert secure.keypair == keys["n1"]
+    assert secure.peer_keys == {"n0": keys["n0"].public, "n2": keys["n2"].public}
+    assert secure.allow.keys == {
+        keys["n0"].public: "n0",
+        keys["n2"].public: "n2",
+        operator.public: f"{OPERATOR_PREFIX}alice",
+    }
+    clash = tmp_path / "clash.keys"
+    clash.write_text(f"{keys['n0'].public} mallory\n")
+    with pytest.raises(ConfigError, match=r"clash.keys: operator key 'mallory' is also the key"):
+        for_node("n1", topo, "tcp://127.0.0.1:1", {}, key_dir=tmp_path / "keys", status_keys=clash)
 
 
 def test_status_command_requires_a_key_or_insecure(capsys: pytest.CaptureFixture[str]) -> None:

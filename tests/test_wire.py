@@ -16,8 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+import m3tgossip
 from m3tgossip.errors import ProtocolError
 from m3tgossip.protocol import (
+    BODY_TYPES,
     DEFAULT_LIMITS,
     DTYPES,
     PROTOCOL_VERSION,
@@ -29,7 +31,7 @@ from m3tgossip.protocol import (
     encode,
     frames_nbytes,
     new_session,
-    wire,
+    schema,
 )
 
 SESSION = "0123456789abcdef0123456789abcdef"
@@ -57,7 +59,6 @@ BODIES: dict[MsgType, dict[str, Any]] = {
             "neighbours": ["n2", {"id": "n3", "heard": [1, 2]}],
         }
     },
-    MsgType.ACK: {"ack_seq": 17},
     MsgType.PUSH: {"weights": {"encoder.text": 0.25, "fusion": 0.25, "head.stress": 0.5}},
     MsgType.RETIRE: {"components": ["encoder.signal"], "reason": "privacy budget spent"},
 }
@@ -376,6 +377,7 @@ REJECTED: list[Any] = [
     (D, drop("seq"), ["header: missing key 'seq'"]),
     (D, drop("tensors"), ["header: missing key 'tensors'"]),
     (D, put("type", value="bogus"), ["header 'type': unknown message type 'bogus'"]),
+    (D, put("type", value="ack"), ["header 'type': unknown message type 'ack'"]),
     (D, put("type", value=3), ["header 'type': unknown message type 3"]),
     (D, put("type", value="DELTA"), ["unknown message type 'DELTA'"]),
     (D, put("sender", value="-n1"), ["header 'sender': not a valid node id: '-n1'"]),
@@ -450,7 +452,6 @@ REJECTED: list[Any] = [
         put("body", "state", "l", value=[[0] * 2000] * 3),
         ["status body 'state': document has more than 4096 entries"],
     ),
-    (MsgType.ACK, put("body", "ack_seq", value=-1), ["ack body 'ack_seq'", "got -1"]),
     # tensor entries
     (
         MsgType.HEARTBEAT,
@@ -698,10 +699,38 @@ def test_retyped_header_fields_raise_only_protocol_error(
 
 
 # ---------------------------------------------------------------------------------------------
+# typed bodies and the schema agree
+
+
+@pytest.mark.parametrize("mtype", list(MsgType), ids=lambda t: t.value)
+def test_each_body_type_lists_the_keys_the_schema_requires(mtype: MsgType) -> None:
+    body = BODY_TYPES[mtype]
+    assert set(BODIES[mtype]) == body.__required_keys__
+    header, payloads = valid(mtype)
+    for key in body.__required_keys__:
+        del header["body"][key]
+        raises(pack(header, payloads), [f"{mtype.value} body: missing key {key!r}"])
+        header, payloads = valid(mtype)
+    assert body.__optional_keys__ == ({"answer", "origin"} if mtype is MsgType.HELLO else set())
+
+
+def test_schema_refuses_to_load_without_a_checker_for_a_body_key(monkeypatch) -> None:
+    monkeypatch.setitem(schema._OPTIONAL, MsgType.HELLO, {"answer": schema._flag})
+    with pytest.raises(RuntimeError, match=r"hello body: optional keys \['answer', 'origin'\]"):
+        schema._check_body_schemas()
+    monkeypatch.undo()
+    monkeypatch.setitem(
+        schema._REQUIRED, MsgType.LEAVE, {"reason": schema._str, "why": schema._str}
+    )
+    with pytest.raises(RuntimeError, match="leave body: required keys"):
+        schema._check_body_schemas()
+
+
+# ---------------------------------------------------------------------------------------------
 # the spec's worked examples are valid messages
 
 
-SPEC = Path(wire.__file__).parent / "docs" / "protocol.md"
+SPEC = Path(m3tgossip.__file__).parent / "docs" / "protocol.md"
 EXAMPLE = re.compile(r"```json\n(.*?)```\n```text\n(.*?)```", re.DOTALL)
 FRAME_LINE = re.compile(r"frame (\d+)\s+\S+\s+(\d+) bytes")
 

@@ -65,7 +65,15 @@ def open_transport(config: NodeConfig, topology: Topology, peers: dict[str, Peer
         bind = spec.endpoint
     neighbours = {p.id: p.endpoint for p in peers.values() if p.endpoint}
     # decided (and refused) before any socket is bound
-    secure = for_node(config, topology, bind, neighbours)
+    secure = for_node(
+        config.id,
+        topology,
+        bind,
+        neighbours,
+        key_dir=config.key_dir,
+        status_keys=config.status_keys,
+        insecure=config.insecure,
+    )
     transport: TransportLike = Transport(config.id, bind, neighbours, config.transport, secure)
     if config.faults.active:
         log.warning("%s: injecting faults %s", config.id, config.faults)

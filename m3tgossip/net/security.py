@@ -36,7 +36,6 @@ from m3tgossip.log import get_logger
 from m3tgossip.net.transport import Plaintext, Security, is_loopback
 
 if TYPE_CHECKING:
-    from m3tgossip.daemon.config import NodeConfig
     from m3tgossip.topology import Topology
 
 log = get_logger(__name__)
@@ -333,16 +332,24 @@ class Curve:
 
 
 def for_node(
-    config: NodeConfig, topology: Topology, bind: str, neighbours: Mapping[str, str]
+    node_id: str,
+    topology: Topology,
+    bind: str,
+    neighbours: Mapping[str, str],
+    *,
+    key_dir: str | os.PathLike[str] | None = None,
+    status_keys: str | os.PathLike[str] | None = None,
+    insecure: bool = False,
 ) -> Security:
-    """The security of a daemon, decided before any socket exists; ConfigError if impossible.
+    """The security of node `node_id`, decided before any socket exists; ConfigError if not.
 
+    `neighbours` maps each neighbour id to the endpoint the node connects to; `bind` is its own.
     `insecure` is honoured only when `bind` and every neighbour endpoint are loopback, and is
-    announced with a WARNING. Otherwise the node needs its secret key (`key_dir`/<id>.key_secret)
-    and every neighbour's `public_key` in the topology.
+    announced with a WARNING. Otherwise the node needs its secret key
+    (`key_dir`/<node_id>.key_secret) and every neighbour's `public_key` in the topology, and
+    allows the operator keys of the `status_keys` file (if given) to query its status.
     """
-    node_id = config.id
-    if config.insecure:
+    if insecure:
         off = [e for e in [bind, *neighbours.values()] if not is_loopback(e)]
         if off:
             raise ConfigError(
@@ -358,7 +365,7 @@ def for_node(
             bind,
         )
         return Plaintext()
-    if not config.key_dir:
+    if not key_dir:
         raise ConfigError(
             "node config",
             f"node {node_id}",
@@ -366,13 +373,15 @@ def for_node(
             f"(create it with: m3tgossip keys generate --out DIR --id {node_id}), "
             "or --insecure for plaintext on loopback",
         )
-    keypair = load_secret(Path(config.key_dir) / f"{node_id}{SECRET_SUFFIX}")
+    secret_path = Path(key_dir) / f"{node_id}{SECRET_SUFFIX}"
+    keypair = load_secret(secret_path)
     own = topology.node(node_id).public_key
     if own is not None and own != keypair.public:
         raise ConfigError(
-            str(Path(config.key_dir) / f"{node_id}{SECRET_SUFFIX}"),
+            str(secret_path),
             "",
-            f"this secret key does not belong to the public_key of node {node_id} in {topology.source}",
+            f"this secret key does not belong to the public_key of node {node_id}"
+            f" in {topology.source}",
         )
     peer_keys: dict[str, str] = {}
     for peer in topology.neighbours(node_id):
@@ -385,11 +394,11 @@ def for_node(
                 "(m3tgossip keys generate, then put the .key text in the spec)",
             )
         peer_keys[peer] = key
-    operators = load_public_keys(config.status_keys) if config.status_keys else {}
+    operators = load_public_keys(status_keys) if status_keys else {}
     try:
         allow = AllowList.build(peer_keys, operators)
     except ValueError as exc:
-        raise ConfigError(config.status_keys, "", str(exc)) from None
+        raise ConfigError(os.fspath(status_keys or ""), "", str(exc)) from None
     log.info(
         "%s: CURVE links; %d neighbour and %d operator keys allowed",
         node_id,

@@ -7,7 +7,7 @@ public key (from the topology spec or given explicitly).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -34,7 +34,7 @@ def query_status(
         raise ValueError(
             "a CURVE status query needs both the operator key and the node's public key"
         )
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     if key is not None and server_key is not None:
@@ -70,6 +70,6 @@ def query_status(
             raise RuntimeError(f"bad answer from {endpoint}: {exc}") from exc
         if reply.type is not protocol.MsgType.STATUS:
             raise RuntimeError(f"bad answer from {endpoint}: {reply.type.value} instead of status")
-        return dict(reply.body["state"])
+        return dict(cast(protocol.StatusBody, reply.body)["state"])
     finally:
         sock.close()

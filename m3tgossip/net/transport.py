@@ -260,9 +260,11 @@ class Transport:
             user = None
             if authenticated and len(parts) > 1:
                 try:
-                    user = parts[1].get("User-Id")
+                    value = parts[1].get("User-Id")
                 except zmq.ZMQError:
-                    user = ""  # an authenticated link always has one; "" matches no sender
+                    value = None
+                # an authenticated link always has one; "" matches no sender
+                user = value if isinstance(value, str) else ""
             out.append(Incoming(parts[0].bytes, parts[1:], user))
         return out
 
