@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,11 @@ class ChaosSpec:
     quiet: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("topology", "out"):
+            value = getattr(self, name)
+            if not isinstance(value, str | os.PathLike) or not str(value):
+                raise ConfigError(SOURCE, name, f"must be a path, got {value!r}")
+            object.__setattr__(self, name, Path(value))
         if self.workload not in ("consensus", "edu"):
             raise ConfigError(SOURCE, "workload", f"consensus or edu, got {self.workload!r}")
         if self.net not in NETS:
@@ -80,9 +86,10 @@ class ChaosSpec:
         for name, kw in bounds.items():
             value = check_number(SOURCE, name, getattr(self, name), **kw)
             object.__setattr__(self, name, value)
-        self.testbed()  # checks the rest: paths, seed, deadline, options and settings
-        object.__setattr__(self, "topology", Path(self.topology))
-        object.__setattr__(self, "out", Path(self.out))
+        tb = self.testbed()  # checks the rest: seed, deadline, options and settings
+        object.__setattr__(self, "options", tb.options)
+        object.__setattr__(self, "settings", dict(self.settings))
+        object.__setattr__(self, "node_settings", tb.node_settings)
 
     @property
     def settle_timeout_s(self) -> float:
@@ -94,7 +101,7 @@ class ChaosSpec:
         """The testbed under the nemesis: rounds until stopped, loss on every message."""
         return TestbedSpec(
             topology=self.topology,
-            out=Path(self.out).resolve(),
+            out=self.out.resolve(),
             workload=self.workload,
             rounds=0,
             seed=self.seed,

@@ -170,6 +170,7 @@ class Testbed:
         child = self.child(node)
         if self.alive(node):
             raise RuntimeError(f"node {node} is already running (pid {self.pid(node)})")
+        self._record_exit(child)  # the previous process's, if nobody asked for it yet
         env = dict(os.environ)
         env.update(
             OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1"

@@ -244,15 +244,8 @@ class TestbedSpec:
 
     def argv(self) -> list[str]:
         """The `m3tgossip testbed` arguments of this spec (`parse_args` gives it back)."""
-        args = ["--topology", str(self.topology), "--out", str(self.out)]
-        args += [
-            "--workload",
-            self.workload,
-            "--rounds",
-            str(self.rounds),
-            "--seed",
-            str(self.seed),
-        ]
+        args = ["--topology", str(self.topology), "--out", str(self.out), "--workload"]
+        args += [self.workload, "--rounds", str(self.rounds), "--seed", str(self.seed)]
         args += ["--target", repr(self.target), "--deadline", repr(self.deadline)]
         args += ["--mode", self.mode]
         for key, value in self.options.items():
