@@ -1,14 +1,74 @@
-"""Helpers shared by the benchmarks: machine load (recorded with their numbers) and plotting."""
+"""What every benchmark shares: its command line, the machine and load it ran on, testbed runs,
+and its JSON and PNG files in `--out`.
+
+The benchmarks import the installed package (`pip install -e '.[plot]'`) and are run as
+`python benchmarks/NAME.py`, so this module is found next to them.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import platform
 import time
+from pathlib import Path
 from typing import Any
+
+from m3tgossip.harness import Summary, Testbed, TestbedSpec
+
+#: the repository (its topology/ folder holds the specs the benchmarks run on)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parser(doc: str | None, out: str | None, *, load: bool = False) -> argparse.ArgumentParser:
+    """A benchmark's command line, described by the first paragraph of `doc`, with `--out`,
+    the folder for its JSON, PNG and runs (default `out`; required if None); with `load` also
+    `--load-threshold` and `--max-wait` for `wait_for_load`."""
+    p = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    if out is None:
+        p.add_argument("--out", required=True, help="folder for JSON, PNG and runs")
+    else:
+        p.add_argument("--out", default=out, help=f"folder for JSON, PNG and runs (default {out})")
+    if load:
+        p.add_argument(
+            "--load-threshold",
+            type=float,
+            default=4.0,
+            help="wait until the 1-minute load average is below this before measuring",
+        )
+        p.add_argument(
+            "--max-wait", type=float, default=600.0, help="longest wait for the load to drop (s)"
+        )
+    return p
 
 
 def loadavg() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
+
+
+def machine() -> dict[str, Any]:
+    """The machine a benchmark runs on, as its JSON records it."""
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+
+
+def setup(out: str | Path, text: str) -> Path:
+    """Create the output folder and print the setup line (`setup: TEXT`) and the machine with
+    its load average, so both are read with the numbers; returns the folder."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    m = machine()
+    print(f"setup: {text}", flush=True)
+    print(
+        f"machine: {m['platform']}, {m['cpus']} CPUs, python {m['python']}, "
+        f"load average {loadavg()}",
+        flush=True,
+    )
+    return folder
 
 
 def wait_for_load(threshold: float, max_wait_s: float, poll_s: float = 30.0) -> dict[str, Any]:
@@ -19,6 +79,21 @@ def wait_for_load(threshold: float, max_wait_s: float, poll_s: float = 30.0) -> 
         print(f"  load {loadavg()} >= {threshold:g}: waiting {poll_s:g} s", flush=True)
         time.sleep(poll_s)
     return {"before": before, "after": loadavg(), "waited_s": round(time.monotonic() - start, 1)}
+
+
+def run_testbed(spec: TestbedSpec) -> tuple[Summary, float]:
+    """One testbed run (RuntimeError or TimeoutError if its daemons do not come up): its
+    summary and its wall seconds, key generation and start-up included."""
+    t0 = time.monotonic()
+    summary = Testbed(spec).run()
+    return summary, time.monotonic() - t0
+
+
+def write_json(out: Path, name: str, data: Any, **dumps: Any) -> Path:
+    """Write `data` to OUT/NAME.json (indented); returns the path."""
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2, **dumps))
+    return path
 
 
 def pyplot() -> Any:
@@ -32,3 +107,15 @@ def pyplot() -> Any:
         print("matplotlib not installed: no plot")
         return None
     return plt
+
+
+def save_png(fig: Any, out: Path, name: str, dpi: int = 120) -> Path:
+    """Lay a matplotlib figure out tight, save it to OUT/NAME.png and close it; returns the
+    path."""
+    import matplotlib.pyplot as plt
+
+    path = out / f"{name}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

@@ -17,24 +17,25 @@ compression.png.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from _common import (
+    ROOT,
+    loadavg,
+    machine,
+    parser,
+    pyplot,
+    run_testbed,
+    save_png,
+    setup,
+    wait_for_load,
+    write_json,
+)
 
-from m3tgossip.harness import testbed  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import loadavg, pyplot, wait_for_load  # noqa: E402
-
-from m3tgossip.daemon.metrics import read_metrics  # noqa: E402
+from m3tgossip.daemon.metrics import read_metrics
+from m3tgossip.harness import TestbedSpec
 
 #: (label, codec, gamma) per workload. Top-k keeps a tenth of the values, so CHOCO needs a step
 #: below 1; the consensus workload, whose nodes start far apart, diverges with 0.5 and needs 0.2.
@@ -63,34 +64,21 @@ def cumulative_bytes(run_dir: Path) -> list[int]:
     return out
 
 
-def run(argv: list[str], run_dir: Path) -> tuple[int, dict[str, Any], float]:
-    t0 = time.monotonic()
-    code = testbed.main(argv + ["--out", str(run_dir), "--quiet"])
-    return code, json.loads((run_dir / "summary.json").read_text()), time.monotonic() - t0
-
-
 def first_round_at(errors: list[float | None], target: float) -> int | None:
     """1-based round at which the error first reaches the target (None if never)."""
     return next((i + 1 for i, e in enumerate(errors) if e is not None and e <= target), None)
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/bench-compression")
+    p = parser(__doc__, "runs/bench-compression", load=True)
     p.add_argument("--topology", default=str(ROOT / "topology" / "ring-8.toml"))
     p.add_argument("--edu-rounds", type=int, default=20)
     p.add_argument("--consensus-rounds", type=int, default=200)
     p.add_argument("--size", type=int, default=1024, help="floats per component (consensus)")
     p.add_argument("--target", type=float, default=1e-6)
     p.add_argument("--skip-edu", action="store_true")
-    p.add_argument("--load-threshold", type=float, default=4.0)
-    p.add_argument(
-        "--max-wait", type=float, default=600.0, help="longest wait for the load to drop (s)"
-    )
     args = p.parse_args()
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    setup = {
+    info = {
         "topology": args.topology,
         "edu_codecs": EDU_CODECS,
         "consensus_codecs": CONSENSUS_CODECS,
@@ -99,60 +87,55 @@ def main() -> int:
         "consensus_size": args.size,
         "consensus_dtype": "float32",
         "target": args.target,
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
+        **machine(),
     }
-    print(
-        f"setup: {Path(args.topology).name}, codecs {', '.join(c[0] for c in EDU_CODECS)} (consensus: top-k with gamma 0.2); edu {args.edu_rounds} rounds "
-        f"(default workload options); consensus {args.consensus_rounds} rounds, {args.size} float32 per component, "
-        f"target {args.target:g}; {os.cpu_count()} CPUs, python {platform.python_version()}",
-        flush=True,
+    out = setup(
+        Path(args.out).resolve(),
+        f"{Path(args.topology).name}, codecs {', '.join(c[0] for c in EDU_CODECS)} "
+        f"(consensus: top-k with gamma 0.2); edu {args.edu_rounds} rounds (default workload "
+        f"options); consensus {args.consensus_rounds} rounds, {args.size} float32 per "
+        f"component, target {args.target:g}",
     )
     load0 = wait_for_load(args.load_threshold, args.max_wait)
     print(f"load before: {load0}", flush=True)
     edu_rows: list[dict[str, Any]] = []
     if not args.skip_edu:
         for label, codec, gamma in EDU_CODECS:
-            run_dir = out / f"edu-{codec.replace(':', '')}"
             load = loadavg()
-            code, s, wall = run(
-                [
-                    "--topology",
-                    args.topology,
-                    "--workload",
-                    "edu",
-                    "--rounds",
-                    str(args.edu_rounds),
-                    "--set",
-                    f"gossip.compression={codec}",
-                    "--set",
-                    f"gossip.gamma={gamma}",
-                ],
-                run_dir,
+            s, wall = run_testbed(
+                TestbedSpec(
+                    topology=args.topology,
+                    out=out / f"edu-{codec.replace(':', '')}",
+                    workload="edu",
+                    rounds=args.edu_rounds,
+                    settings={"gossip.compression": codec, "gossip.gamma": gamma},
+                    quiet=True,
+                )
             )
+            per_node = s.per_node or {}
             curve = [
-                sum(v["mean_acc"][i] for v in s["per_node"].values()) / len(s["per_node"])
-                for i in range(min(len(v["mean_acc"]) for v in s["per_node"].values()))
+                sum(v["mean_acc"][i] for v in per_node.values()) / len(per_node)
+                for i in range(min(len(v["mean_acc"]) for v in per_node.values()))
             ]
             row = {
                 "codec": label,
                 "compression": codec,
                 "gamma": gamma,
-                "final_mean_acc": s["final_mean_acc"],
-                "bytes_sent_total": sum(s["bytes_sent"].values()),
-                "eval_rounds": next(iter(s["per_node"].values()))["rounds"],
+                "final_mean_acc": s.final_mean_acc,
+                "bytes_sent_total": sum(s.bytes_sent.values()),
+                "eval_rounds": next(iter(per_node.values()))["rounds"],
                 "mean_acc_curve": curve,
-                "round_breakdown_s": s.get("round_breakdown_s"),
+                "round_breakdown_s": s.round_breakdown_s,
                 "wall_seconds": wall,
-                "exit": code,
+                "exit": s.exit_code,
                 "load_before": load,
                 "load_after": loadavg(),
             }
             edu_rows.append(row)
             print(
-                f"edu {label:<14} acc {row['final_mean_acc']:.4f}  bytes {row['bytes_sent_total'] / 1e6:.2f} MB  "
-                f"wall {wall:.1f} s  exit {code}  load {row['load_after']}",
+                f"edu {label:<14} acc {row['final_mean_acc']:.4f}  "
+                f"bytes {row['bytes_sent_total'] / 1e6:.2f} MB  wall {wall:.1f} s  "
+                f"exit {s.exit_code}  load {row['load_after']}",
                 flush=True,
             )
         raw = edu_rows[0]
@@ -163,41 +146,32 @@ def main() -> int:
     for label, codec, gamma in CONSENSUS_CODECS:
         run_dir = out / f"consensus-{codec.replace(':', '')}"
         load = loadavg()
-        code, s, wall = run(
-            [
-                "--topology",
-                args.topology,
-                "--workload",
-                "consensus",
-                "--rounds",
-                str(args.consensus_rounds),
-                "--target",
-                str(args.target),
-                "-o",
-                f"size={args.size}",
-                "-o",
-                'dtype="float32"',
-                "--set",
-                f"gossip.compression={codec}",
-                "--set",
-                f"gossip.gamma={gamma}",
-            ],
-            run_dir,
+        s, wall = run_testbed(
+            TestbedSpec(
+                topology=args.topology,
+                out=run_dir,
+                workload="consensus",
+                rounds=args.consensus_rounds,
+                target=args.target,
+                options={"size": args.size, "dtype": "float32"},
+                settings={"gossip.compression": codec, "gossip.gamma": gamma},
+                quiet=True,
+            )
         )
         cum = cumulative_bytes(run_dir)
-        errors = s["consensus_error"]
+        errors = s.consensus_error or []
         row = {
             "codec": label,
             "compression": codec,
             "gamma": gamma,
-            "final_error": s["final_consensus_error"],
+            "final_error": s.final_consensus_error,
             "rounds_to_target": first_round_at(errors, args.target),
             "rounds_to_1e-3": first_round_at(errors, 1e-3),
-            "bytes_sent_total": sum(s["bytes_sent"].values()),
+            "bytes_sent_total": sum(s.bytes_sent.values()),
             "cumulative_bytes": cum,
             "consensus_error": errors,
             "wall_seconds": wall,
-            "exit": code,
+            "exit": s.exit_code,
             "load_before": load,
             "load_after": loadavg(),
         }
@@ -206,8 +180,9 @@ def main() -> int:
             row[key.replace("rounds", "bytes")] = cum[r - 1] if r else None
         cons_rows.append(row)
         print(
-            f"consensus {label:<14} rounds to {args.target:g} {row['rounds_to_target']}  final {row['final_error']:.2e}  "
-            f"bytes to target {row['bytes_to_target']}  wall {wall:.1f} s  exit {code}  load {row['load_after']}",
+            f"consensus {label:<14} rounds to {args.target:g} {row['rounds_to_target']}  "
+            f"final {row['final_error']:.2e}  bytes to target {row['bytes_to_target']}  "
+            f"wall {wall:.1f} s  exit {s.exit_code}  load {row['load_after']}",
             flush=True,
         )
     verdict = None
@@ -220,28 +195,29 @@ def main() -> int:
             and r["bytes_ratio_vs_raw"] >= 4.0
         ]
         verdict = {"met": bool(ok), "by": [r["codec"] for r in ok]}
-    (out / "compression.json").write_text(
-        json.dumps(
-            {
-                "setup": setup,
-                "load_before": load0,
-                "edu": edu_rows,
-                "consensus": cons_rows,
-                "target_verdict": verdict,
-            },
-            indent=2,
-        )
+    path = write_json(
+        out,
+        "compression",
+        {
+            "setup": info,
+            "load_before": load0,
+            "edu": edu_rows,
+            "consensus": cons_rows,
+            "target_verdict": verdict,
+        },
     )
-    plot(out, edu_rows, cons_rows, args.target)
+    plot(out, path, edu_rows, cons_rows, args.target)
     if edu_rows:
         print(f"\neducation workload, {Path(args.topology).stem}, {args.edu_rounds} rounds")
         print(
-            f"{'codec':<16}{'final acc':>10}{'delta pts':>10}{'MB sent':>10}{'x fewer':>9}{'wall s':>8}"
+            f"{'codec':<16}{'final acc':>10}{'delta pts':>10}{'MB sent':>10}{'x fewer':>9}"
+            f"{'wall s':>8}"
         )
         for r in edu_rows:
             print(
                 f"{r['codec']:<16}{r['final_mean_acc']:>10.4f}{r['acc_delta_points']:>10.2f}"
-                f"{r['bytes_sent_total'] / 1e6:>10.2f}{r['bytes_ratio_vs_raw']:>9.2f}{r['wall_seconds']:>8.1f}"
+                f"{r['bytes_sent_total'] / 1e6:>10.2f}{r['bytes_ratio_vs_raw']:>9.2f}"
+                f"{r['wall_seconds']:>8.1f}"
             )
         print(
             f"target (int8 or top-k within 1 point of raw with >= 4x fewer bytes): "
@@ -249,7 +225,8 @@ def main() -> int:
         )
     print(f"\nconsensus workload, float32, {args.consensus_rounds} rounds")
     print(
-        f"{'codec':<16}{'rnd 1e-3':>9}{'rnd ' + format(args.target, 'g'):>10}{'MB to tgt':>11}{'final err':>11}{'MB total':>10}"
+        f"{'codec':<16}{'rnd 1e-3':>9}{'rnd ' + format(args.target, 'g'):>10}{'MB to tgt':>11}"
+        f"{'final err':>11}{'MB total':>10}"
     )
     for r in cons_rows:
         mb = f"{r['bytes_to_target'] / 1e6:.3f}" if r["bytes_to_target"] else "-"
@@ -261,7 +238,11 @@ def main() -> int:
 
 
 def plot(
-    out: Path, edu_rows: list[dict[str, Any]], cons_rows: list[dict[str, Any]], target: float
+    out: Path,
+    json_path: Path,
+    edu_rows: list[dict[str, Any]],
+    cons_rows: list[dict[str, Any]],
+    target: float,
 ) -> None:
     plt = pyplot()
     if plt is None:
@@ -284,9 +265,7 @@ def plot(
     axes[1].set_ylabel("max relative error to the exact mean")
     axes[1].set_title("Consensus workload (float32)")
     axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "compression.png", dpi=120)
-    print(f"wrote {out / 'compression.json'} and {out / 'compression.png'}")
+    print(f"wrote {json_path} and {save_png(fig, out, 'compression')}")
 
 
 if __name__ == "__main__":

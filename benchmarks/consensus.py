@@ -11,39 +11,32 @@ JSON and, when matplotlib is installed, a PNG of error against rounds.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from _common import ROOT, parser, pyplot, run_testbed, save_png, setup, write_json
 
-from m3tgossip.consensus import metropolis_hastings, predicted_rounds, slem  # noqa: E402
-from m3tgossip.harness import testbed  # noqa: E402
-from m3tgossip.topology import load_topology  # noqa: E402
+from m3tgossip.consensus import metropolis_hastings, predicted_rounds, slem
+from m3tgossip.harness import TestbedSpec
+from m3tgossip.topology import load_topology
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/bench-consensus", help="folder for JSON, PNG and runs")
+    p = parser(__doc__, "runs/bench-consensus")
     p.add_argument("--target", type=float, default=1e-6)
     p.add_argument("--size", type=int, default=1024, help="floats per component")
     p.add_argument(
         "--specs", nargs="*", default=None, help="topology files (default: all in topology/)"
     )
     args = p.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = setup(
+        args.out,
+        f"consensus workload, {args.size} float64 per component, target {args.target:g}",
+    )
     specs = (
         [Path(s) for s in args.specs] if args.specs else sorted((ROOT / "topology").glob("*.toml"))
-    )
-    print(
-        f"setup: consensus workload, {args.size} float64 per component, target {args.target:g}, "
-        f"python {platform.python_version()}, {platform.machine()}"
     )
     rows = []
     for spec in specs:
@@ -62,60 +55,46 @@ def main() -> int:
         guess = predicted_rounds(worst, args.target, 10.0 * math.sqrt(len(topo.nodes))) or 10
         rounds = int(guess * 1.3) + 5
         run_dir = Path(tempfile.mkdtemp(prefix=f"{topo.name}-", dir=out))
-        code = testbed.main(
-            [
-                "--topology",
-                str(spec),
-                "--workload",
-                "consensus",
-                "--rounds",
-                str(rounds),
-                "--out",
-                str(run_dir),
-                "--target",
-                str(args.target),
-                "-o",
-                f"size={args.size}",
-                "--quiet",
-            ]
+        s, _ = run_testbed(
+            TestbedSpec(
+                topology=spec,
+                out=run_dir,
+                workload="consensus",
+                rounds=rounds,
+                target=args.target,
+                options={"size": args.size},
+                quiet=True,
+            )
         )
-        s = json.loads((run_dir / "summary.json").read_text())
-        measured, predicted = s["measured_rounds"], s["predicted_rounds"]
+        measured, predicted = s.measured_rounds, s.predicted_rounds
         ratio = measured / predicted if measured and predicted else None
         rows.append(
             {
                 "topology": topo.name,
                 "nodes": len(topo.nodes),
                 "edges": len(topo.edges),
-                "slem": s["slem"],
-                "initial_error": s["initial_error"],
+                "slem": s.slem,
+                "initial_error": s.initial_error,
                 "predicted_rounds": predicted,
                 "measured_rounds": measured,
                 "ratio": ratio,
-                "final_error": s["final_consensus_error"],
+                "final_error": s.final_consensus_error,
                 "rounds_run": rounds,
-                "wall_seconds": s["wall_seconds"],
-                "exit": code,
-                "consensus_error": s["consensus_error"],
+                "wall_seconds": s.wall_seconds,
+                "exit": s.exit_code,
+                "consensus_error": s.consensus_error,
             }
         )
+        shown = ratio if ratio is None else round(ratio, 3)
         print(
-            f"{topo.name:<16} nodes {len(topo.nodes):>3}  SLEM {s['slem']:.4f}  "
-            f"predicted {predicted}  measured {measured}  ratio {ratio if ratio is None else round(ratio, 3)}  "
-            f"final {s['final_consensus_error']:.2e}  wall {s['wall_seconds']:.1f} s",
+            f"{topo.name:<16} nodes {len(topo.nodes):>3}  SLEM {s.slem:.4f}  "
+            f"predicted {predicted}  measured {measured}  ratio {shown}  "
+            f"final {s.final_consensus_error:.2e}  wall {s.wall_seconds:.1f} s",
             flush=True,
         )
-    (out / "consensus.json").write_text(
-        json.dumps({"target": args.target, "size": args.size, "rows": rows}, indent=2)
-    )
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-    else:
+    path = write_json(out, "consensus", {"target": args.target, "size": args.size, "rows": rows})
+    plt = pyplot()
+    if plt is not None:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for row in rows:
             ax.semilogy(
@@ -128,14 +107,13 @@ def main() -> int:
         ax.set_ylabel("max relative error to the exact mean")
         ax.set_title("Consensus by real daemons on loopback")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "consensus.png", dpi=120)
-        print(f"wrote {out / 'consensus.json'} and {out / 'consensus.png'}")
+        print(f"wrote {path} and {save_png(fig, out, 'consensus')}")
     print(f"{'topology':<16}{'predicted':>10}{'measured':>10}{'ratio':>8}")
     for row in rows:
         r = "-" if row["ratio"] is None else f"{row['ratio']:.3f}"
         print(
-            f"{row['topology']:<16}{row['predicted_rounds']!s:>10}{row['measured_rounds']!s:>10}{r:>8}"
+            f"{row['topology']:<16}{row['predicted_rounds']!s:>10}"
+            f"{row['measured_rounds']!s:>10}{r:>8}"
         )
     return 0 if all(r["exit"] == 0 for r in rows) else 1
 

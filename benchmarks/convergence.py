@@ -24,11 +24,7 @@ DIR/convergence.json and DIR/convergence.png; exits non-zero if a run failed.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -36,20 +32,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from _common import ROOT, machine, parser, pyplot, save_png, setup, write_json
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from m3tgossip.cli import _option  # noqa: E402
-from m3tgossip.daemon.metrics import read_metrics  # noqa: E402
-from m3tgossip.edu.data import MODALITIES, TASKS, DataConfig, node_data, pooled_data  # noqa: E402
-from m3tgossip.edu.model import DEFAULT_CHECKPOINT, LoraSpec, build_node_model  # noqa: E402
-from m3tgossip.edu.model.components import component_seed  # noqa: E402
-from m3tgossip.edu.train import Trainer  # noqa: E402
-from m3tgossip.edu.workload import _options as edu_options  # noqa: E402
-from m3tgossip.topology import Topology, load_topology  # noqa: E402
+from m3tgossip.daemon.metrics import read_metrics
+from m3tgossip.edu.data import MODALITIES, TASKS, DataConfig, node_data, pooled_data
+from m3tgossip.edu.model import DEFAULT_CHECKPOINT, LoraSpec, build_node_model
+from m3tgossip.edu.model.components import component_seed
+from m3tgossip.edu.train import Trainer
+from m3tgossip.edu.workload import _options as edu_options
+from m3tgossip.harness import Summary, Testbed, TestbedSpec
+from m3tgossip.harness.testbed_spec import parse_assignment
+from m3tgossip.topology import Topology, load_topology
 
 DEFAULT_TOPOLOGIES = ["topology/campus.toml", "topology/ring-8.toml"]
 SCARCE_ROLE = "student"
@@ -92,53 +86,33 @@ def run_testbed(topo_path: Path, mode: str, args: argparse.Namespace, out: Path)
     """One testbed run (fresh folder: a leftover checkpoint would resume an old run)."""
     if out.exists():
         shutil.rmtree(out)
-    cmd = [
-        sys.executable,
-        str(ROOT / "scripts" / "testbed.py"),
-        "--topology",
-        str(topo_path),
-        "--workload",
-        "edu",
-        "--rounds",
-        str(args.rounds),
-        "--out",
-        str(out),
-        "--seed",
-        str(args.seed),
-        "--mode",
-        mode,
-        "--quiet",
-    ]
-    for opt in args.option:
-        cmd += ["-o", opt]
-    print("  $ " + " ".join(cmd), flush=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    t = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    wall = time.monotonic() - t
-    if proc.returncode != 0:
-        print(proc.stdout[-2000:], proc.stderr[-2000:], sep="\n", file=sys.stderr)
-    summary = (
-        json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+    spec = TestbedSpec(
+        topology=topo_path,
+        out=out,
+        workload="edu",
+        rounds=args.rounds,
+        seed=args.seed,
+        mode=mode,
+        options=dict(parse_assignment(o) for o in args.option),
+        quiet=True,
     )
+    print("  $ m3tgossip testbed " + " ".join(spec.argv()), flush=True)
+    t = time.monotonic()
+    summary: Summary | None
+    try:
+        summary = Testbed(spec).run()
+        code = summary.exit_code
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"  testbed error: {exc}", file=sys.stderr, flush=True)
+        summary, code = None, 1
+    wall = time.monotonic() - t
     last_eval = {}
-    for nid in summary.get("nodes", []):
+    for nid in summary.nodes if summary else []:
         evals = [r for r in read_metrics(out / "nodes" / nid / "metrics.jsonl") if "tasks" in r]
         last_eval[nid] = evals[-1] if evals else {}
-    ok = (
-        proc.returncode == 0
-        and bool(summary)
-        and not summary.get("crashed")
-        and not summary.get("hung")
-    )
-    print(f"  {mode}: exit {proc.returncode}, wall {wall:.1f} s", flush=True)
-    return {
-        "summary": summary,
-        "last_eval": last_eval,
-        "exit": proc.returncode,
-        "ok": ok,
-        "wall": wall,
-    }
+    ok = code == 0 and summary is not None
+    print(f"  {mode}: exit {code}, wall {wall:.1f} s", flush=True)
+    return {"summary": summary, "last_eval": last_eval, "exit": code, "ok": ok, "wall": wall}
 
 
 def node_view(run: dict[str, Any], nid: str) -> dict[str, Any]:
@@ -227,11 +201,11 @@ def model_sizes(topo: Topology, o: dict[str, Any], seed: int) -> dict[str, dict[
 
 def curves(run: dict[str, Any]) -> dict[str, list[float]]:
     """Mean over nodes of mean accuracy at each evaluation round; cumulative MB sent per node."""
-    s = run["summary"]
-    per_round_bytes = [b or 0.0 for b in s.get("bytes_per_round_per_node", [])]
+    s: Summary = run["summary"]
+    per_round_bytes = [b or 0.0 for b in s.bytes_per_round_per_node]
     cum = np.cumsum(per_round_bytes) if per_round_bytes else np.zeros(0)
     by_round: dict[int, list[float]] = {}
-    for v in s.get("per_node", {}).values():
+    for v in (s.per_node or {}).values():
         for r, a in zip(v["rounds"], v["mean_acc"], strict=True):
             if a is not None:
                 by_round.setdefault(r, []).append(a)
@@ -317,8 +291,9 @@ def analyse(topo: Topology, gossip: dict, local: dict, central: dict, sizes: dic
         ]
         return mean(d)
 
-    bpr = [b for b in gossip["summary"].get("bytes_per_round_per_node", []) if b is not None]
-    bpr_local = [b for b in local["summary"].get("bytes_per_round_per_node", []) if b is not None]
+    g_sum: Summary = gossip["summary"]
+    bpr = [b for b in g_sum.bytes_per_round_per_node if b is not None]
+    bpr_local = [b for b in local["summary"].bytes_per_round_per_node if b is not None]
     whole = mean([sizes[i]["whole_bytes"] for i in ids])
     per_round = mean(bpr)
     return {
@@ -339,12 +314,9 @@ def analyse(topo: Topology, gossip: dict, local: dict, central: dict, sizes: dic
         "shared_bytes_mean": mean([sizes[i]["shared_bytes"] for i in ids]),
         "model_over_round_bytes": whole / per_round if whole and per_round else None,
         "per_node_bytes": {
-            i: {
-                **sizes[i],
-                "sent_per_round": gossip["summary"]["bytes_sent"][i] / gossip["summary"]["rounds"],
-            }
+            i: {**sizes[i], "sent_per_round": g_sum.bytes_sent[i] / g_sum.rounds}
             for i in ids
-            if i in gossip["summary"].get("bytes_sent", {})
+            if i in g_sum.bytes_sent
         },
         "curves": {
             "gossip": curves(gossip),
@@ -358,7 +330,8 @@ def analyse(topo: Topology, gossip: dict, local: dict, central: dict, sizes: dic
 def print_report(name: str, a: dict, tasks: list[str]) -> None:
     short = {t: t[:10] for t in tasks}
     print(
-        f"\n=== {name}: final held-out accuracy per node and task (gossip / local-only / centralized)"
+        f"\n=== {name}: final held-out accuracy per node and task "
+        "(gossip / local-only / centralized)"
     )
     head = (
         f"{'node':<11}{'role':<12}"
@@ -379,17 +352,13 @@ def print_report(name: str, a: dict, tasks: list[str]) -> None:
         print(f"{nid:<11}{r['role']:<12}{cells}{means:>22}")
     m, ms = a["mean"], a["mean_scarce"]
     print(f"\n{'':<34}{'gossip':>10}{'local':>10}{'central':>10}")
-    print(
-        f"{'mean over nodes (task means)':<34}{acc(m['gossip']):>10}{acc(m['local']):>10}{acc(m['central']):>10}"
-    )
-    print(
-        f"{'mean over scarce (students, %d)' % len(a['scarce_nodes']):<34}"
-        f"{acc(ms['gossip']):>10}{acc(ms['local']):>10}{acc(ms['central']):>10}"
-    )
     w = a["worst_group_gap"]
-    print(
-        f"{'worst-group gap (mean over nodes)':<34}{acc(w['gossip']):>10}{acc(w['local']):>10}{acc(w['central']):>10}"
-    )
+    for label, v in (
+        ("mean over nodes (task means)", m),
+        (f"mean over scarce (students, {len(a['scarce_nodes'])})", ms),
+        ("worst-group gap (mean over nodes)", w),
+    ):
+        print(f"{label:<34}{acc(v['gossip']):>10}{acc(v['local']):>10}{acc(v['central']):>10}")
     print(
         f"gossip - centralized: {pts(a['gossip_minus_central'])} points (all nodes), "
         f"{pts(a['gossip_minus_central_scarce'])} (scarce)"
@@ -422,16 +391,16 @@ def print_report(name: str, a: dict, tasks: list[str]) -> None:
     print(
         f"mean: {(bpr or 0) / 1e3:.1f} kB per round per node (local-only "
         f"{(a['bytes_per_round_per_node_local'] or 0) / 1e3:.2f} kB) vs whole model "
-        f"{a['whole_model_bytes_mean'] / 1e6:.2f} MB: ratio {a['model_over_round_bytes'] or float('nan'):.1f}x"
+        f"{a['whole_model_bytes_mean'] / 1e6:.2f} MB: "
+        f"ratio {a['model_over_round_bytes'] or float('nan'):.1f}x"
     )
 
 
-def plot(results: list[dict], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(results: list[dict], out: Path) -> Path | None:
+    """OUT/convergence.png (None if matplotlib is not installed)."""
+    plt = pyplot()
+    if plt is None:
+        return None
     fig, axes = plt.subplots(len(results), 2, figsize=(11, 4 * len(results)), squeeze=False)
     for row, res in zip(axes, results, strict=True):
         c = res["analysis"]["curves"]
@@ -459,18 +428,16 @@ def plot(results: list[dict], out: Path) -> None:
         row[1].set_xlabel("cumulative MB sent per node")
         row[0].set_title(f"{res['topology']}: accuracy vs rounds")
         row[1].set_title(f"{res['topology']}: accuracy vs bytes sent")
-    fig.tight_layout()
-    fig.savefig(out / "convergence.png", dpi=110)
+    return save_png(fig, out, "convergence", dpi=110)
 
 
 # ----------------------------------------------------------------------------- main
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__, "runs/bench-convergence")
     p.add_argument("--topologies", nargs="+", default=DEFAULT_TOPOLOGIES)
     p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--out", default="runs/bench-convergence")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "-o",
@@ -483,22 +450,17 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads in this process")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    o = edu_options(dict(_option(x) for x in args.option))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    o = edu_options(dict(parse_assignment(x) for x in args.option))
     t_start = time.monotonic()
-    print(
-        f"setup: topologies {', '.join(args.topologies)}; rounds {args.rounds}; seed {args.seed}; "
-        f"options {args.option or 'defaults'}"
+    out = setup(
+        args.out,
+        f"topologies {', '.join(args.topologies)}; rounds {args.rounds}; seed {args.seed}; "
+        f"options {args.option or 'defaults'}; torch {torch.__version__}",
     )
     print(
-        f"  workload: local_steps {o['local_steps']}, batch_size {o['batch_size']}, lr {o['lr']}, "
-        f"records {o['records']}, alpha {o['alpha']}, lora {o['lora_mode']} rank {o['lora_rank']}, "
-        f"eval_every {o['eval_every']}"
-    )
-    print(
-        f"  machine: {platform.platform()}, python {platform.python_version()}, "
-        f"{os.cpu_count()} CPUs, torch {torch.__version__}",
+        f"  workload: local_steps {o['local_steps']}, batch_size {o['batch_size']}, "
+        f"lr {o['lr']}, records {o['records']}, alpha {o['alpha']}, lora {o['lora_mode']} "
+        f"rank {o['lora_rank']}, eval_every {o['eval_every']}",
         flush=True,
     )
     results, all_ok = [], True
@@ -539,7 +501,8 @@ def main() -> int:
             }
         )
     print(
-        "\n=== exact LoRA averaging (3 models, same federation seed, 10 steps each on different records)"
+        "\n=== exact LoRA averaging (3 models, same federation seed, 10 steps each on different "
+        "records)"
     )
     lora = lora_check(args.seed)
     for mode, r in lora.items():
@@ -569,33 +532,22 @@ def main() -> int:
         f"separate {sep:.2e} (cross-term error {'shown' if sep > 1e-3 else 'NOT shown'})"
     )
     print(f"\nwall time {wall:.1f} s")
-    (out / "convergence.json").write_text(
-        json.dumps(
-            {
-                "setup": {
-                    "topologies": args.topologies,
-                    "rounds": args.rounds,
-                    "seed": args.seed,
-                    "options": args.option,
-                    "workload": o,
-                    "platform": platform.platform(),
-                    "cpus": os.cpu_count(),
-                    "python": platform.python_version(),
-                },
-                "results": results,
-                "lora": lora,
-                "wall_seconds": wall,
-            },
-            indent=2,
-            default=str,
-        )
+    info = {
+        "topologies": args.topologies,
+        "rounds": args.rounds,
+        "seed": args.seed,
+        "options": args.option,
+        "workload": o,
+        **machine(),
+    }
+    path = write_json(
+        out,
+        "convergence",
+        {"setup": info, "results": results, "lora": lora, "wall_seconds": wall},
+        default=str,
     )
-    if ok_results:
-        try:
-            plot(ok_results, out)
-        except ImportError:
-            print("matplotlib not installed: no plot")
-    print(f"wrote {out / 'convergence.json'} and {out / 'convergence.png'}")
+    png = plot(ok_results, out) if ok_results else None
+    print(f"wrote {path} and {png}" if png else f"wrote {path}")
     return 0 if all_ok else 1
 
 

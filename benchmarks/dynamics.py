@@ -24,29 +24,37 @@ dynamics.png.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
-import platform
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import (
+    ROOT,
+    loadavg,
+    machine,
+    parser,
+    pyplot,
+    run_testbed,
+    save_png,
+    setup,
+    wait_for_load,
+    write_json,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from m3tgossip.consensus import metropolis_hastings, predicted_rounds, slem
+from m3tgossip.daemon.metrics import read_metrics
+from m3tgossip.harness import TestbedSpec
+from m3tgossip.topology import load_topology
 
-from m3tgossip.harness import testbed  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import loadavg, pyplot, wait_for_load  # noqa: E402
+def fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2e}"
 
-from m3tgossip.consensus import metropolis_hastings, predicted_rounds, slem  # noqa: E402
-from m3tgossip.daemon.metrics import read_metrics  # noqa: E402
-from m3tgossip.topology import load_topology  # noqa: E402
+
+def mb(v: float | None) -> str:
+    return "-" if v is None else f"{v / 1e6:.3f}"
 
 
 def per_round_records(run_dir: Path) -> dict[str, dict[int, dict[str, Any]]]:
@@ -103,8 +111,7 @@ def write_spec(path: Path, text: str) -> Path:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/bench-dynamics")
+    p = parser(__doc__, "runs/bench-dynamics", load=True)
     p.add_argument("--size", type=int, default=1024, help="floats per component (consensus)")
     p.add_argument("--target", type=float, default=1e-6)
     p.add_argument("--dynamic-rounds", type=int, default=80, help="rounds for time-varying graphs")
@@ -117,13 +124,13 @@ def main() -> int:
         help="also compare edu accuracy, ring-8 vs one-peer exponential",
     )
     p.add_argument("--edu-rounds", type=int, default=20)
-    p.add_argument("--load-threshold", type=float, default=4.0)
-    p.add_argument(
-        "--max-wait", type=float, default=600.0, help="longest wait for the load to drop (s)"
-    )
     args = p.parse_args()
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = setup(
+        Path(args.out).resolve(),
+        f"consensus workload, 16 nodes, {args.size} float64 per component, target "
+        f"{args.target:g}; static graphs run prediction x {args.margin} rounds, time-varying "
+        f"ones {args.dynamic_rounds}",
+    )
     ring16 = write_spec(
         out / "ring-16.toml",
         'name = "ring-16"\ndescription = "Sixteen peers on a cycle."\n\n'
@@ -143,12 +150,6 @@ def main() -> int:
         sout1,
         ROOT / "topology" / "s-out-16.toml",
     ]
-    print(
-        f"setup: consensus workload, 16 nodes, {args.size} float64 per component, target {args.target:g}; "
-        f"static graphs run prediction x {args.margin} rounds, time-varying ones {args.dynamic_rounds}; "
-        f"{os.cpu_count()} CPUs, python {platform.python_version()}",
-        flush=True,
-    )
     load0 = wait_for_load(args.load_threshold, args.max_wait)
     print(f"load before: {load0}", flush=True)
     rows: list[dict[str, Any]] = []
@@ -164,29 +165,20 @@ def main() -> int:
             s, rounds = None, args.dynamic_rounds
         run_dir = out / topo.name
         load = loadavg()
-        t0 = time.monotonic()
-        code = testbed.main(
-            [
-                "--topology",
-                str(spec),
-                "--workload",
-                "consensus",
-                "--rounds",
-                str(rounds),
-                "--out",
-                str(run_dir),
-                "--target",
-                str(args.target),
-                "-o",
-                f"size={args.size}",
-                "--quiet",
-            ]
+        summary, wall = run_testbed(
+            TestbedSpec(
+                topology=spec,
+                out=run_dir,
+                workload="consensus",
+                rounds=rounds,
+                target=args.target,
+                options={"size": args.size},
+                quiet=True,
+            )
         )
-        wall = time.monotonic() - t0
-        summary = json.loads((run_dir / "summary.json").read_text())
         records = per_round_records(run_dir)
         spreads, cum = spread_and_bytes(records)
-        errors = summary["consensus_error"]
+        errors = summary.consensus_error or []
         r_err, r_spread = first_round_at(errors, args.target), first_round_at(spreads, args.target)
         n = len(topo.nodes)
         row = {
@@ -204,21 +196,22 @@ def main() -> int:
             "final_spread": spreads[-1] if spreads else None,
             "min_error": min((e for e in errors if e is not None), default=None),
             "bytes_per_round_per_node": cum[-1] / n / len(cum) if cum else None,
-            "bytes_sent_total": sum(summary["bytes_sent"].values()),
+            "bytes_sent_total": sum(summary.bytes_sent.values()),
             "consensus_error": errors,
             "spread": spreads,
             "cumulative_bytes": cum,
             "wall_seconds": wall,
-            "exit": code,
+            "exit": summary.exit_code,
             "load_before": load,
             "load_after": loadavg(),
         }
         rows.append(row)
-        fmt = lambda v: "-" if v is None else f"{v:.2e}"  # noqa: E731
         print(
-            f"{topo.name:<16} rounds {rounds:>4}  to {args.target:g}: error {r_err} rounds / {fmt(row['bytes_to_target_error'])} B, "
-            f"spread {r_spread} rounds / {fmt(row['bytes_to_target_spread'])} B  final error {fmt(row['final_error'])} "
-            f"spread {fmt(row['final_spread'])}  wall {wall:.1f} s  exit {code}  load {row['load_after']}",
+            f"{topo.name:<16} rounds {rounds:>4}  to {args.target:g}: error {r_err} rounds / "
+            f"{fmt(row['bytes_to_target_error'])} B, spread {r_spread} rounds / "
+            f"{fmt(row['bytes_to_target_spread'])} B  final error {fmt(row['final_error'])} "
+            f"spread {fmt(row['final_spread'])}  wall {wall:.1f} s  exit {summary.exit_code}  "
+            f"load {row['load_after']}",
             flush=True,
         )
     edu_rows: list[dict[str, Any]] = []
@@ -226,43 +219,37 @@ def main() -> int:
         ope8 = write_spec(
             out / "one-peer-exp-8.toml",
             'name = "one-peer-exp-8"\ndescription = "Eight peers on a one-peer '
-            'exponential graph."\n\n[generator]\nkind = "cycle"\nn = 8\n\n[dynamics]\nkind = "one-peer-exponential"\n',
+            'exponential graph."\n\n[generator]\nkind = "cycle"\nn = 8\n\n'
+            '[dynamics]\nkind = "one-peer-exponential"\n',
         )
         for spec in (ROOT / "topology" / "ring-8.toml", ope8):
             topo = load_topology(spec)
-            run_dir = out / f"edu-{topo.name}"
             load = loadavg()
-            t0 = time.monotonic()
-            code = testbed.main(
-                [
-                    "--topology",
-                    str(spec),
-                    "--workload",
-                    "edu",
-                    "--rounds",
-                    str(args.edu_rounds),
-                    "--out",
-                    str(run_dir),
-                    "--quiet",
-                ]
+            summary, wall = run_testbed(
+                TestbedSpec(
+                    topology=spec,
+                    out=out / f"edu-{topo.name}",
+                    workload="edu",
+                    rounds=args.edu_rounds,
+                    quiet=True,
+                )
             )
-            wall = time.monotonic() - t0
-            summary = json.loads((run_dir / "summary.json").read_text())
             row = {
                 "topology": topo.name,
                 "dynamics": topo.dynamics,
-                "final_mean_acc": summary["final_mean_acc"],
-                "bytes_sent_total": sum(summary["bytes_sent"].values()),
-                "round_breakdown_s": summary.get("round_breakdown_s"),
+                "final_mean_acc": summary.final_mean_acc,
+                "bytes_sent_total": sum(summary.bytes_sent.values()),
+                "round_breakdown_s": summary.round_breakdown_s,
                 "wall_seconds": wall,
-                "exit": code,
+                "exit": summary.exit_code,
                 "load_before": load,
                 "load_after": loadavg(),
             }
             edu_rows.append(row)
             print(
-                f"edu {topo.name:<16} acc {row['final_mean_acc']:.4f}  bytes {row['bytes_sent_total'] / 1e6:.2f} MB  "
-                f"wall {wall:.1f} s  exit {code}  load {row['load_after']}",
+                f"edu {topo.name:<16} acc {row['final_mean_acc']:.4f}  "
+                f"bytes {row['bytes_sent_total'] / 1e6:.2f} MB  wall {wall:.1f} s  "
+                f"exit {summary.exit_code}  load {row['load_after']}",
                 flush=True,
             )
     ring = rows[0]
@@ -281,67 +268,69 @@ def main() -> int:
         ],
     }
     verdict["met"] = bool(verdict["faster_time_varying"])
-    (out / "dynamics.json").write_text(
-        json.dumps(
-            {
-                "setup": {
-                    "size": args.size,
-                    "target": args.target,
-                    "dynamic_rounds": args.dynamic_rounds,
-                    "margin": args.margin,
-                    "cpus": os.cpu_count(),
-                    "python": platform.python_version(),
-                    "platform": platform.platform(),
-                },
-                "load_before": load0,
-                "rows": rows,
-                "edu": edu_rows,
-                "target_verdict": verdict,
-            },
-            indent=2,
-        )
+    m = machine()
+    info = {
+        "size": args.size,
+        "target": args.target,
+        "dynamic_rounds": args.dynamic_rounds,
+        "margin": args.margin,
+        "cpus": m["cpus"],
+        "python": m["python"],
+        "platform": m["platform"],
+    }
+    path = write_json(
+        out,
+        "dynamics",
+        {
+            "setup": info,
+            "load_before": load0,
+            "rows": rows,
+            "edu": edu_rows,
+            "target_verdict": verdict,
+        },
     )
-    plot(out, rows, args.target)
+    plot(out, path, rows, args.target)
     print(
-        f"\n{'topology':<16}{'rounds':>7}{'rnd err':>8}{'MB err':>9}{'rnd spread':>11}{'MB spread':>10}"
-        f"{'kB/rnd/node':>12}{'final err':>11}{'final spread':>13}"
+        f"\n{'topology':<16}{'rounds':>7}{'rnd err':>8}{'MB err':>9}{'rnd spread':>11}"
+        f"{'MB spread':>10}{'kB/rnd/node':>12}{'final err':>11}{'final spread':>13}"
     )
-    mb = lambda v: "-" if v is None else f"{v / 1e6:.3f}"  # noqa: E731
     for r in rows:
         print(
-            f"{r['topology']:<16}{r['rounds_run']:>7}{r['rounds_to_target_error']!s:>8}{mb(r['bytes_to_target_error']):>9}"
-            f"{r['rounds_to_target_spread']!s:>11}{mb(r['bytes_to_target_spread']):>10}"
-            f"{r['bytes_per_round_per_node'] / 1e3:>12.1f}{r['final_error']:>11.2e}{r['final_spread']:>13.2e}"
+            f"{r['topology']:<16}{r['rounds_run']:>7}{r['rounds_to_target_error']!s:>8}"
+            f"{mb(r['bytes_to_target_error']):>9}{r['rounds_to_target_spread']!s:>11}"
+            f"{mb(r['bytes_to_target_spread']):>10}{r['bytes_per_round_per_node'] / 1e3:>12.1f}"
+            f"{r['final_error']:>11.2e}{r['final_spread']:>13.2e}"
         )
+    met = ", ".join(verdict["faster_time_varying"])
     print(
-        f"target (a time-varying topology reaches {args.target:g} in fewer bytes than the static ring): "
-        f"{'met by ' + ', '.join(verdict['faster_time_varying']) if verdict['met'] else 'not met'}"
+        f"target (a time-varying topology reaches {args.target:g} in fewer bytes than the "
+        f"static ring): {'met by ' + met if verdict['met'] else 'not met'}"
     )
     return 0 if all(r["exit"] == 0 for r in rows + edu_rows) else 1
 
 
-def plot(out: Path, rows: list[dict[str, Any]], target: float) -> None:
+def plot(out: Path, json_path: Path, rows: list[dict[str, Any]], target: float) -> None:
     plt = pyplot()
     if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in rows:
-        mb = [b / 1e6 for b in r["cumulative_bytes"]]
-        err = [e if e is not None and e > 0 else np.nan for e in r["consensus_error"]][: len(mb)]
-        spread = [v if v is not None and v > 0 else np.nan for v in r["spread"]][: len(mb)]
-        line = axes[0].semilogy(mb[: len(err)], err, label=r["topology"])[0]
-        axes[1].semilogy(mb[: len(spread)], spread, color=line.get_color(), label=r["topology"])
+        sent = [b / 1e6 for b in r["cumulative_bytes"]]
+        err = [e if e is not None and e > 0 else np.nan for e in r["consensus_error"]][: len(sent)]
+        spread = [v if v is not None and v > 0 else np.nan for v in r["spread"]][: len(sent)]
+        line = axes[0].semilogy(sent[: len(err)], err, label=r["topology"])[0]
+        axes[1].semilogy(sent[: len(spread)], spread, color=line.get_color(), label=r["topology"])
     for ax, what in zip(
-        axes, ("max relative error to the exact initial mean", "spread among nodes (digests)")
+        axes,
+        ("max relative error to the exact initial mean", "spread among nodes (digests)"),
+        strict=True,
     ):
         ax.axhline(target, color="grey", ls="--", lw=0.8)
         ax.set_xlabel("cumulative bytes sent, all nodes (MB)")
         ax.set_ylabel(what)
         ax.legend(fontsize=8)
     fig.suptitle("16 consensus daemons: static and time-varying graphs")
-    fig.tight_layout()
-    fig.savefig(out / "dynamics.png", dpi=120)
-    print(f"wrote {out / 'dynamics.json'} and {out / 'dynamics.png'}")
+    print(f"wrote {json_path} and {save_png(fig, out, 'dynamics')}")
 
 
 if __name__ == "__main__":

@@ -60,9 +60,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 import numpy as np
 import torch
 import zmq
@@ -278,7 +275,8 @@ def send_trial(trial: Trial, endpoint: str) -> float:
         while acked < total:
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"sender ({trial.way} {trial.mode} {trial.size}): {acked} of {total} acknowledged, {sent} sent, within {WAIT_S} s"
+                    f"sender ({trial.way} {trial.mode} {trial.size}): {acked} of {total} "
+                    f"acknowledged, {sent} sent, within {WAIT_S} s"
                 )
             if sent < total and sent - acked < trial.window:
                 if send(sent + 1):
@@ -383,9 +381,10 @@ def main() -> int:
     info = machine()
     print(
         f"setup: {info['cpu']}, {info['cores']} cores, load average {info['load_average']:.2f}, "
-        f"python {info['python']}, numpy {info['numpy']}, torch {info['torch']}, pyzmq {info['pyzmq']} "
-        f"(libzmq {info['libzmq']}); sender and receiver in two processes on 127.0.0.1; float32 deltas; "
-        f"~{args.bytes / 1e6:.0f} MB timed per run, median of {args.repeat}",
+        f"python {info['python']}, numpy {info['numpy']}, torch {info['torch']}, "
+        f"pyzmq {info['pyzmq']} (libzmq {info['libzmq']}); sender and receiver in two processes "
+        f"on 127.0.0.1; float32 deltas; ~{args.bytes / 1e6:.0f} MB timed per run, "
+        f"median of {args.repeat}",
         flush=True,
     )
     server, client = _keypair(), _keypair()
@@ -439,8 +438,10 @@ def main() -> int:
                 print(
                     f"{mode:<6}{label:>6}  m3tgossip {med['m3tgossip'] / 1e9:6.3f} GB/s  "
                     f"raw {med['raw'] / 1e9:6.3f}  pickle {med['pickle'] / 1e9:6.3f}  "
-                    f"pickle-numpy {med['pickle-numpy'] / 1e9:6.3f}  ratio to raw {row['ratio_to_raw']:.2f}  "
-                    f"to pickle {row['ratio_to_pickle']:.2f}  to pickle-numpy {row['ratio_to_pickle_numpy']:.2f}  "
+                    f"pickle-numpy {med['pickle-numpy'] / 1e9:6.3f}  "
+                    f"ratio to raw {row['ratio_to_raw']:.2f}  "
+                    f"to pickle {row['ratio_to_pickle']:.2f}  "
+                    f"to pickle-numpy {row['ratio_to_pickle_numpy']:.2f}  "
                     f"({messages} msgs, window {window}, ack every {ack_every})",
                     flush=True,
                 )
@@ -456,14 +457,15 @@ def main() -> int:
                 proc.kill()
                 proc.join(timeout=10)
     print(
-        f"\n{'mode':<6}{'size':>6}{'m3t GB/s':>10}{'raw GB/s':>10}{'pickle GB/s':>12}{'pickle-np GB/s':>15}"
-        f"{'/raw':>7}{'/pickle':>9}{'/pickle-np':>12}"
+        f"\n{'mode':<6}{'size':>6}{'m3t GB/s':>10}{'raw GB/s':>10}{'pickle GB/s':>12}"
+        f"{'pickle-np GB/s':>15}{'/raw':>7}{'/pickle':>9}{'/pickle-np':>12}"
     )
     for r in rows:
         label = next(k for k, v in SIZES.items() if v == r["size_bytes"])
         print(
-            f"{r['mode']:<6}{label:>6}{r['bytes_per_s'] / 1e9:>10.3f}{r['raw_bytes_per_s'] / 1e9:>10.3f}"
-            f"{r['pickle_bytes_per_s'] / 1e9:>12.3f}{r['pickle_numpy_bytes_per_s'] / 1e9:>15.3f}"
+            f"{r['mode']:<6}{label:>6}{r['bytes_per_s'] / 1e9:>10.3f}"
+            f"{r['raw_bytes_per_s'] / 1e9:>10.3f}{r['pickle_bytes_per_s'] / 1e9:>12.3f}"
+            f"{r['pickle_numpy_bytes_per_s'] / 1e9:>15.3f}"
             f"{r['ratio_to_raw']:>7.2f}{r['ratio_to_pickle']:>9.2f}{r['ratio_to_pickle_numpy']:>12.2f}"
         )
     if args.out:

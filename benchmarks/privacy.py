@@ -53,19 +53,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import ROOT, loadavg, parser, save_png, setup, write_json
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from m3tgossip.cli import _option  # noqa: E402
 from m3tgossip.daemon import checkpoint
-from m3tgossip.daemon.metrics import read_metrics  # noqa: E402
-from m3tgossip.edu.mia import loss_threshold_attack, record_losses  # noqa: E402
-from m3tgossip.edu.model import build_node_model  # noqa: E402
-from m3tgossip.edu.workload import EduWorkload  # noqa: E402
-from m3tgossip.harness import testbed  # noqa: E402
-from m3tgossip.privacy import PROFILES, ReleaseGate, profile_for  # noqa: E402
-from m3tgossip.topology import Topology, load_topology  # noqa: E402
+from m3tgossip.daemon.metrics import read_metrics
+from m3tgossip.edu.mia import loss_threshold_attack, record_losses
+from m3tgossip.edu.model import build_node_model
+from m3tgossip.edu.workload import EduWorkload
+from m3tgossip.errors import ConfigError
+from m3tgossip.harness import Summary, Testbed, TestbedSpec
+from m3tgossip.harness.testbed_spec import parse_args as testbed_args
+from m3tgossip.harness.testbed_spec import parse_assignment
+from m3tgossip.privacy import PROFILES, ReleaseGate, profile_for
+from m3tgossip.topology import Topology, load_topology
 
 #: strictest first: the order profiles are ranked in (custom counts as its own name)
 STRICTNESS = ("gdpr", "ferpa", "open")
@@ -86,10 +86,6 @@ def fmt(x: float | None, spec: str = ".3f") -> str:
     if isinstance(x, float) and math.isinf(x):
         return "inf"
     return format(x, spec)
-
-
-def load() -> list[float]:
-    return [round(v, 2) for v in os.getloadavg()]
 
 
 def with_profiles(topology: Topology, profiles: dict[str, str]) -> Topology:
@@ -144,18 +140,22 @@ def noise_strength(topology: Topology, rounds: int, component: str) -> dict[str,
     }
 
 
-def _completed(folder: Path, argv: list[str], rounds: int, seed: int) -> dict[str, Any] | None:
-    """The summary of a finished, healthy run in `folder` made with `argv`, else None."""
+def _completed(folder: Path, spec: TestbedSpec) -> Summary | None:
+    """The summary of a finished, healthy run of `spec` in `folder`, else None."""
     try:
-        summary = json.loads((folder / "summary.json").read_text())
-    except (OSError, ValueError):
+        summary = Summary.read(folder / "summary.json")
+    except (OSError, ValueError, TypeError):
         return None
     record = folder / "bench-run.json"
-    if record.exists() and json.loads(record.read_text()).get("argv") != argv:
+    if record.exists():
+        try:
+            if testbed_args(json.loads(record.read_text()).get("argv")) != spec:
+                return None
+        except (SystemExit, ConfigError, TypeError, ValueError):
+            return None  # not a testbed command line
+    if summary.crashed or summary.hung or summary.rounds != spec.rounds:
         return None
-    if summary.get("crashed") or summary.get("hung") or summary.get("rounds") != rounds:
-        return None
-    if summary.get("seed") != seed or min(summary.get("rounds_done", {0: 0}).values()) < rounds:
+    if summary.seed != spec.seed or min(summary.rounds_done.values(), default=0) < spec.rounds:
         return None
     return summary
 
@@ -165,31 +165,25 @@ def run_testbed(
     out: Path,
     topology: Path,
     args: argparse.Namespace,
-    extra: list[str],
-    options: list[str],
+    changes: dict[str, Any],
+    options: dict[str, Any],
 ) -> dict[str, Any]:
-    """One testbed run in DIR/runs/NAME; a completed run there with the same arguments is
-    reused, a failed one is moved aside and the run retried (`--retries`)."""
+    """One testbed run in DIR/runs/NAME (`changes` to the spec's fields); a completed run there
+    of the same spec is reused, a failed one is moved aside and the run retried (`--retries`)."""
     folder = out / "runs" / name
-    argv = [
-        "--topology",
-        str(topology),
-        "--workload",
-        "edu",
-        "--rounds",
-        str(args.rounds),
-        "--out",
-        str(folder),
-        "--seed",
-        str(args.seed),
-        "--deadline",
-        str(args.deadline),
-        "--quiet",
-    ]
-    for o in options:
-        argv += ["-o", o]
-    argv += extra
-    done = _completed(folder, argv, args.rounds, args.seed)
+    spec = TestbedSpec(
+        topology=topology,
+        out=folder,
+        workload="edu",
+        rounds=args.rounds,
+        seed=args.seed,
+        deadline=args.deadline,
+        quiet=True,
+        options=options,
+        **changes,
+    )
+    argv = spec.argv()
+    done = _completed(folder, spec)
     if done is not None:
         print(f"[{name}] reusing the completed run in {folder}", flush=True)
         return {
@@ -197,28 +191,34 @@ def run_testbed(
             "folder": str(folder),
             "argv": argv,
             "exit": 0,
-            "wall_s": done.get("wall_seconds"),
+            "wall_s": done.wall_seconds,
             "load_before": None,
             "load_after": None,
             "reused": True,
             "summary": done,
         }
     attempts = []
+    summary: Summary | None = None
     for attempt in range(max(0, args.retries) + 1):
         if folder.exists() and any(folder.iterdir()):
             k = 1
             while folder.with_name(f"{name}.failed-{k}").exists():
                 k += 1
             folder.rename(folder.with_name(f"{name}.failed-{k}"))
-        before = load()
+        before = loadavg()
         t0 = time.monotonic()
         print(f"[{name}] testbed {' '.join(argv)}", flush=True)
-        code = testbed.main(argv)
+        try:
+            summary = Testbed(spec).run()
+            code = summary.exit_code
+        except (RuntimeError, TimeoutError) as exc:
+            print(f"testbed: error: {exc}", file=sys.stderr, flush=True)
+            summary, code = None, 1
         wall = time.monotonic() - t0
-        print(f"[{name}] exit {code}, {wall:.0f} s, load {before} -> {load()}", flush=True)
-        attempts.append({"exit": code, "wall_s": wall, "load_before": before, "load_after": load()})
-        summary_path = folder / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+        print(f"[{name}] exit {code}, {wall:.0f} s, load {before} -> {loadavg()}", flush=True)
+        attempts.append(
+            {"exit": code, "wall_s": wall, "load_before": before, "load_after": loadavg()}
+        )
         if code == 0 and summary is not None:
             (folder / "bench-run.json").write_text(json.dumps({"argv": argv}))
             break
@@ -240,14 +240,14 @@ def run_testbed(
 def node_results(run: dict[str, Any], profiles: dict[str, str], rounds: int) -> dict[str, Any]:
     """Per node: profile, epsilons, final per-task metrics, final and late mean accuracy."""
     out: dict[str, Any] = {}
-    summary = run["summary"] or {}
-    per_node = summary.get("per_node", {})
+    summary: Summary | None = run["summary"]
+    per_node = (summary.per_node if summary else None) or {}
     for nid, profile in profiles.items():
         recs = read_metrics(Path(run["folder"]) / "nodes" / nid / "metrics.jsonl")
         priv = next((r["privacy"] for r in reversed(recs) if "privacy" in r), None)
         v = per_node.get(nid, {})
         accs = v.get("mean_acc", [])
-        late = [a for r, a in zip(v.get("rounds", []), accs) if r >= rounds // 2]
+        late = [a for r, a in zip(v.get("rounds", []), accs, strict=True) if r >= rounds // 2]
         out[nid] = {
             "profile": profile,
             "node_epsilon": priv["node_epsilon"] if priv else math.inf,
@@ -308,7 +308,7 @@ def mia(
 # ----------------------------------------------------------------------------- plot
 
 
-def plot(path: Path, report: dict[str, Any]) -> None:
+def plot(out: Path, report: dict[str, Any]) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -390,19 +390,14 @@ def plot(path: Path, report: dict[str, Any]) -> None:
     ax.set_title(f"loss-threshold MIA on {report['mia_node']}")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return save_png(fig, out, "privacy", dpi=110)
 
 
 # ----------------------------------------------------------------------------- main
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--out", required=True, help="output folder (created; completed runs in it are reused)"
-    )
+    p = parser(__doc__, None)
     p.add_argument("--topology", default=str(ROOT / "topology" / "campus.toml"))
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
@@ -448,8 +443,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
     base = load_topology(args.topology)
     profiles = {n.id: n.privacy for n in base.nodes}
@@ -457,32 +450,31 @@ def main(argv: list[str] | None = None) -> int:
     strictest = present[0] if present else "gdpr"
     strict_nodes = [nid for nid, p in profiles.items() if p == strictest]
     groups = {p: [nid for nid, q in profiles.items() if q == p] for p in present}
-    options = {k: v for k, v in (_option(o) for o in args.option)}
-    print(
-        f"privacy benchmark: topology {base.name} ({len(base.nodes)} nodes, {len(base.edges)} edges), "
-        f"workload edu, rounds {args.rounds}, seed {args.seed}, options {options or 'defaults'}"
+    options = dict(parse_assignment(o) for o in args.option)
+    out = setup(
+        args.out,
+        f"privacy benchmark on {platform.node()}: topology {base.name} ({len(base.nodes)} "
+        f"nodes, {len(base.edges)} edges), workload edu, rounds {args.rounds}, seed "
+        f"{args.seed}, options {options or 'defaults'}",
     )
     print("  profiles: " + ", ".join(f"{p}: {' '.join(ids)}" for p, ids in groups.items()))
-    print(f"  machine: {platform.node()}, {os.cpu_count()} cores, load average {load()}")
     for name in present:
         prof = PROFILES[name]
         print(
-            f"  {name}: component budget epsilon {prof.epsilon} at delta {prof.delta:g}, clip {prof.clip}, "
-            f"modality factors {prof.modality_factor}"
+            f"  {name}: component budget epsilon {prof.epsilon} at delta {prof.delta:g}, "
+            f"clip {prof.clip}, modality factors {prof.modality_factor}"
         )
 
     if args.strength is None:
         ns = noise_strength(base, args.rounds, args.ref_component)
         strength = ns["strength"]
+        gdpr = ns["gdpr_reference"]
         print(
             f"  noise strength S = 1 / ferpa per-element noise variance of {ns['component']} at "
-            f"{ns['node']} over {args.rounds} planned rounds = 1 / {ns['ferpa_variance']:.2f} = {strength:.5f}"
-            f"  (median over its components {ns['ferpa_variance_median_over_components']:.2f}"
-            + (
-                f"; gdpr {ns['gdpr_reference']['node']} {ns['component']}: {ns['gdpr_reference']['variance']:.1f}"
-                if ns["gdpr_reference"]
-                else ""
-            )
+            f"{ns['node']} over {args.rounds} planned rounds = 1 / {ns['ferpa_variance']:.2f} "
+            f"= {strength:.5f}  (median over its components "
+            f"{ns['ferpa_variance_median_over_components']:.2f}"
+            + (f"; gdpr {gdpr['node']} {ns['component']}: {gdpr['variance']:.1f}" if gdpr else "")
             + ")"
         )
     else:
@@ -499,19 +491,18 @@ def main(argv: list[str] | None = None) -> int:
     all_open = {nid: "open" for nid in profiles}
     open_path = write_topology(with_profiles(base, all_open), topo_dir / "open.toml", all_open)
 
-    plan: list[tuple[str, Path, list[str], list[str]]] = [
-        ("naive", written, [], args.option),
-        ("aware", written, ["--set", f"gossip.noise_strength={strength!r}"], args.option),
-        ("strictest", strict_path, [], args.option),
-        ("open", open_path, [], args.option),
+    # (name, topology, changes to the testbed spec, workload options)
+    aware = {"settings": {"gossip.noise_strength": strength}}
+    plan: list[tuple[str, Path, dict[str, Any], dict[str, Any]]] = [
+        ("naive", written, {}, options),
+        ("aware", written, aware, options),
+        ("strictest", strict_path, {}, options),
+        ("open", open_path, {}, options),
     ]
-    overfit_opts = [o for o in args.overfit.split(",") if o]
-    if overfit_opts:
-        merged = [
-            o for o in args.option if o.split("=")[0] not in {x.split("=")[0] for x in overfit_opts}
-        ]
-        merged += overfit_opts
-        plan += [("overfit-naive", written, [], merged), ("overfit-open", open_path, [], merged)]
+    overfit = dict(parse_assignment(o) for o in args.overfit.split(",") if o)
+    if overfit:
+        merged = {**options, **overfit}
+        plan += [("overfit-naive", written, {}, merged), ("overfit-open", open_path, {}, merged)]
     sweep_eps = [float(e) for e in args.sweep.split(",") if e]
     if sweep_eps:
         custom = {nid: ("custom" if nid in strict_nodes else p) for nid, p in profiles.items()}
@@ -519,19 +510,14 @@ def main(argv: list[str] | None = None) -> int:
             with_profiles(base, custom), topo_dir / "custom-strict.toml", custom
         )
         for e in sweep_eps:
-            extra = []
-            for nid in strict_nodes:
-                extra += [
-                    "--node-set",
-                    f"{nid}:privacy.base={strictest}",
-                    "--node-set",
-                    f"{nid}:privacy.epsilon={e!r}",
-                ]
-            plan.append((f"sweep-{e:g}", custom_path, extra, args.option))
+            custom_nodes = {
+                nid: {"privacy.base": strictest, "privacy.epsilon": e} for nid in strict_nodes
+            }
+            plan.append((f"sweep-{e:g}", custom_path, {"node_settings": custom_nodes}, options))
 
     runs: dict[str, dict[str, Any]] = {}
-    for name, topo, extra, opts in plan:
-        runs[name] = run_testbed(name, out, topo, args, extra, opts)
+    for name, topo, changes, opts in plan:
+        runs[name] = run_testbed(name, out, topo, args, changes, opts)
     failed = [n for n, r in runs.items() if r["exit"] != 0 or r["summary"] is None]
 
     settings: dict[str, Any] = {}
@@ -566,22 +552,16 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- membership inference
     print(
-        f"\nmembership inference (loss threshold) on the strict nodes {', '.join(strict_nodes)}; load {load()}",
+        f"\nmembership inference (loss threshold) on the strict nodes {', '.join(strict_nodes)}; "
+        f"load {loadavg()}",
         flush=True,
     )
     mia_node = args.mia_node or strict_nodes[0]
     cache: dict[tuple[str, str], EduWorkload] = {}
     mia_report: dict[str, Any] = {}
     pairs = [("default", "open", "naive", dict(options))]
-    if overfit_opts:
-        pairs.append(
-            (
-                "overfit",
-                "overfit-open",
-                "overfit-naive",
-                {**options, **dict(_option(o) for o in overfit_opts)},
-            )
-        )
+    if overfit:
+        pairs.append(("overfit", "overfit-open", "overfit-naive", {**options, **overfit}))
     for label, no_dp, dp, opts in pairs:
         if runs[no_dp]["summary"] is None or runs[dp]["summary"] is None:
             continue
@@ -613,8 +593,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- tables
     print(
-        "\nutility: final held-out accuracy (mean over a node's tasks), per node; epsilon = node epsilon "
-        "(all components composed) / largest component epsilon"
+        "\nutility: final held-out accuracy (mean over a node's tasks), per node; epsilon = node "
+        "epsilon (all components composed) / largest component epsilon"
     )
     head = f"{'node':<11}{'profile':<8}" + "".join(f"{s:>22}" for s in settings)
     print(head)
@@ -626,7 +606,8 @@ def main(argv: list[str] | None = None) -> int:
             cells += f"{fmt(n['final_acc']):>11} e{eps:>10}"
         print(f"{nid:<11}{prof:<8}{cells}")
     print(
-        "\nutility per group (profile as written): final accuracy / late mean (evaluations in the 2nd half)"
+        "\nutility per group (profile as written): final accuracy / late mean (evaluations in "
+        "the 2nd half)"
     )
     print(f"{'group':<10}" + "".join(f"{s:>18}" for s in settings))
     for g in [*groups, "all"]:
@@ -657,16 +638,19 @@ def main(argv: list[str] | None = None) -> int:
     if sweep:
         print(f"\nsweep: strict nodes on a custom profile (base {strictest}), naive mixing")
         print(
-            f"{'budget':>8}{'node eps':>10}{'max comp eps':>14}{'strict acc':>12}{'late':>8}{'all acc':>9}"
+            f"{'budget':>8}{'node eps':>10}{'max comp eps':>14}{'strict acc':>12}{'late':>8}"
+            f"{'all acc':>9}"
         )
         for p in sweep:
             print(
                 f"{p['epsilon']:>8g}{fmt(p['strict_node_epsilon'], '.2f'):>10}"
-                f"{fmt(p['strict_max_component_epsilon'], '.2f'):>14}{fmt(p['strict_final_acc']):>12}"
+                f"{fmt(p['strict_max_component_epsilon'], '.2f'):>14}"
+                f"{fmt(p['strict_final_acc']):>12}"
                 f"{fmt(p['strict_late_acc']):>8}{fmt(p['all_final_acc']):>9}"
             )
     print(
-        "\nmembership inference AUC (members: train records, non-members: held-out records; +- 1 s.e.)"
+        "\nmembership inference AUC (members: train records, non-members: held-out records; "
+        "+- 1 s.e.)"
     )
     print(
         f"{'setting':<9}{'node':<9}{'no DP AUC':>16}{'adv':>7}{'DP AUC':>16}{'adv':>7}"
@@ -730,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
             if x not in ("note", "all_strict_nodes")
         }
         print(f"  {k}: {'MET' if v['met'] else 'MISSED'}  {shown}")
-    print(f"\nwall {wall:.0f} s; load average at the end {load()}")
+    print(f"\nwall {wall:.0f} s; load average at the end {loadavg()}")
     if failed:
         print(f"FAILED runs: {', '.join(failed)}")
 
@@ -744,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
         "groups": groups,
         "strictest": strictest,
         "noise_strength": ns,
-        "machine": {"host": platform.node(), "cores": os.cpu_count(), "load_end": load()},
+        "machine": {"host": platform.node(), "cores": os.cpu_count(), "load_end": loadavg()},
         "wall_s": wall,
         "runs": {n: {k: v for k, v in r.items() if k != "summary"} for n, r in runs.items()},
         "settings": settings,
@@ -764,12 +748,14 @@ def main(argv: list[str] | None = None) -> int:
             return [clean(v) for v in x]
         return x
 
-    (out / "privacy.json").write_text(json.dumps(clean(report), indent=2))
+    path = write_json(out, "privacy", clean(report))
     try:
-        plot(out / "privacy.png", report)
+        png = plot(out, report)
     except Exception as exc:  # a missing plotting library must not lose the JSON
         print(f"plot failed: {exc}", file=sys.stderr)
-    print(f"wrote {out / 'privacy.json'} and {out / 'privacy.png'}")
+        print(f"wrote {path}")
+    else:
+        print(f"wrote {path} and {png}")
     return 1 if failed else 0
 
 

@@ -36,15 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import ROOT, machine, parser, pyplot, save_png, setup, write_json
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from m3tgossip.daemon.metrics import read_metrics  # noqa: E402
-from m3tgossip.harness import testbed  # noqa: E402
-from m3tgossip.harness.chaos import digest_spread  # noqa: E402
-from m3tgossip.topology import load_topology  # noqa: E402
-from m3tgossip.workloads.consensus import ConsensusWorkload, initial_vector  # noqa: E402
+from m3tgossip.daemon.metrics import read_metrics
+from m3tgossip.harness import Summary, Testbed, TestbedSpec, digest_spread
+from m3tgossip.topology import load_topology
+from m3tgossip.workloads.consensus import ConsensusWorkload, initial_vector
 
 TORUS = ROOT / "topology" / "torus-16.toml"
 RING8 = ROOT / "topology" / "ring-8.toml"
@@ -95,63 +92,63 @@ def honest_error(
     }
 
 
-def run(out: Path, name: str, args: list[str]) -> tuple[dict[str, Any], Path, float]:
+#: one scenario: name, aggregator, Byzantine nodes, and its changes to the base spec's fields
+#: (`settings` are added to the base's)
+Scenario = tuple[str, str, list[str], dict[str, Any]]
+
+
+def run(
+    out: Path, name: str, base: dict[str, Any], aggregator: str, changes: dict[str, Any]
+) -> tuple[Summary | None, int, Path, float]:
+    """One scenario in OUT/runs/NAME: its summary (None if the daemons did not come up), the
+    testbed's exit code, the folder and the wall seconds."""
     run_dir = out / "runs" / name
     if run_dir.exists():
         shutil.rmtree(run_dir)
+    changes = dict(changes)
+    settings = {**base["settings"], "gossip.aggregator": aggregator, **changes.pop("settings", {})}
+    spec = TestbedSpec(**{**base, **changes, "out": run_dir, "settings": settings, "quiet": True})
     t = time.monotonic()
-    code = testbed.main([*args, "--out", str(run_dir), "--quiet"])
+    try:
+        summary: Summary | None = Testbed(spec).run()
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"testbed: error: {exc}", file=sys.stderr, flush=True)
+        summary = None
     wall = time.monotonic() - t
-    summary = (
-        json.loads((run_dir / "summary.json").read_text())
-        if (run_dir / "summary.json").exists()
-        else {}
-    )
-    summary["exit_code"] = code
-    return summary, run_dir, wall
+    return summary, 1 if summary is None else summary.exit_code, run_dir, wall
+
+
+def attackers(byzantine: list[str], attack: str) -> dict[str, Any]:
+    """The spec changes that make `byzantine` attack with `attack`."""
+    return {"node_settings": {b: {"faults.attack": attack} for b in byzantine}}
 
 
 def consensus_part(a: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     rows = []
     nodes = load_topology(TORUS).ids()
-    base = [
-        "--topology",
-        str(TORUS),
-        "--workload",
-        "consensus",
-        "--rounds",
-        str(a.rounds),
-        "--seed",
-        str(a.seed),
-        "-o",
-        f"size={a.size}",
-        "--deadline",
-        "2",
-        "--timeout",
-        "600",
-        "--set",
-        f"faults.seed={a.seed}",
-    ]
-    scenarios: list[tuple[str, str, list[str], list[str]]] = []
+    base = {
+        "topology": TORUS,
+        "workload": "consensus",
+        "rounds": a.rounds,
+        "seed": a.seed,
+        "options": {"size": a.size},
+        "deadline": 2,
+        "timeout": 600,
+        "settings": {"faults.seed": a.seed},
+    }
+    scenarios: list[Scenario] = []
     for p in (0.0, 0.1, 0.3):
-        scenarios.append((f"loss-{int(p * 100)}", "mean", [], ["--set", f"faults.drop={p}"]))
-    churn = []
-    for i, nid in enumerate(("n1", "n6", "n11", "n12")):
-        churn += ["--kill", f"{nid}@{8 + 4 * i}"]
-    scenarios.append(("churn-4of16", "mean", [], churn + ["--restart-after", "2"]))
+        scenarios.append((f"loss-{int(p * 100)}", "mean", [], {"settings": {"faults.drop": p}}))
+    churn = {nid: 8 + 4 * i for i, nid in enumerate(("n1", "n6", "n11", "n12"))}
+    scenarios.append(("churn-4of16", "mean", [], {"kills": churn, "restart_after": 2}))
     for agg in AGGREGATORS:
-        scenarios.append((f"clean-{agg}", agg, [], []))
+        scenarios.append((f"clean-{agg}", agg, [], {}))
         for attack in a.attacks:
             for k in (1, 2):
                 byz = list(BYZANTINE[:k])
-                sets = []
-                for b in byz:
-                    sets += ["--node-set", f"{b}:faults.attack={attack}"]
-                scenarios.append((f"{attack}-{k}of16-{agg}", agg, byz, sets))
-    for name, agg, byz, extra in scenarios:
-        summary, run_dir, wall = run(
-            out / "consensus", name, base + ["--set", f"gossip.aggregator={agg}"] + extra
-        )
+                scenarios.append((f"{attack}-{k}of16-{agg}", agg, byz, attackers(byz, attack)))
+    for name, agg, byz, changes in scenarios:
+        summary, code, run_dir, wall = run(out / "consensus", name, base, agg, changes)
         honest = [n for n in nodes if n not in byz]
         m = honest_error(run_dir, TORUS, a.seed, a.size, honest)
         row = {
@@ -160,9 +157,9 @@ def consensus_part(a: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
             "aggregator": agg,
             "byzantine": byz,
             "wall_s": round(wall, 1),
-            "exit_code": summary.get("exit_code"),
-            "crashed": summary.get("crashed"),
-            "hung": summary.get("hung"),
+            "exit_code": code,
+            "crashed": summary.crashed if summary else None,
+            "hung": summary.hung if summary else None,
             **m,
         }
         rows.append(row)
@@ -176,71 +173,35 @@ def consensus_part(a: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
 
 def edu_part(a: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     rows = []
-    opts = ["-o", f"eval_every={a.edu_eval_every}"]
-    small = [
-        "--topology",
-        str(RING8),
-        "--workload",
-        "edu",
-        "--rounds",
-        str(a.edu_rounds),
-        "--seed",
-        str(a.seed),
-        "--deadline",
-        "8",
-        "--timeout",
-        "1500",
-        "--set",
-        f"faults.seed={a.seed}",
-        *opts,
-    ]
-    big = [
-        "--topology",
-        str(TORUS),
-        "--workload",
-        "edu",
-        "--rounds",
-        str(a.edu_rounds),
-        "--seed",
-        str(a.seed),
-        "--deadline",
-        "8",
-        "--timeout",
-        "1500",
-        "--set",
-        f"faults.seed={a.seed}",
-        *opts,
-    ]
-    scenarios: list[tuple[str, str, list[str], list[str], list[str]]] = []
+    small = {
+        "topology": RING8,
+        "workload": "edu",
+        "rounds": a.edu_rounds,
+        "seed": a.seed,
+        "deadline": 8,
+        "timeout": 1500,
+        "settings": {"faults.seed": a.seed},
+        "options": {"eval_every": a.edu_eval_every},
+    }
+    big = {**small, "topology": TORUS}
+    scenarios: list[tuple[str, str, list[str], dict[str, Any], dict[str, Any]]] = []
     if "edu-loss" in a.parts:
         for p in (0.0, 0.1, 0.3):
-            scenarios.append(
-                (f"ring8-loss-{int(p * 100)}", "mean", [], small, ["--set", f"faults.drop={p}"])
-            )
+            changes = {"settings": {"faults.drop": p}}
+            scenarios.append((f"ring8-loss-{int(p * 100)}", "mean", [], small, changes))
         k = max(2, a.edu_rounds // 3)
-        scenarios.append(
-            (
-                "ring8-churn-2of8",
-                "mean",
-                [],
-                small,
-                ["--kill", f"n2@{k}", "--kill", f"n5@{k + 2}", "--restart-after", "2"],
-            )
-        )
+        churn = {"kills": {"n2": k, "n5": k + 2}, "restart_after": 2}
+        scenarios.append(("ring8-churn-2of8", "mean", [], small, churn))
     if "edu-byz" in a.parts:
         for agg in a.edu_clean:
-            scenarios.append((f"torus16-clean-{agg}", agg, [], big, []))
+            scenarios.append((f"torus16-clean-{agg}", agg, [], big, {}))
         for agg in AGGREGATORS:
             byz = list(BYZANTINE)
-            sets = []
-            for b in byz:
-                sets += ["--node-set", f"{b}:faults.attack={a.edu_attack}"]
-            scenarios.append((f"torus16-{a.edu_attack}-2of16-{agg}", agg, byz, big, sets))
-    for name, agg, byz, base, extra in scenarios:
-        summary, run_dir, wall = run(
-            out / "edu", name, base + ["--set", f"gossip.aggregator={agg}"] + extra
-        )
-        per_node = summary.get("per_node", {})
+            name = f"torus16-{a.edu_attack}-2of16-{agg}"
+            scenarios.append((name, agg, byz, big, attackers(byz, a.edu_attack)))
+    for name, agg, byz, base, changes in scenarios:
+        summary, code, _, wall = run(out / "edu", name, base, agg, changes)
+        per_node = (summary.per_node if summary else None) or {}
         honest_final = {
             n: v["mean_acc"][-1]
             for n, v in per_node.items()
@@ -256,19 +217,17 @@ def edu_part(a: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
             "aggregator": agg,
             "byzantine": byz,
             "wall_s": round(wall, 1),
-            "exit_code": summary.get("exit_code"),
-            "crashed": summary.get("crashed"),
-            "hung": summary.get("hung"),
+            "exit_code": code,
+            "crashed": summary.crashed if summary else None,
+            "hung": summary.hung if summary else None,
             "honest_mean_acc": acc,
             "honest_nodes_evaluated": len(honest_final),
             "mean_acc_without_n0_n10": acc_same,
-            "rounds_done": summary.get("rounds_done"),
+            "rounds_done": summary.rounds_done if summary else None,
         }
         rows.append(row)
-        print(
-            f"  edu {name:<30} honest mean accuracy {acc if acc is None else round(acc, 4)}  ({wall:.0f} s)",
-            flush=True,
-        )
+        shown = acc if acc is None else round(acc, 4)
+        print(f"  edu {name:<30} honest mean accuracy {shown}  ({wall:.0f} s)", flush=True)
     return rows
 
 
@@ -278,7 +237,8 @@ def tables(rows: list[dict[str, Any]], attacks: list[str]) -> list[str]:
     if cons:
         lines += [
             "",
-            "consensus (torus-16): spread among honest nodes / error of their mean to the honest initial mean",
+            "consensus (torus-16): spread among honest nodes / error of their mean to the honest "
+            "initial mean",
         ]
         lines.append(f"{'scenario':<24}{'spread':>12}{'err->mean':>12}")
         for n in ("loss-0", "loss-10", "loss-30", "churn-4of16"):
@@ -311,17 +271,15 @@ def tables(rows: list[dict[str, Any]], attacks: list[str]) -> list[str]:
                     and acc is not None
                     and clean.get("mean_acc_without_n0_n10") is not None
                 ):
-                    notes.append(
-                        f"vs attack-free same aggregator {100 * (acc - clean['mean_acc_without_n0_n10']):+.1f} points"
-                    )
+                    delta = 100 * (acc - clean["mean_acc_without_n0_n10"])
+                    notes.append(f"vs attack-free same aggregator {delta:+.1f} points")
                 if (
                     clean_mean
                     and acc is not None
                     and clean_mean.get("mean_acc_without_n0_n10") is not None
                 ):
-                    notes.append(
-                        f"vs attack-free mean {100 * (acc - clean_mean['mean_acc_without_n0_n10']):+.1f} points"
-                    )
+                    delta = 100 * (acc - clean_mean["mean_acc_without_n0_n10"])
+                    notes.append(f"vs attack-free mean {delta:+.1f} points")
             note = ("  " + ", ".join(notes)) if notes else ""
             same = r.get("mean_acc_without_n0_n10")
             if not r["byzantine"] and same is not None and "torus16" in r["scenario"]:
@@ -330,14 +288,11 @@ def tables(rows: list[dict[str, Any]], attacks: list[str]) -> list[str]:
     return lines
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+def plot(rows: list[dict[str, Any]], out: Path) -> Path | None:
+    """OUT/robustness.png (None if matplotlib is not installed)."""
+    plt = pyplot()
+    if plt is None:
+        return None
     cons = [r for r in rows if r["workload"] == "consensus"]
     edu = [r for r in rows if r["workload"] == "edu"]
     panels = [p for p in (cons, edu) if p]
@@ -375,15 +330,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
         ax.set_xticks(x, [r["scenario"] for r in edu], rotation=40, ha="right", fontsize=8)
         ax.set_ylabel("honest mean accuracy")
         ax.set_title("edu: honest nodes' mean held-out accuracy (red: with Byzantine nodes)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_png(fig, out, "robustness", dpi=110)
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/bench-robustness")
+    p = parser(__doc__, "runs/bench-robustness")
     p.add_argument(
         "--parts",
         nargs="*",
@@ -405,10 +356,8 @@ def main() -> int:
         help="aggregators of the attack-free edu runs on torus-16 (each is one 16-daemon run)",
     )
     a = p.parse_args()
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    setup = {
-        "python": platform.python_version(),
+    info = {
+        "python": machine()["python"],
         "machine": platform.machine(),
         "seed": a.seed,
         "consensus": {
@@ -429,29 +378,24 @@ def main() -> int:
         "byzantine_nodes": list(BYZANTINE),
         "parts": a.parts,
     }
-    print("setup: " + json.dumps(setup), flush=True)
+    out = setup(a.out, json.dumps(info))
     t = time.monotonic()
     rows: list[dict[str, Any]] = []
+
+    def save() -> Path:
+        wall = round(time.monotonic() - t, 1)
+        return write_json(out, "robustness", {"setup": info, "rows": rows, "wall_s": wall})
+
     path = out / "robustness.json"
-
-    def save() -> None:
-        path.write_text(
-            json.dumps(
-                {"setup": setup, "rows": rows, "wall_s": round(time.monotonic() - t, 1)}, indent=2
-            )
-        )
-
     if "consensus" in a.parts:
         rows += consensus_part(a, out)
-        save()
+        path = save()
     if "edu-loss" in a.parts or "edu-byz" in a.parts:
         rows += edu_part(a, out)
-        save()
+        path = save()
     print("\n".join(tables(rows, a.attacks)))
-    if plot(rows, out / "robustness.png"):
-        print(f"wrote {path} and {out / 'robustness.png'}")
-    else:
-        print(f"wrote {path} (matplotlib not installed: no PNG)")
+    png = plot(rows, out)
+    print(f"wrote {path} and {png}" if png else f"wrote {path} (no PNG)")
     print(f"total wall time {time.monotonic() - t:.0f} s")
     return 0
 

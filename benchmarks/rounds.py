@@ -16,24 +16,17 @@ Prints the setup and a table, writes rounds.json.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from _common import ROOT, loadavg, machine, parser, run_testbed, setup, wait_for_load, write_json
 
-from m3tgossip.harness import testbed  # noqa: E402
+from m3tgossip.harness import TestbedSpec
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import loadavg, wait_for_load  # noqa: E402
-
-MODES = (("lockstep", "false"), ("overlap", "true"))
+#: (label, gossip.overlap)
+MODES = (("lockstep", False), ("overlap", True))
 
 
 def outside(breakdown: dict[str, float] | None) -> float | None:
@@ -44,8 +37,7 @@ def outside(breakdown: dict[str, float] | None) -> float | None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/bench-rounds")
+    p = parser(__doc__, "runs/bench-rounds", load=True)
     p.add_argument("--topology", default=str(ROOT / "topology" / "ring-8.toml"))
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument(
@@ -54,77 +46,60 @@ def main() -> int:
         default=0.10,
         help="largest share of the round outside local training",
     )
-    p.add_argument("--load-threshold", type=float, default=4.0)
-    p.add_argument(
-        "--max-wait", type=float, default=600.0, help="longest wait for the load to drop (s)"
-    )
     args = p.parse_args()
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    setup = {
+    out = setup(
+        Path(args.out).resolve(),
+        f"{Path(args.topology).name}, education workload (default options), "
+        f"{args.rounds} rounds, one daemon per node on {os.cpu_count()} CPUs",
+    )
+    info = {
         "topology": args.topology,
         "workload": "edu",
         "rounds": args.rounds,
         "target": args.target,
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
+        **machine(),
     }
-    print(
-        f"setup: {Path(args.topology).name}, education workload (default options), {args.rounds} rounds, "
-        f"one daemon per node on {os.cpu_count()} CPUs, python {platform.python_version()}",
-        flush=True,
-    )
     load0 = wait_for_load(args.load_threshold, args.max_wait)
     print(f"load before: {load0}", flush=True)
     rows: list[dict[str, Any]] = []
     for label, overlap in MODES:
-        run_dir = out / label
         load = loadavg()
-        t0 = time.monotonic()
-        code = testbed.main(
-            [
-                "--topology",
-                args.topology,
-                "--workload",
-                "edu",
-                "--rounds",
-                str(args.rounds),
-                "--set",
-                f"gossip.overlap={overlap}",
-                "--out",
-                str(run_dir),
-                "--quiet",
-            ]
+        s, wall = run_testbed(
+            TestbedSpec(
+                topology=args.topology,
+                out=out / label,
+                workload="edu",
+                rounds=args.rounds,
+                settings={"gossip.overlap": overlap},
+                quiet=True,
+            )
         )
-        wall = time.monotonic() - t0
-        s = json.loads((run_dir / "summary.json").read_text())
         row = {
             "mode": label,
-            "overlap": overlap == "true",
-            "exit": code,
+            "overlap": overlap,
+            "exit": s.exit_code,
             "wall_seconds": wall,
-            "final_mean_acc": s.get("final_mean_acc"),
-            "round_breakdown_s": s.get("round_breakdown_s"),
-            "round_breakdown_after_start_s": s.get("round_breakdown_after_start_s"),
-            "outside_local_fraction": outside(s.get("round_breakdown_s")),
-            "outside_local_fraction_after_start": outside(s.get("round_breakdown_after_start_s")),
+            "final_mean_acc": s.final_mean_acc,
+            "round_breakdown_s": s.round_breakdown_s,
+            "round_breakdown_after_start_s": s.round_breakdown_after_start_s,
+            "outside_local_fraction": outside(s.round_breakdown_s),
+            "outside_local_fraction_after_start": outside(s.round_breakdown_after_start_s),
             "load_before": load,
             "load_after": loadavg(),
         }
         rows.append(row)
         print(
-            f"{label:<9} exit {code}  acc {row['final_mean_acc']:.4f}  outside local training "
-            f"{row['outside_local_fraction']:.3f} (after start {row['outside_local_fraction_after_start']:.3f})  "
-            f"wall {wall:.1f} s  load {row['load_after']}",
+            f"{label:<9} exit {s.exit_code}  acc {row['final_mean_acc']:.4f}  outside local "
+            f"training {row['outside_local_fraction']:.3f} (after start "
+            f"{row['outside_local_fraction_after_start']:.3f})  wall {wall:.1f} s  "
+            f"load {row['load_after']}",
             flush=True,
         )
-    (out / "rounds.json").write_text(
-        json.dumps({"setup": setup, "load_before": load0, "rows": rows}, indent=2)
-    )
+    path = write_json(out, "rounds", {"setup": info, "load_before": load0, "rows": rows})
     keys = ("local", "send", "wait", "mix", "eval_checkpoint", "total")
     print(
-        f"\n{Path(args.topology).stem}, education workload, {args.rounds} rounds: mean seconds per round"
+        f"\n{Path(args.topology).stem}, education workload, {args.rounds} rounds: "
+        "mean seconds per round"
     )
     print(
         f"{'mode':<10}"
@@ -140,7 +115,7 @@ def main() -> int:
             + f"{r['final_mean_acc']:>8.4f}"
         )
     print(f"target: at most {args.target:.0%} of the round outside local training")
-    print(f"wrote {out / 'rounds.json'}")
+    print(f"wrote {path}")
     return 0 if all(r["exit"] == 0 for r in rows) else 1
 
 

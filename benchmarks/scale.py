@@ -18,35 +18,40 @@ Prints the setup and a table, writes scale.json and, when matplotlib is installe
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
-import platform
 import statistics
 import sys
 import threading
 import time
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import (
+    ROOT,
+    loadavg,
+    machine,
+    parser,
+    pyplot,
+    save_png,
+    setup,
+    wait_for_load,
+    write_json,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from m3tgossip.harness import testbed  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import loadavg, pyplot, wait_for_load  # noqa: E402
-
-from m3tgossip.consensus import metropolis_hastings, predicted_rounds, slem  # noqa: E402
-from m3tgossip.daemon.metrics import read_metrics  # noqa: E402
-from m3tgossip.topology import load_topology  # noqa: E402
-from m3tgossip.workloads.consensus import initial_vector  # noqa: E402
+from m3tgossip.consensus import metropolis_hastings, predicted_rounds, slem
+from m3tgossip.daemon.metrics import read_metrics
+from m3tgossip.harness import Summary, Testbed, TestbedSpec
+from m3tgossip.harness.testbed_spec import parse_assignment
+from m3tgossip.topology import load_topology
+from m3tgossip.workloads.consensus import initial_vector
 
 #: seconds between memory samples while daemons run
 SAMPLE_EVERY_S = 1.0
+#: seconds the daemons have to come up: 128 daemons importing numpy, pyzmq and networkx on
+#: 2 cores can take longer than the testbed's default
+READY_TIMEOUT_S = 900.0
 
 
 def read_status(pid: int) -> dict[str, int] | None:
@@ -72,19 +77,18 @@ def maps_torch(pid: int) -> bool | None:
     return "libtorch" in text
 
 
-def run_sampled(argv: list[str]) -> tuple[int, dict[str, Any], dict[str, Any]]:
+def run_sampled(spec: TestbedSpec) -> tuple[int, Summary, dict[str, Any]]:
     """Run the testbed in a thread and sample the daemons' memory while their rounds run."""
-    args = testbed.parse_args(argv)
-    bed = testbed.Testbed(args)
-    result: dict[str, int] = {}
+    bed = Testbed(spec)
+    result: dict[str, Any] = {}
 
     def target() -> None:
         try:
-            result["code"] = bed.run()
+            result["summary"] = bed.run()
         except (RuntimeError, TimeoutError) as exc:
             print(f"  testbed error: {exc}", flush=True)
             bed.stop_all()
-            result["code"] = 1
+            result["error"] = exc
 
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
@@ -92,25 +96,25 @@ def run_sampled(argv: list[str]) -> tuple[int, dict[str, Any], dict[str, Any]]:
     torch_mapped: dict[str, bool] = {}
     while thread.is_alive():
         thread.join(SAMPLE_EVERY_S)
-        children = list(bed.children.values())
-        if not thread.is_alive() or not all(c.ready for c in children):
+        if not thread.is_alive() or not all(bed.child(n).ready for n in bed.nodes):
             continue
-        rounds = [bed.last_round(c) for c in children]
-        if max(rounds) >= args.rounds - 1:
+        rounds = [bed.last_round(n) for n in bed.nodes]
+        if max(rounds) >= spec.rounds - 1:
             continue  # some daemon may be finishing
         # mid-run: every daemon past its first round; before that the sample is kept apart
         phase = "mid-run" if min(rounds) >= 1 else "ready"
         rss, hwm = {}, {}
-        for c in children:
-            if c.proc is None or c.proc.poll() is not None:
+        for n in bed.nodes:
+            pid = bed.pid(n)
+            if pid is None or not bed.alive(n):
                 continue
-            st = read_status(c.proc.pid)
+            st = read_status(pid)
             if st:
-                rss[c.node], hwm[c.node] = st.get("VmRSS"), st.get("VmHWM")
-            if c.node not in torch_mapped:
-                mapped = maps_torch(c.proc.pid)
+                rss[n], hwm[n] = st.get("VmRSS"), st.get("VmHWM")
+            if n not in torch_mapped:
+                mapped = maps_torch(pid)
                 if mapped is not None:
-                    torch_mapped[c.node] = mapped
+                    torch_mapped[n] = mapped
         if rss:
             samples.append(
                 {
@@ -122,13 +126,15 @@ def run_sampled(argv: list[str]) -> tuple[int, dict[str, Any], dict[str, Any]]:
                     "hwm_kb": hwm,
                 }
             )
-    summary = json.loads((Path(args.out) / "summary.json").read_text())
+    if "summary" not in result:
+        raise RuntimeError(f"the testbed in {spec.out} did not finish: {result.get('error')}")
+    summary: Summary = result["summary"]
     memory = memory_stats(samples)
     memory["torch_mapped"] = {
         "checked": len(torch_mapped),
         "with_libtorch": sorted(n for n, m in torch_mapped.items() if m),
     }
-    return result.get("code", 1), summary, memory
+    return summary.exit_code, summary, memory
 
 
 def memory_stats(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -164,7 +170,7 @@ def round_times(run_dir: Path) -> dict[str, Any]:
     for path in sorted((run_dir / "nodes").glob("*/metrics.jsonl")):
         recs = {int(r["round"]): r for r in read_metrics(path)}
         rs = sorted(recs)
-        gaps += [recs[b]["time"] - recs[a]["time"] for a, b in zip(rs, rs[1:]) if b == a + 1]
+        gaps += [recs[b]["time"] - recs[a]["time"] for a, b in pairwise(rs) if b == a + 1]
         if len(rs) > 1:
             spans.append((recs[rs[-1]]["time"] - recs[rs[0]]["time"]) / (rs[-1] - rs[0]))
     if not gaps:
@@ -201,8 +207,7 @@ def write_spec(path: Path, name: str, description: str, generator: dict[str, Any
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/bench-scale")
+    p = parser(__doc__, "runs/bench-scale", load=True)
     p.add_argument("--consensus-nodes", type=int, nargs="*", default=[16, 32, 64, 128])
     p.add_argument("--edu-nodes", type=int, nargs="*", default=[4, 8, 16])
     p.add_argument("--size", type=int, default=256, help="floats per component (consensus)")
@@ -219,46 +224,44 @@ def main() -> int:
         default=[],
         dest="settings",
         metavar="TABLE.KEY=VALUE",
-        help="node config setting for every consensus daemon (repeatable), e.g. gossip.silence_s=30",
+        help="node config setting for every consensus daemon (repeatable), "
+        "e.g. gossip.silence_s=30",
     )
     p.add_argument(
         "--startup-grace",
         type=float,
         default=300.0,
-        help="gossip.startup_grace_s of the consensus daemons: the testbed starts them one after the other, "
-        "128 take over a minute to come up on 2 cores, and a node that starts its rounds before a "
-        "neighbour is up mixes without it, which moves the network mean for good in lockstep rounds",
+        help="gossip.startup_grace_s of the consensus daemons: the testbed starts them one "
+        "after the other, 128 take over a minute to come up on 2 cores, and a node that starts "
+        "its rounds before a neighbour is up mixes without it, which moves the network mean "
+        "for good in lockstep rounds",
     )
     p.add_argument(
         "--silence",
         type=float,
         default=30.0,
-        help="gossip.silence_s of the consensus daemons: 128 daemons put a load of ~150 on 2 cores, where a "
-        "live daemon can go unscheduled for more than the default 3 s and would be given up as silent",
+        help="gossip.silence_s of the consensus daemons: 128 daemons put a load of ~150 on 2 "
+        "cores, where a live daemon can go unscheduled for more than the default 3 s and "
+        "would be given up as silent",
     )
     p.add_argument(
         "--deadline-min",
         type=float,
         default=10.0,
-        help="gossip.deadline_min_s of the consensus daemons: the adaptive deadline learns ~1 s from quiet "
-        "rounds, and at a load of ~150 a live neighbour can lag by more than the 3 deadlines a node "
-        "waits for it; a round closed without it moves the network mean for good in lockstep rounds",
-    )
-    p.add_argument("--load-threshold", type=float, default=4.0)
-    p.add_argument(
-        "--max-wait", type=float, default=600.0, help="longest wait for the load to drop (s)"
+        help="gossip.deadline_min_s of the consensus daemons: the adaptive deadline learns "
+        "~1 s from quiet rounds, and at a load of ~150 a live neighbour can lag by more than "
+        "the 3 deadlines a node waits for it; a round closed without it moves the network "
+        "mean for good in lockstep rounds",
     )
     args = p.parse_args()
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    # 128 daemons importing numpy, pyzmq and networkx on 2 cores can take over the default
-    testbed.READY_TIMEOUT_S = 900.0
+    extra = dict(parse_assignment(kv) for kv in args.settings)
     mem_total = int(Path("/proc/meminfo").read_text().split()[1]) / 1024**2
-    setup = {
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
+    m = machine()
+    info = {
+        "platform": m["platform"],
+        "cpus": m["cpus"],
         "mem_gib": round(mem_total, 1),
-        "python": platform.python_version(),
+        "python": m["python"],
         "consensus": {
             "nodes": args.consensus_nodes,
             "size": args.size,
@@ -275,12 +278,15 @@ def main() -> int:
         "edu": {"nodes": args.edu_nodes, "rounds": args.edu_rounds, "graph": "cycle"},
         "sample_every_s": SAMPLE_EVERY_S,
     }
-    print(
-        f"setup: {setup['cpus']} CPUs, {setup['mem_gib']} GiB, python {setup['python']}; consensus on random "
-        f"{args.degree}-regular graphs of {args.consensus_nodes} nodes, {args.size} float64 per component, "
-        f"target {args.target:g}, rounds = prediction x {args.margin}, deadline {args.deadline:g} s, start-up grace {args.startup_grace:g} s, silence {args.silence:g} s, minimum deadline {args.deadline_min:g} s, settings {args.settings or 'default'}; "
-        f"edu on rings of {args.edu_nodes} nodes, {args.edu_rounds} rounds; RSS sampled every {SAMPLE_EVERY_S:g} s",
-        flush=True,
+    out = setup(
+        Path(args.out).resolve(),
+        f"{info['mem_gib']} GiB; consensus on random {args.degree}-regular graphs of "
+        f"{args.consensus_nodes} nodes, {args.size} float64 per component, target "
+        f"{args.target:g}, rounds = prediction x {args.margin}, deadline {args.deadline:g} s, "
+        f"start-up grace {args.startup_grace:g} s, silence {args.silence:g} s, minimum "
+        f"deadline {args.deadline_min:g} s, settings {args.settings or 'default'}; edu on "
+        f"rings of {args.edu_nodes} nodes, {args.edu_rounds} rounds; RSS sampled every "
+        f"{SAMPLE_EVERY_S:g} s",
     )
     rows: list[dict[str, Any]] = []
     for n in args.consensus_nodes:
@@ -297,41 +303,35 @@ def main() -> int:
         rounds = math.ceil(predicted * args.margin)
         load = wait_for_load(args.load_threshold, args.max_wait if n >= 64 else 0.0)
         print(
-            f"consensus {n:>4} nodes: SLEM {s:.4f}, initial error {e0:.2f}, predicted {predicted} rounds, running {rounds}; load {load['after']}",
+            f"consensus {n:>4} nodes: SLEM {s:.4f}, initial error {e0:.2f}, predicted "
+            f"{predicted} rounds, running {rounds}; load {load['after']}",
             flush=True,
         )
         run_dir = out / f"consensus-{n}"
         t0 = time.monotonic()
         code, summary, memory = run_sampled(
-            [
-                "--topology",
-                str(spec),
-                "--workload",
-                "consensus",
-                "--rounds",
-                str(rounds),
-                "--out",
-                str(run_dir),
-                "--target",
-                str(args.target),
-                "-o",
-                f"size={args.size}",
-                "--deadline",
-                str(args.deadline),
-                "--timeout",
-                str(600 + 20 * rounds),
-                "--quiet",
-                "--set",
-                f"gossip.startup_grace_s={args.startup_grace}",
-                "--set",
-                f"gossip.silence_s={args.silence}",
-                "--set",
-                f"gossip.deadline_min_s={args.deadline_min}",
-                *[a for kv in args.settings for a in ("--set", kv)],
-            ]
+            TestbedSpec(
+                topology=spec,
+                out=run_dir,
+                workload="consensus",
+                rounds=rounds,
+                target=args.target,
+                options={"size": args.size},
+                deadline=args.deadline,
+                timeout=600 + 20 * rounds,
+                quiet=True,
+                settings={
+                    "gossip.startup_grace_s": args.startup_grace,
+                    "gossip.silence_s": args.silence,
+                    "gossip.deadline_min_s": args.deadline_min,
+                    **extra,
+                },
+                ready_timeout_s=READY_TIMEOUT_S,
+            )
         )
         wall = time.monotonic() - t0
-        bpr = [b for b in summary["bytes_per_round_per_node"] if b is not None]
+        bpr = [b for b in summary.bytes_per_round_per_node if b is not None]
+        final = summary.final_consensus_error
         row = {
             "workload": "consensus",
             "nodes": n,
@@ -340,23 +340,22 @@ def main() -> int:
             "initial_error": e0,
             "predicted_rounds": predicted,
             "rounds_run": rounds,
-            "measured_rounds": summary["measured_rounds"],
-            "final_error": summary["final_consensus_error"],
-            "converged": summary["final_consensus_error"] is not None
-            and summary["final_consensus_error"] <= args.target,
+            "measured_rounds": summary.measured_rounds,
+            "final_error": final,
+            "converged": final is not None and final <= args.target,
             "bytes_per_round_per_node": statistics.fmean(bpr) if bpr else None,
-            "bytes_sent_total": sum(summary["bytes_sent"].values()),
-            "round_breakdown_s": summary.get("round_breakdown_s"),
+            "bytes_sent_total": sum(summary.bytes_sent.values()),
+            "round_breakdown_s": summary.round_breakdown_s,
             **round_times(run_dir),
             "memory": memory,
             "wall_seconds": wall,
-            "testbed_wall_seconds": summary["wall_seconds"],
+            "testbed_wall_seconds": summary.wall_seconds,
             "exit": code,
-            "crashed": summary["crashed"],
-            "hung": summary["hung"],
+            "crashed": summary.crashed,
+            "hung": summary.hung,
             "load_before": load,
             "load_after": loadavg(),
-            "consensus_error": summary["consensus_error"],
+            "consensus_error": summary.consensus_error,
         }
         rows.append(row)
         print_row(row)
@@ -379,62 +378,57 @@ def main() -> int:
         run_dir = out / f"edu-{n}"
         t0 = time.monotonic()
         code, summary, memory = run_sampled(
-            [
-                "--topology",
-                str(spec),
-                "--workload",
-                "edu",
-                "--rounds",
-                str(args.edu_rounds),
-                "--out",
-                str(run_dir),
-                "--deadline",
-                str(args.deadline),
-                "--timeout",
-                str(900 + 60 * args.edu_rounds),
-                "--quiet",
-            ]
+            TestbedSpec(
+                topology=spec,
+                out=run_dir,
+                workload="edu",
+                rounds=args.edu_rounds,
+                deadline=args.deadline,
+                timeout=900 + 60 * args.edu_rounds,
+                quiet=True,
+                ready_timeout_s=READY_TIMEOUT_S,
+            )
         )
         wall = time.monotonic() - t0
-        bpr = [b for b in summary["bytes_per_round_per_node"] if b is not None]
-        bd = summary.get("round_breakdown_s") or {}
+        bpr = [b for b in summary.bytes_per_round_per_node if b is not None]
+        bd = summary.round_breakdown_s or {}
         total = bd.get("total") or float("nan")
+        local, wait = bd.get("local", 0.0), bd.get("wait", 0.0)
         row = {
             "workload": "edu",
             "nodes": n,
             "graph": topo.name,
             "rounds_run": args.edu_rounds,
-            "final_mean_acc": summary.get("final_mean_acc"),
+            "final_mean_acc": summary.final_mean_acc,
             "bytes_per_round_per_node": statistics.fmean(bpr) if bpr else None,
-            "bytes_sent_total": sum(summary["bytes_sent"].values()),
+            "bytes_sent_total": sum(summary.bytes_sent.values()),
             "round_breakdown_s": bd,
-            "outside_local_fraction": (total - bd.get("local", 0.0)) / total if bd else None,
-            "outside_local_excl_wait_fraction": (total - bd.get("local", 0.0) - bd.get("wait", 0.0))
-            / total
-            if bd
-            else None,
+            "outside_local_fraction": (total - local) / total if bd else None,
+            "outside_local_excl_wait_fraction": (total - local - wait) / total if bd else None,
             "communication_fraction": (bd.get("send", 0.0) + bd.get("mix", 0.0)) / total
             if bd
             else None,
             **round_times(run_dir),
             "memory": memory,
             "wall_seconds": wall,
-            "testbed_wall_seconds": summary["wall_seconds"],
+            "testbed_wall_seconds": summary.wall_seconds,
             "exit": code,
-            "crashed": summary["crashed"],
-            "hung": summary["hung"],
+            "crashed": summary.crashed,
+            "hung": summary.hung,
             "load_before": load,
             "load_after": loadavg(),
         }
         rows.append(row)
         print_row(row)
-    (out / "scale.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
-    plot(out, rows, args.target)
+    path = write_json(out, "scale", {"setup": info, "rows": rows})
+    plot(out, path, rows, args.target)
     print()
     print(
-        f"{'workload':<10}{'nodes':>6}{'rounds':>8}{'to tgt':>8}{'final err/acc':>14}{'round s':>9}"
-        f"{'kB/rnd/node':>12}{'RSS MiB':>9}{'max MiB':>9}{'torch':>7}{'wall s':>8}{'exit':>5}"
+        f"{'workload':<10}{'nodes':>6}{'rounds':>8}{'to tgt':>8}{'final err/acc':>14}"
+        f"{'round s':>9}{'kB/rnd/node':>12}{'RSS MiB':>9}{'max MiB':>9}{'torch':>7}"
+        f"{'wall s':>8}{'exit':>5}"
     )
+    nan = float("nan")
     for r in rows:
         m = r["memory"]
         fin = (
@@ -443,11 +437,14 @@ def main() -> int:
             else (f"{r['final_mean_acc']:.3f}" if r.get("final_mean_acc") is not None else "-")
         )
         torch_n = len(m.get("torch_mapped", {}).get("with_libtorch", []))
+        checked = m.get("torch_mapped", {}).get("checked", 0)
         print(
-            f"{r['workload']:<10}{r['nodes']:>6}{r['rounds_run']:>8}{r.get('measured_rounds') or '-'!s:>8}{fin:>14}"
-            f"{r.get('round_s_median', float('nan')):>9.3f}{(r['bytes_per_round_per_node'] or 0) / 1e3:>12.1f}"
-            f"{m.get('rss_mib_mean', float('nan')):>9.1f}{m.get('rss_mib_max', float('nan')):>9.1f}"
-            f"{torch_n:>4}/{m.get('torch_mapped', {}).get('checked', 0):<2}{r['wall_seconds']:>8.1f}{r['exit']:>5}"
+            f"{r['workload']:<10}{r['nodes']:>6}{r['rounds_run']:>8}"
+            f"{r.get('measured_rounds') or '-'!s:>8}{fin:>14}"
+            f"{r.get('round_s_median', nan):>9.3f}"
+            f"{(r['bytes_per_round_per_node'] or 0) / 1e3:>12.1f}"
+            f"{m.get('rss_mib_mean', nan):>9.1f}{m.get('rss_mib_max', nan):>9.1f}"
+            f"{torch_n:>4}/{checked:<2}{r['wall_seconds']:>8.1f}{r['exit']:>5}"
         )
     return 0 if all(r["exit"] == 0 for r in rows) else 1
 
@@ -455,11 +452,15 @@ def main() -> int:
 def print_row(r: dict[str, Any]) -> None:
     m = r["memory"]
     tm = m.get("torch_mapped", {})
+    nan = float("nan")
     line = (
-        f"  -> exit {r['exit']}  wall {r['wall_seconds']:.1f} s  round median {r.get('round_s_median', float('nan')):.3f} s  "
-        f"{(r['bytes_per_round_per_node'] or 0) / 1e3:.1f} kB/round/node  RSS mean {m.get('rss_mib_mean', float('nan')):.1f} MiB "
-        f"max {m.get('rss_mib_max', float('nan')):.1f} MiB (all daemons {m.get('rss_total_mib_max', float('nan')):.0f} MiB, "
-        f"{m.get('samples', 0)} {m.get('phase', '')} samples)  libtorch mapped in {len(tm.get('with_libtorch', []))}/{tm.get('checked', 0)}"
+        f"  -> exit {r['exit']}  wall {r['wall_seconds']:.1f} s  round median "
+        f"{r.get('round_s_median', nan):.3f} s  "
+        f"{(r['bytes_per_round_per_node'] or 0) / 1e3:.1f} kB/round/node  "
+        f"RSS mean {m.get('rss_mib_mean', nan):.1f} MiB max {m.get('rss_mib_max', nan):.1f} MiB "
+        f"(all daemons {m.get('rss_total_mib_max', nan):.0f} MiB, "
+        f"{m.get('samples', 0)} {m.get('phase', '')} samples)  libtorch mapped in "
+        f"{len(tm.get('with_libtorch', []))}/{tm.get('checked', 0)}"
     )
     if r["workload"] == "consensus":
         line += f"  measured rounds {r['measured_rounds']}  final error {r['final_error']:.2e}"
@@ -468,12 +469,13 @@ def print_row(r: dict[str, Any]) -> None:
         line += (
             f"  acc {r['final_mean_acc']}  breakdown "
             + ", ".join(f"{k} {v:.3f}" for k, v in bd.items())
-            + f"  outside local {r['outside_local_fraction']:.3f}, excl. wait {r['outside_local_excl_wait_fraction']:.3f}"
+            + f"  outside local {r['outside_local_fraction']:.3f}, "
+            f"excl. wait {r['outside_local_excl_wait_fraction']:.3f}"
         )
     print(line + f"  load {r['load_after']}", flush=True)
 
 
-def plot(out: Path, rows: list[dict[str, Any]], target: float) -> None:
+def plot(out: Path, json_path: Path, rows: list[dict[str, Any]], target: float) -> None:
     plt = pyplot()
     if plt is None:
         return
@@ -509,10 +511,8 @@ def plot(out: Path, rows: list[dict[str, Any]], target: float) -> None:
     axes[2].set_xlabel("daemons")
     axes[2].set_ylabel("median round time (s)")
     axes[2].legend(fontsize=8)
-    fig.suptitle(f"{os.cpu_count()} CPUs, all daemons on one machine")
-    fig.tight_layout()
-    fig.savefig(out / "scale.png", dpi=120)
-    print(f"wrote {out / 'scale.json'} and {out / 'scale.png'}")
+    fig.suptitle(f"{machine()['cpus']} CPUs, all daemons on one machine")
+    print(f"wrote {json_path} and {save_png(fig, out, 'scale')}")
 
 
 if __name__ == "__main__":

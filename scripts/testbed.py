@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Run a multi-process testbed on this machine (same as `m3tgossip testbed`).
 
-python scripts/testbed.py --topology topology/ring-8.toml --workload consensus --rounds 60 --out runs/ring8
+    python scripts/testbed.py --topology topology/ring-8.toml --workload consensus \\
+        --rounds 60 --out runs/ring8
 """
 
 import sys

@@ -10,7 +10,7 @@ import pytest
 
 from m3tgossip import protocol
 from m3tgossip.errors import ProtocolError
-from m3tgossip.harness import testbed
+from m3tgossip.harness import Testbed, TestbedSpec
 from m3tgossip.protocol import DEFAULT_LIMITS, ENCODINGS, codecs, parse_codec
 
 SESSION = "0" * 32
@@ -152,25 +152,12 @@ def test_int8_gossip_with_error_feedback_reaches_consensus(tmp_path: Path) -> No
     spec = tmp_path / "ring.toml"
     spec.write_text('name = "r6"\n[generator]\nkind = "cycle"\nn = 6\n')
     out = tmp_path / "bed"
-    code = testbed.main(
-        [
-            "--topology",
-            str(spec),
-            "--rounds",
-            "60",
-            "--out",
-            str(out),
-            "--quiet",
-            "--timeout",
-            "120",
-            "-o",
-            "size=256",
-            "-o",
-            "dtype=float32",
-            "--set",
-            "gossip.compression=int8",
-        ]
+    options = {"size": 256, "dtype": "float32"}
+    settings = {"gossip.compression": "int8"}
+    bed = TestbedSpec(
+        spec, out, rounds=60, quiet=True, timeout=120, options=options, settings=settings
     )
+    code = Testbed(bed).run().exit_code
     s = json.loads((out / "summary.json").read_text())
     assert code == 0
     assert s["final_consensus_error"] < 1e-4

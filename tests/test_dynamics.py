@@ -10,7 +10,7 @@ import pytest
 
 from m3tgossip import cli
 from m3tgossip.errors import ConfigError
-from m3tgossip.harness import testbed
+from m3tgossip.harness import Testbed, TestbedSpec
 from m3tgossip.topology import (
     check_report,
     format_report,
@@ -242,21 +242,9 @@ def test_cli_topology_check_of_a_time_varying_spec(capsys: pytest.CaptureFixture
 @pytest.mark.multiprocess
 def test_daemons_on_one_peer_exponential_graph_agree_exactly(tmp_path: Path) -> None:
     out = tmp_path / "bed"
-    code = testbed.main(
-        [
-            "--topology",
-            str(spec(tmp_path, "one-peer-exponential", n=8)),
-            "--rounds",
-            "6",
-            "--out",
-            str(out),
-            "--quiet",
-            "--timeout",
-            "120",
-            "-o",
-            "size=64",
-        ]
-    )
+    topology = spec(tmp_path, "one-peer-exponential", n=8)
+    bed = TestbedSpec(topology, out, rounds=6, quiet=True, timeout=120, options={"size": 64})
+    code = Testbed(bed).run().exit_code
     s = json.loads((out / "summary.json").read_text())
     assert code == 0 and s["predicted_rounds"] is None
     assert s["consensus_error"][2] < 1e-12  # log2(8) = 3 rounds

@@ -13,7 +13,7 @@ from m3tgossip import protocol
 from m3tgossip.daemon.config import GossipConfig, NodeConfig
 from m3tgossip.daemon.node import Node
 from m3tgossip.errors import ProtocolError
-from m3tgossip.harness import testbed
+from m3tgossip.harness import Testbed, TestbedSpec
 from m3tgossip.topology import load_topology
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,27 +60,9 @@ def test_edu_daemons_train_exchange_and_report(tmp_path: Path) -> None:
         'local = ["head.next_response"]\n'
     )
     out = tmp_path / "bed"
-    code = testbed.main(
-        [
-            "--topology",
-            str(spec),
-            "--workload",
-            "edu",
-            "--rounds",
-            "3",
-            "--out",
-            str(out),
-            "--quiet",
-            "-o",
-            "eval_every=1",
-            "-o",
-            "local_steps=2",
-            "-o",
-            "records=60",
-            "--timeout",
-            "300",
-        ]
-    )
+    options = {"eval_every": 1, "local_steps": 2, "records": 60}
+    bed = TestbedSpec(spec, out, workload="edu", rounds=3, quiet=True, timeout=300, options=options)
+    code = Testbed(bed).run().exit_code
     s = json.loads((out / "summary.json").read_text())
     assert code == 0 and not s["crashed"] and not s["hung"]
     assert s["per_node"]["a"]["rounds"] == [0, 1, 2]

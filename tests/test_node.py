@@ -35,7 +35,7 @@ def write_spec(tmp_path: Path, kind: str = "cycle", n: int = 3) -> Path:
     generate_keys(tmp_path / "operator", "ops")
     resolved = tmp_path / "resolved.toml"
     resolved.write_text(
-        topo.with_ports(dict(zip(topo.ids(), free_ports(n)))).with_keys(keys).to_toml()
+        topo.with_ports(dict(zip(topo.ids(), free_ports(n), strict=True))).with_keys(keys).to_toml()
     )
     return resolved
 
