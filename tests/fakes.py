@@ -44,6 +44,36 @@ class CapturingTransport:
         pass
 
 
+class WireTransport:
+    """Keeps what a node sends, as frames, for delivery to another in-process node."""
+
+    endpoint = "tcp://127.0.0.1:1"
+
+    def __init__(self) -> None:
+        self.outbox: list[tuple[str, list[bytes]]] = []
+
+    def send(self, peer: str, frames: list) -> bool:
+        self.outbox.append((peer, [bytes(f) for f in frames]))
+        return True
+
+    def deliver(self, sender: str, nodes: dict[str, Node]) -> list[protocol.Message]:
+        out = []
+        for peer, frames in self.outbox:
+            out.append(protocol.decode(frames))
+            nodes[peer].handlers.handle(sender.encode(), frames, None)
+        self.outbox.clear()
+        return out
+
+    def reply(self, routing_id: bytes, frames: list) -> bool:
+        return True
+
+    def poll(self, timeout_ms: int) -> list:
+        return []
+
+    def close(self, linger_ms: int | None = None) -> None:
+        pass
+
+
 class FakeNetwork:
     """In-process links: what a node sends to a neighbour arrives at that neighbour's `poll`,
     in order, as (routing id, frames, authenticated id) like the ZeroMQ transport gives."""

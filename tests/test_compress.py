@@ -148,6 +148,7 @@ def test_codecs_refuse_to_load_with_a_tag_and_no_decoder(monkeypatch) -> None:
         codecs._check_registry()
 
 
+@pytest.mark.multiprocess
 def test_int8_gossip_with_error_feedback_reaches_consensus(tmp_path: Path) -> None:
     spec = tmp_path / "ring.toml"
     spec.write_text('name = "r6"\n[generator]\nkind = "cycle"\nn = 6\n')

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from m3tgossip.daemon import checkpoint
 from m3tgossip.daemon.metrics import read_metrics
@@ -34,6 +35,7 @@ while True:
 """
 
 
+@pytest.mark.multiprocess
 def test_checkpoint_and_metrics_survive_sigkill_while_writing(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     rng = np.random.default_rng(1)

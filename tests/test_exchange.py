@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fakes import CapturingTransport, PrivateVectors
+from fakes import CapturingTransport, PrivateVectors, WireTransport
 
 from m3tgossip import protocol
 from m3tgossip.daemon.config import GossipConfig, NodeConfig
@@ -49,6 +49,7 @@ def test_only_components_held_by_both_ends_are_sent(tmp_path: Path) -> None:
         assert not heard & silent  # zero bytes to a neighbour with no component in common
 
 
+@pytest.mark.multiprocess
 def test_edu_daemons_train_exchange_and_report(tmp_path: Path) -> None:
     spec = tmp_path / "pair.toml"
     spec.write_text(
@@ -142,27 +143,6 @@ def test_privacy_profile_override(tmp_path: Path) -> None:
     assert build({"profile": "open"}).gate is None
     with pytest.raises(ConfigError, match="privacy"):
         build({"profile": "lax"})
-
-
-class WireTransport:
-    """Keeps what a node sends, as frames, for delivery to another in-process node."""
-
-    endpoint = "tcp://127.0.0.1:1"
-
-    def __init__(self) -> None:
-        self.outbox: list[tuple[str, list[bytes]]] = []
-
-    def send(self, peer: str, frames: list) -> bool:
-        self.outbox.append((peer, [bytes(f) for f in frames]))
-        return True
-
-    def deliver(self, sender: str, nodes: dict[str, Node]) -> list[protocol.Message]:
-        out = []
-        for peer, frames in self.outbox:
-            out.append(protocol.decode(frames))
-            nodes[peer].handlers.handle(sender.encode(), frames, None)
-        self.outbox.clear()
-        return out
 
 
 def _pair(tmp_path: Path, same_start: bool, **gossip: object) -> dict[str, Node]:

@@ -23,6 +23,9 @@ from m3tgossip.harness.testbed import free_ports
 from m3tgossip.net import generate_keys, load_keypair, query_status
 from m3tgossip.topology import load_topology
 
+#: every test here starts daemons in processes of their own
+pytestmark = pytest.mark.multiprocess
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -101,6 +101,7 @@ def test_config_paths_relative_to_file(tmp_path: Path) -> None:
     assert cfg.workload_options == {"size": 7}
 
 
+@pytest.mark.multiprocess
 def test_cli_reports_bad_config_and_topology(tmp_path: Path) -> None:
     bad = tmp_path / "node.toml"
     bad.write_text("[node]\nid = 'n0'\ntopology = 'nowhere.toml'\n")
