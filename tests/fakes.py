@@ -21,7 +21,20 @@ from m3tgossip.topology import Topology
 WAIT_S = 60.0
 
 
-class CapturingTransport:
+class QuietTransport:
+    """A transport that receives nothing: the base of the fakes that only keep what is sent."""
+
+    def reply(self, routing_id: bytes, frames: list) -> bool:
+        return True
+
+    def poll(self, timeout_ms: int) -> list:
+        return []
+
+    def close(self, linger_ms: int | None = None) -> None:
+        pass
+
+
+class CapturingTransport(QuietTransport):
     """Keeps every message a node sends, decoded, with its size; delivers nothing."""
 
     endpoint = "tcp://127.0.0.1:1"
@@ -34,17 +47,8 @@ class CapturingTransport:
         self.sent.append((peer, msg, protocol.frames_nbytes(frames)))
         return True
 
-    def reply(self, routing_id: bytes, frames: list) -> bool:
-        return True
 
-    def poll(self, timeout_ms: int) -> list:
-        return []
-
-    def close(self, linger_ms: int | None = None) -> None:
-        pass
-
-
-class WireTransport:
+class WireTransport(QuietTransport):
     """Keeps what a node sends, as frames, for delivery to another in-process node."""
 
     endpoint = "tcp://127.0.0.1:1"
@@ -63,15 +67,6 @@ class WireTransport:
             nodes[peer].handlers.handle(sender.encode(), frames, None)
         self.outbox.clear()
         return out
-
-    def reply(self, routing_id: bytes, frames: list) -> bool:
-        return True
-
-    def poll(self, timeout_ms: int) -> list:
-        return []
-
-    def close(self, linger_ms: int | None = None) -> None:
-        pass
 
 
 class FakeNetwork:
