@@ -236,3 +236,13 @@ def test_tasks_with_a_slurm_environment_run_a_federation(tmp_path: Path) -> None
     report = collect(job)
     assert report["missing"] == [] and report["max_error"] <= 1e-6
     assert all(e["rounds"] == 40 for e in report["nodes"].values())
+
+
+def test_a_plaintext_job_has_no_keys_step(tmp_path: Path) -> None:
+    out = tmp_path / "plain"
+    argv = ["slurm", "sbatch", "--topology", str(TORUS), "--out", str(out), "--insecure"]
+    assert main(argv) == 0
+    script = (out / "job.sbatch").read_text()
+    assert "slurm keys" not in script and "--keys" not in script
+    assert "slurm task" in script and "--insecure" in script
+    assert "#SBATCH --overcommit" not in script and "srun --ntasks=16" in script
