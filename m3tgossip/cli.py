@@ -7,6 +7,8 @@ m3tgossip status --topology FILE --id NODE --key DIR/ID
 m3tgossip status ENDPOINT --insecure
 m3tgossip keys generate --out DIR --id NODE [--force]
 m3tgossip testbed --topology FILE --workload consensus --rounds 60 --out DIR
+m3tgossip slurm sbatch|keys|task|collect ...   (m3tgossip.engines.commands)
+m3tgossip kube manifests|keys|node ...
 """
 
 from __future__ import annotations
@@ -198,6 +200,18 @@ def _cmd_keys_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine_parsers(sub: argparse._SubParsersAction) -> None:
+    from m3tgossip.engines import add_parsers
+
+    add_parsers(sub)
+
+
+def _cmd_engine(args: argparse.Namespace) -> int:
+    from m3tgossip.engines import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="m3tgossip",
@@ -253,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--force", action="store_true", help="replace existing key files")
     sub.add_parser("testbed", help="run a multi-process testbed on this machine", add_help=False)
+    _engine_parsers(sub)
     return parser
 
 
@@ -272,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_status(args)
         if args.command == "keys":
             return _cmd_keys_generate(args)
+        if args.command in ("slurm", "kube"):
+            return _cmd_engine(args)
     except ConfigError as exc:
         print(f"m3tgossip: error: {exc}", file=sys.stderr)
         return 2
