@@ -63,6 +63,19 @@ def _node_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="plaintext links, no encryption or authentication (loopback only)",
     )
+    p.add_argument(
+        "--prometheus",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (loopback unless "
+        "--prometheus-public)",
+    )
+    p.add_argument(
+        "--prometheus-public",
+        dest="prometheus_public",
+        action="store_true",
+        default=None,
+        help="allow a non-loopback --prometheus address",
+    )
     p.add_argument("--mode", dest="gossip.mode", help="sync | push-sum")
     p.add_argument(
         "--deadline", dest="gossip.round_deadline_s", type=float, help="round deadline (s)"
@@ -111,6 +124,8 @@ def _cmd_node(args: argparse.Namespace) -> int:
         "key_dir",
         "status_keys",
         "insecure",
+        "prometheus",
+        "prometheus_public",
         "gossip.mode",
         "gossip.round_deadline_s",
         "gossip.startup_grace_s",
