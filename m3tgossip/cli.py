@@ -7,6 +7,7 @@ m3tgossip status --topology FILE --id NODE --key DIR/ID
 m3tgossip status ENDPOINT --insecure
 m3tgossip keys generate --out DIR --id NODE [--force]
 m3tgossip testbed --topology FILE --workload consensus --rounds 60 --out DIR
+m3tgossip report RUN_DIR [STATE_DIR ...] [--out FILE]
 """
 
 from __future__ import annotations
@@ -213,6 +214,33 @@ def _cmd_keys_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="write an HTML report with plots of a run",
+        description="Write one self-contained HTML report (plots and a table) from a testbed "
+        "run folder or from the state folders of deployed nodes (folders holding "
+        "metrics.jsonl). Needs matplotlib: pip install -e '.[plot]'.",
+    )
+    p.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="a testbed run folder (summary.json, nodes/*/metrics.jsonl), a node's state "
+        "folder, or a folder of state folders (repeatable)",
+    )
+    p.add_argument("--out", metavar="FILE", help="HTML file to write (default RUN_DIR/report.html)")
+    p.add_argument("--title", help="title of the report (default: from the run)")
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from m3tgossip.report import write_report
+
+    path, run = write_report(args.runs, args.out, title=args.title)
+    print(f"report: wrote {path} ({len(run.nodes)} nodes, {run.rounds} rounds)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="m3tgossip",
@@ -268,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--force", action="store_true", help="replace existing key files")
     sub.add_parser("testbed", help="run a multi-process testbed on this machine", add_help=False)
+    _report_parser(sub)
     return parser
 
 
@@ -287,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_status(args)
         if args.command == "keys":
             return _cmd_keys_generate(args)
+        if args.command == "report":
+            return _cmd_report(args)
     except ConfigError as exc:
         print(f"m3tgossip: error: {exc}", file=sys.stderr)
         return 2
