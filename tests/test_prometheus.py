@@ -209,6 +209,29 @@ def test_a_scrape_shows_the_round_record(tmp_path: Path) -> None:
     exporter.close()  # twice is harmless
 
 
+def test_a_node_shows_no_value_it_does_not_have(tmp_path: Path) -> None:
+    topo = ring(tmp_path)
+    node = make_node(topo, topo.ids()[0], tmp_path, FakeNetwork(), prometheus="127.0.0.1:0")
+    node.exporter.start(node, node.link.session)
+    try:
+        record = {"round": 0, "consensus_distance": float("nan"), "heard": [], "neighbours": 2}
+        node.exporter.observe(record, node)
+        got = samples(scrape(node.exporter.bound))
+    finally:
+        node.exporter.close()
+    names = {name for name, _ in got}
+    assert math.isnan(got[("m3tgossip_consensus_distance", ())])  # push-sum measures none
+    for absent in (
+        "m3tgossip_privacy_epsilon",
+        "m3tgossip_privacy_retired_components",
+        "m3tgossip_mean_accuracy",
+        "m3tgossip_worst_group_gap",
+        "m3tgossip_error_to_mean",
+        "m3tgossip_task_accuracy",
+    ):
+        assert absent not in names, absent
+
+
 def test_running_nodes_export_their_last_record(tmp_path: Path) -> None:
     topo = ring(tmp_path)
     net = FakeNetwork()

@@ -55,10 +55,25 @@ def _number(value: Any) -> float | None:
         return None
 
 
+#: series without labels that only some nodes have (private ones, evaluated workloads): made
+#: when their first value arrives, so a node never shows a value it does not have
+OPTIONAL = {
+    "m3tgossip_privacy_epsilon": "Node-level differential-privacy epsilon spent",
+    "m3tgossip_privacy_retired_components": (
+        "Components whose budget is spent (trained locally, never sent again)"
+    ),
+    "m3tgossip_mean_accuracy": "Mean held-out accuracy over tasks",
+    "m3tgossip_worst_group_gap": "Largest group accuracy gap over tasks",
+    "m3tgossip_error_to_mean": "Consensus workload: relative distance to the exact network mean",
+}
+
+
 class _Series:
     """Every series of one node, in one registry."""
 
     def __init__(self, r: CollectorRegistry) -> None:
+        self.registry = r
+        self._optional: dict[str, Gauge] = {}
         self.info = Info("m3tgossip_node", "The node answering this endpoint", registry=r)
         self.round = Gauge("m3tgossip_round", "Last round this node completed", registry=r)
         self.rounds = Counter(
@@ -116,20 +131,10 @@ class _Series:
             ["neighbour"],
             registry=r,
         )
-        self.epsilon = Gauge(
-            "m3tgossip_privacy_epsilon",
-            "Node-level differential-privacy epsilon spent",
-            registry=r,
-        )
         self.comp_epsilon = Gauge(
             "m3tgossip_privacy_component_epsilon",
             "Epsilon spent on one shared component",
             ["component"],
-            registry=r,
-        )
-        self.retired = Gauge(
-            "m3tgossip_privacy_retired_components",
-            "Components whose budget is spent (trained locally, never sent again)",
             registry=r,
         )
         self.accuracy = Gauge(
@@ -144,23 +149,18 @@ class _Series:
             ["task"],
             registry=r,
         )
-        self.mean_accuracy = Gauge(
-            "m3tgossip_mean_accuracy", "Mean held-out accuracy over tasks", registry=r
-        )
         self.gap = Gauge(
             "m3tgossip_group_accuracy_gap",
             "Best minus worst demographic group accuracy (last evaluation)",
             ["attribute", "task"],
             registry=r,
         )
-        self.worst_gap = Gauge(
-            "m3tgossip_worst_group_gap", "Largest group accuracy gap over tasks", registry=r
-        )
-        self.error_to_mean = Gauge(
-            "m3tgossip_error_to_mean",
-            "Consensus workload: relative distance to the exact network mean",
-            registry=r,
-        )
+
+    def optional(self, name: str) -> Gauge:
+        """The series `name` of OPTIONAL, registered on first use."""
+        if name not in self._optional:
+            self._optional[name] = Gauge(name, OPTIONAL[name], registry=self.registry)
+        return self._optional[name]
 
 
 class Exporter:
@@ -242,10 +242,10 @@ class Exporter:
         self._neighbours(s, state)
         privacy = record.get("privacy")
         if isinstance(privacy, dict):
-            self._set(s.epsilon, privacy.get("node_epsilon"))
+            self._optional(s, "m3tgossip_privacy_epsilon", privacy.get("node_epsilon"))
             for comp, eps in privacy.get("epsilon", {}).items():
                 self._set(s.comp_epsilon.labels(comp), eps)
-            s.retired.set(len(privacy.get("retired", ())))
+            s.optional("m3tgossip_privacy_retired_components").set(len(privacy.get("retired", ())))
         self._evaluation(s, record)
 
     def _neighbours(self, s: _Series, state: NodeState) -> None:
@@ -268,14 +268,18 @@ class Exporter:
                 if isinstance(m, dict):
                     self._set(s.accuracy.labels(task), m.get("acc"))
                     self._set(s.f1.labels(task), m.get("f1"))
-        self._set(s.mean_accuracy, record.get("mean_acc"))
+        self._optional(s, "m3tgossip_mean_accuracy", record.get("mean_acc"))
         gaps = record.get("gaps")
         if isinstance(gaps, dict):
             for attribute, per_task in gaps.items():
                 for task, gap in (per_task or {}).items():
                     self._set(s.gap.labels(attribute, task), gap)
-        self._set(s.worst_gap, record.get("worst_group_gap"))
-        self._set(s.error_to_mean, record.get("error_to_mean"))
+        self._optional(s, "m3tgossip_worst_group_gap", record.get("worst_group_gap"))
+        self._optional(s, "m3tgossip_error_to_mean", record.get("error_to_mean"))
+
+    def _optional(self, s: _Series, name: str, value: Any) -> None:
+        if _number(value) is not None:
+            self._set(s.optional(name), value)
 
     @staticmethod
     def _set(gauge: Any, value: Any) -> None:
