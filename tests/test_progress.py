@@ -21,12 +21,12 @@ def test_plain_lines_are_printed_at_most_every_interval(capsys: pytest.CaptureFi
 def test_a_bar_goes_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
     with Progress("testbed", 10, bar=True) as p:
         assert p.interval < 2.0
-        p.update(4, note="fastest node 5")
+        p.update(4, note="fastest node at 5")
         p.update(3)  # never backwards
         assert p.bar.n == 4
     got = capsys.readouterr()
     assert got.out == ""
-    assert "testbed" in got.err and "4/10" in got.err and "fastest node 5" in got.err
+    assert "testbed" in got.err and "4/10" in got.err and "fastest node at 5" in got.err
 
 
 def test_without_a_terminal_the_default_is_plain(capsys: pytest.CaptureFixture[str]) -> None:

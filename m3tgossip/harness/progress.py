@@ -73,10 +73,10 @@ class Progress:
     def update(self, done: int, note: str = "", line: str | None = None) -> None:
         """`done` units so far; `line` is the plain line (default `DESC: DONE of TOTAL UNITs`)."""
         if self.bar is not None:
-            if done > self.bar.n:
-                self.bar.update(done - self.bar.n)
             if note:
                 self.bar.set_postfix_str(note, refresh=False)
+            if done > self.bar.n:
+                self.bar.update(done - self.bar.n)
             self.bar.refresh()
             return
         now = time.monotonic()

@@ -403,7 +403,7 @@ class Testbed:
         rounds = [self.last_round(nid) + 1 for nid in self._children]
         progress.update(
             min(rounds),
-            note=f"fastest node {max(rounds)}",
+            note=f"fastest node at {max(rounds)}",
             line=f"testbed: rounds done min {min(rounds)} max {max(rounds)} of {self.spec.rounds}",
         )
 
