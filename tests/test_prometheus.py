@@ -10,6 +10,7 @@ import math
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -38,7 +39,7 @@ class EvaluatedVectors(PrivateVectors):
     """Private vectors whose evaluation looks like the edu workload's."""
 
     def evaluate(self, round_: int) -> dict:
-        acc = 0.5 + 0.1 * round_
+        acc = min(1.0, 0.5 + 0.1 * round_)
         return {
             "tasks": {"at_risk": {"acc": acc, "f1": acc - 0.1, "n": 40}},
             "groups": {"gender": {"f": {"at_risk": acc}, "m": {"at_risk": acc - 0.05}}},
@@ -300,6 +301,7 @@ def _query(base: str, expr: str) -> list[dict]:
     return body["data"]["result"]
 
 
+#: series every consensus daemon serves
 SERIES = (
     "m3tgossip_round",
     "m3tgossip_rounds_total",
@@ -314,10 +316,62 @@ SERIES = (
     "m3tgossip_error_to_mean",
     "m3tgossip_node_info",
 )
+#: series of private nodes whose workload evaluates tasks
+PRIVATE_SERIES = (
+    "m3tgossip_privacy_epsilon",
+    "m3tgossip_privacy_component_epsilon",
+    "m3tgossip_task_accuracy",
+    "m3tgossip_mean_accuracy",
+    "m3tgossip_group_accuracy_gap",
+    "m3tgossip_worst_group_gap",
+)
+
+
+class SlowVectors(EvaluatedVectors):
+    """Evaluated private vectors whose training takes a while, as a real workload's does."""
+
+    def local_step(self, round_: int) -> dict:
+        time.sleep(0.05)
+        return super().local_step(round_)
+
+
+def start_private_nodes(tmp_path: Path) -> tuple[list[Node], list[threading.Thread]]:
+    """Three private in-process nodes running until stopped, each with its endpoint bound."""
+    topo = ring(tmp_path)
+    net = FakeNetwork()
+    nodes = []
+    for nid in topo.ids():
+        config = dataclasses.replace(
+            node_config(topo, nid, tmp_path / "private", rounds=0, checkpoint_every=1000),
+            prometheus="127.0.0.1:0",
+        )
+        comps = {c: 6 for c in topo.node(nid).shared_components}
+        nodes.append(
+            Node(config, topology=topo, workload=SlowVectors(comps), transport=net.transport(nid))
+        )
+    threads = [threading.Thread(target=n.run, daemon=True) for n in nodes]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + WAIT_S
+    while any(n.exporter.bound is None for n in nodes) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(n.exporter.bound for n in nodes), "in-process endpoints not bound"
+    return nodes, threads
+
+
+def _until_every_target_has(base: str, series: tuple[str, ...], job: str, n: int) -> None:
+    deadline = time.monotonic() + WAIT_S
+    missing = list(series)
+    while missing and time.monotonic() < deadline:
+        missing = [s for s in series if len(_query(base, f'{s}{{job="{job}"}}')) < n]
+        time.sleep(0.5)
+    assert not missing, f"{job}: series without a sample of every node: {missing}"
 
 
 @pytest.mark.multiprocess
 def test_a_prometheus_server_scrapes_every_daemon(tmp_path: Path, children) -> None:
+    """Three daemon processes (consensus workload) and three private, evaluated in-process
+    nodes, scraped by a real Prometheus server and queried through its HTTP API."""
     prometheus, why = system_binary("prometheus", "prometheus")
     if prometheus is None:
         pytest.skip(f"no Prometheus server: {why}")
@@ -343,43 +397,58 @@ def test_a_prometheus_server_scrapes_every_daemon(tmp_path: Path, children) -> N
         )  # fmt: skip
     for nid, proc in procs.items():
         assert read_ready(proc)["prometheus"] == metrics_at[nid]
-    web = f"127.0.0.1:{ports[-1]}"
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
-        "scrape_configs:\n  - job_name: m3tgossip\n    static_configs:\n"
-        f"      - targets: [{', '.join(repr(a) for a in metrics_at.values())}]\n"
-    )
-    server = subprocess.Popen(
-        [
-            prometheus,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address={web}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "prometheus.log", "wb"),
-        stdin=subprocess.DEVNULL,
-    )
-    children.procs.append(server)
-    base = f"http://{web}"
+    private, threads = start_private_nodes(tmp_path)
+    server: subprocess.Popen | None = None
     try:
-        _wait_targets_up(base, len(ids), server)
-        deadline = time.monotonic() + WAIT_S
-        missing: list[str] = list(SERIES)
-        while missing and time.monotonic() < deadline:
-            missing = [s for s in SERIES if len(_query(base, s)) < len(ids)]
-            time.sleep(0.5)
-        assert not missing, f"series without a sample of every node: {missing}"
-        rounds = _query(base, "m3tgossip_round")
+        web = f"127.0.0.1:{ports[-1]}"
+        config = tmp_path / "prometheus.yml"
+
+        def job(name: str, targets: list[str | None]) -> str:
+            listed = ", ".join(repr(a) for a in targets)
+            return f"  - job_name: {name}\n    static_configs:\n      - targets: [{listed}]\n"
+
+        config.write_text(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n"
+            + job("daemons", list(metrics_at.values()))
+            + job("private", [n.exporter.bound for n in private])
+        )
+        with open(tmp_path / "prometheus.log", "wb") as log:
+            server = subprocess.Popen(
+                [
+                    prometheus,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address={web}",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+            )
+        children.procs.append(server)
+        base = f"http://{web}"
+        _wait_targets_up(base, len(ids) + len(private), server)
+        _until_every_target_has(base, SERIES, "daemons", len(ids))
+        _until_every_target_has(base, PRIVATE_SERIES, "private", len(private))
+        rounds = _query(base, 'm3tgossip_round{job="daemons"}')
         assert {r["metric"]["instance"] for r in rounds} == set(metrics_at.values())
         info = _query(base, "m3tgossip_node_info")
-        assert {r["metric"]["node"] for r in info} == set(ids)
-        sent = _query(base, "sum(m3tgossip_sent_bytes_total)")
+        assert sorted(r["metric"]["node"] for r in info) == sorted(ids + [n.id for n in private])
+        sent = _query(base, 'sum(m3tgossip_sent_bytes_total{job="daemons"})')
         assert float(sent[0]["value"][1]) > 0
+        eps = _query(base, 'min(m3tgossip_privacy_epsilon{job="private"})')
+        assert float(eps[0]["value"][1]) > 0
+        acc = _query(base, 'm3tgossip_task_accuracy{job="private",task="at_risk"}')
+        assert all(0.5 <= float(r["value"][1]) <= 1.0 for r in acc) and len(acc) == len(private)
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=WAIT_S)
+        if server is not None:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=WAIT_S)
+        for node in private:
+            node.stop("test over")
+        for t in threads:
+            t.join(WAIT_S)
+    assert not any(t.is_alive() for t in threads)
+    assert all(refused(n.exporter.bound) for n in private if n.exporter.bound)
     for proc in procs.values():
         proc.send_signal(signal.SIGTERM)
     for nid, proc in procs.items():
