@@ -233,6 +233,22 @@ def test_a_node_shows_no_value_it_does_not_have(tmp_path: Path) -> None:
         assert absent not in names, absent
 
 
+def test_a_record_it_cannot_read_does_not_stop_the_node(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    topo = ring(tmp_path)
+    node = make_node(topo, topo.ids()[0], tmp_path, FakeNetwork(), prometheus="127.0.0.1:0")
+    node.exporter.start(node, node.link.session)
+    try:
+        node.exporter.observe({"round": 1, "timings": "garbled"}, node)
+        node.exporter.observe({"round": 2, "heard": []}, node)
+        got = samples(scrape(node.exporter.bound))
+    finally:
+        node.exporter.close()
+    assert got[("m3tgossip_round", ())] == 2
+    assert "Prometheus series not updated" in caplog.text
+
+
 def test_running_nodes_export_their_last_record(tmp_path: Path) -> None:
     topo = ring(tmp_path)
     net = FakeNetwork()

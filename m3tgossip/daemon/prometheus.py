@@ -179,6 +179,7 @@ class Exporter:
         self._thread: threading.Thread | None = None
         #: last cumulative values seen, to advance the counters by
         self._last: dict[str, float] = {}
+        self._warned = False
 
     @property
     def enabled(self) -> bool:
@@ -219,10 +220,19 @@ class Exporter:
         log.info("%s: Prometheus metrics on http://%s/metrics", self.node_id, self.bound)
 
     def observe(self, record: dict[str, Any], state: NodeState) -> None:
-        """Update every series from one end-of-round record (and the neighbours' counters)."""
+        """Update every series from one end-of-round record (and the neighbours' counters).
+        A record it cannot read is logged once and never stops the daemon."""
         s = self._series
         if s is None:
             return
+        try:
+            self._observe(s, record, state)
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            if not self._warned:
+                log.warning("%s: Prometheus series not updated: %r", self.node_id, exc)
+                self._warned = True
+
+    def _observe(self, s: _Series, record: dict[str, Any], state: NodeState) -> None:
         s.round.set(int(record["round"]))
         s.rounds.inc()
         timings = {k: v for k, v in record.get("timings", {}).items() if _number(v) is not None}
