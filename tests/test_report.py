@@ -5,6 +5,7 @@ writes, a real testbed run reported, and the page rendered by headless Chromium 
 from __future__ import annotations
 
 import base64
+import io
 import json
 import re
 import struct
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from conftest import WAIT_S
 from system_packages import system_binary
@@ -225,9 +227,6 @@ def screenshot(page: Path, tmp_path: Path) -> bytes:
 def assert_drawn(data: bytes) -> None:
     """A full-window PNG that is not blank: many distinct colours (the plots' lines)."""
     assert png_size(data) == (1280, 2000)
-    import io
-
-    import numpy as np
     from matplotlib.image import imread
 
     pixels = imread(io.BytesIO(data), format="png")
