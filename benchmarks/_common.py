@@ -12,10 +12,13 @@ import json
 import os
 import platform
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from m3tgossip.harness import Summary, Testbed, TestbedSpec
+from m3tgossip.harness import Summary, Testbed, TestbedSpec, bar_iter
+
+T = TypeVar("T")
 
 #: the repository (its topology/ folder holds the specs the benchmarks run on)
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,6 +82,12 @@ def wait_for_load(threshold: float, max_wait_s: float, poll_s: float = 30.0) -> 
         print(f"  load {loadavg()} >= {threshold:g}: waiting {poll_s:g} s", flush=True)
         time.sleep(poll_s)
     return {"before": before, "after": loadavg(), "waited_s": round(time.monotonic() - start, 1)}
+
+
+def each_run(items: Iterable[T], desc: str) -> Iterator[T]:
+    """The items of a benchmark's loop over runs, with a progress bar while stderr is a
+    terminal (each testbed run shows its own bar of rounds below it); plain otherwise."""
+    return bar_iter(items, desc, unit="run")
 
 
 def run_testbed(spec: TestbedSpec) -> tuple[Summary, float]:

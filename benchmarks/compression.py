@@ -23,6 +23,7 @@ from typing import Any
 
 from _common import (
     ROOT,
+    each_run,
     loadavg,
     machine,
     parser,
@@ -100,7 +101,7 @@ def main() -> int:
     print(f"load before: {load0}", flush=True)
     edu_rows: list[dict[str, Any]] = []
     if not args.skip_edu:
-        for label, codec, gamma in EDU_CODECS:
+        for label, codec, gamma in each_run(EDU_CODECS, "edu codecs"):
             load = loadavg()
             s, wall = run_testbed(
                 TestbedSpec(
@@ -143,7 +144,7 @@ def main() -> int:
             row["acc_delta_points"] = 100 * (row["final_mean_acc"] - raw["final_mean_acc"])
             row["bytes_ratio_vs_raw"] = raw["bytes_sent_total"] / row["bytes_sent_total"]
     cons_rows: list[dict[str, Any]] = []
-    for label, codec, gamma in CONSENSUS_CODECS:
+    for label, codec, gamma in each_run(CONSENSUS_CODECS, "consensus codecs"):
         run_dir = out / f"consensus-{codec.replace(':', '')}"
         load = loadavg()
         s, wall = run_testbed(

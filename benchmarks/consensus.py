@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import ROOT, parser, pyplot, run_testbed, save_png, setup, write_json
+from _common import ROOT, each_run, parser, pyplot, run_testbed, save_png, setup, write_json
 
 from m3tgossip.consensus import metropolis_hastings, predicted_rounds, slem
 from m3tgossip.harness import TestbedSpec
@@ -39,7 +39,7 @@ def main() -> int:
         [Path(s) for s in args.specs] if args.specs else sorted((ROOT / "topology").glob("*.toml"))
     )
     rows = []
-    for spec in specs:
+    for spec in each_run(specs, "specs"):
         topo = load_topology(spec)
         if topo.dynamics != "static":
             print(

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import ROOT, machine, parser, pyplot, save_png, setup, write_json
+from _common import ROOT, each_run, machine, parser, pyplot, save_png, setup, write_json
 
 from m3tgossip.daemon.metrics import read_metrics
 from m3tgossip.edu.data import MODALITIES, TASKS, DataConfig, node_data, pooled_data
@@ -464,7 +464,7 @@ def main() -> int:
         flush=True,
     )
     results, all_ok = [], True
-    for tp in args.topologies:
+    for tp in each_run(args.topologies, "topologies"):
         topo_path = (ROOT / tp) if not Path(tp).is_absolute() else Path(tp)
         topo = load_topology(topo_path)
         print(f"\n--- {topo.name}: {len(topo.nodes)} nodes, {len(topo.edges)} edges", flush=True)

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from _common import (
     ROOT,
+    each_run,
     loadavg,
     machine,
     parser,
@@ -153,7 +154,7 @@ def main() -> int:
     load0 = wait_for_load(args.load_threshold, args.max_wait)
     print(f"load before: {load0}", flush=True)
     rows: list[dict[str, Any]] = []
-    for spec in specs:
+    for spec in each_run(specs, "specs"):
         topo = load_topology(spec)
         if topo.dynamics == "static":
             s = slem(metropolis_hastings(topo.graph()))
@@ -222,7 +223,7 @@ def main() -> int:
             'exponential graph."\n\n[generator]\nkind = "cycle"\nn = 8\n\n'
             '[dynamics]\nkind = "one-peer-exponential"\n',
         )
-        for spec in (ROOT / "topology" / "ring-8.toml", ope8):
+        for spec in each_run((ROOT / "topology" / "ring-8.toml", ope8), "overlap"):
             topo = load_topology(spec)
             load = loadavg()
             summary, wall = run_testbed(

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import ROOT, loadavg, parser, save_png, setup, write_json
+from _common import ROOT, each_run, loadavg, parser, save_png, setup, write_json
 
 from m3tgossip.daemon import checkpoint
 from m3tgossip.daemon.metrics import read_metrics
@@ -516,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
             plan.append((f"sweep-{e:g}", custom_path, {"node_settings": custom_nodes}, options))
 
     runs: dict[str, dict[str, Any]] = {}
-    for name, topo, changes, opts in plan:
+    for name, topo, changes, opts in each_run(plan, "settings"):
         runs[name] = run_testbed(name, out, topo, args, changes, opts)
     failed = [n for n, r in runs.items() if r["exit"] != 0 or r["summary"] is None]
 

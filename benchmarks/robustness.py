@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import ROOT, machine, parser, pyplot, save_png, setup, write_json
+from _common import ROOT, each_run, machine, parser, pyplot, save_png, setup, write_json
 
 from m3tgossip.daemon.metrics import read_metrics
 from m3tgossip.harness import Summary, Testbed, TestbedSpec, digest_spread
@@ -147,7 +147,7 @@ def consensus_part(a: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
             for k in (1, 2):
                 byz = list(BYZANTINE[:k])
                 scenarios.append((f"{attack}-{k}of16-{agg}", agg, byz, attackers(byz, attack)))
-    for name, agg, byz, changes in scenarios:
+    for name, agg, byz, changes in each_run(scenarios, "consensus scenarios"):
         summary, code, run_dir, wall = run(out / "consensus", name, base, agg, changes)
         honest = [n for n in nodes if n not in byz]
         m = honest_error(run_dir, TORUS, a.seed, a.size, honest)
@@ -199,7 +199,7 @@ def edu_part(a: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
             byz = list(BYZANTINE)
             name = f"torus16-{a.edu_attack}-2of16-{agg}"
             scenarios.append((name, agg, byz, big, attackers(byz, a.edu_attack)))
-    for name, agg, byz, base, changes in scenarios:
+    for name, agg, byz, base, changes in each_run(scenarios, "edu scenarios"):
         summary, code, _, wall = run(out / "edu", name, base, agg, changes)
         per_node = (summary.per_node if summary else None) or {}
         honest_final = {

@@ -21,7 +21,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, loadavg, machine, parser, run_testbed, setup, wait_for_load, write_json
+from _common import (
+    ROOT,
+    each_run,
+    loadavg,
+    machine,
+    parser,
+    run_testbed,
+    setup,
+    wait_for_load,
+    write_json,
+)
 
 from m3tgossip.harness import TestbedSpec
 
@@ -62,7 +72,7 @@ def main() -> int:
     load0 = wait_for_load(args.load_threshold, args.max_wait)
     print(f"load before: {load0}", flush=True)
     rows: list[dict[str, Any]] = []
-    for label, overlap in MODES:
+    for label, overlap in each_run(MODES, "schedules"):
         load = loadavg()
         s, wall = run_testbed(
             TestbedSpec(

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from _common import (
     ROOT,
+    each_run,
     loadavg,
     machine,
     parser,
@@ -289,7 +290,7 @@ def main() -> int:
         f"{SAMPLE_EVERY_S:g} s",
     )
     rows: list[dict[str, Any]] = []
-    for n in args.consensus_nodes:
+    for n in each_run(args.consensus_nodes, "consensus sizes"):
         spec = write_spec(
             out / f"rr{args.degree}-{n}.toml",
             f"rr{args.degree}-{n}",
@@ -359,7 +360,7 @@ def main() -> int:
         }
         rows.append(row)
         print_row(row)
-    for n in args.edu_nodes:
+    for n in each_run(args.edu_nodes, "edu sizes"):
         if n == 8 and (ROOT / "topology" / "ring-8.toml").exists():
             spec = ROOT / "topology" / "ring-8.toml"
         else:

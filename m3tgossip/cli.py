@@ -9,6 +9,7 @@ m3tgossip keys generate --out DIR --id NODE [--force]
 m3tgossip testbed --topology FILE --workload consensus --rounds 60 --out DIR
 m3tgossip slurm sbatch|keys|task|collect ...   (m3tgossip.engines.commands)
 m3tgossip kube manifests|keys|node ...
+m3tgossip report RUN_DIR [STATE_DIR ...] [--out FILE]
 """
 
 from __future__ import annotations
@@ -65,6 +66,19 @@ def _node_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="plaintext links, no encryption or authentication (loopback only)",
     )
+    p.add_argument(
+        "--prometheus",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (loopback unless "
+        "--prometheus-public)",
+    )
+    p.add_argument(
+        "--prometheus-public",
+        dest="prometheus_public",
+        action="store_true",
+        default=None,
+        help="allow a non-loopback --prometheus address",
+    )
     p.add_argument("--mode", dest="gossip.mode", help="sync | push-sum")
     p.add_argument(
         "--deadline", dest="gossip.round_deadline_s", type=float, help="round deadline (s)"
@@ -113,6 +127,8 @@ def _cmd_node(args: argparse.Namespace) -> int:
         "key_dir",
         "status_keys",
         "insecure",
+        "prometheus",
+        "prometheus_public",
         "gossip.mode",
         "gossip.round_deadline_s",
         "gossip.startup_grace_s",
@@ -212,6 +228,33 @@ def _cmd_engine(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _report_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="write an HTML report with plots of a run",
+        description="Write one self-contained HTML report (plots and a table) from a testbed "
+        "run folder or from the state folders of deployed nodes (folders holding "
+        "metrics.jsonl). Needs matplotlib: pip install -e '.[plot]'.",
+    )
+    p.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="a testbed run folder (summary.json, nodes/*/metrics.jsonl), a node's state "
+        "folder, or a folder of state folders (repeatable)",
+    )
+    p.add_argument("--out", metavar="FILE", help="HTML file to write (default RUN_DIR/report.html)")
+    p.add_argument("--title", help="title of the report (default: from the run)")
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from m3tgossip.report import write_report
+
+    path, run = write_report(args.runs, args.out, title=args.title)
+    print(f"report: wrote {path} ({len(run.nodes)} nodes, {run.rounds} rounds)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="m3tgossip",
@@ -268,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--force", action="store_true", help="replace existing key files")
     sub.add_parser("testbed", help="run a multi-process testbed on this machine", add_help=False)
     _engine_parsers(sub)
+    _report_parser(sub)
     return parser
 
 
@@ -289,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_keys_generate(args)
         if args.command in ("slurm", "kube"):
             return _cmd_engine(args)
+        if args.command == "report":
+            return _cmd_report(args)
     except ConfigError as exc:
         print(f"m3tgossip: error: {exc}", file=sys.stderr)
         return 2

@@ -15,6 +15,8 @@ bind = "tcp://0.0.0.0:5701"         # default: the host:port of this node in the
 key_dir = "/etc/m3tgossip/keys"     # holds uni-a.key_secret (m3tgossip keys generate)
 status_keys = "operators.keys"      # operator public keys allowed to query status
 insecure = false                    # true: plaintext, loopback only (tests, testbeds)
+prometheus = "127.0.0.1:9101"       # serve Prometheus metrics here (default: off)
+prometheus_public = false           # true: allow a non-loopback prometheus address
 
 [gossip]
 mode = "sync"                       # sync | push-sum
@@ -34,6 +36,7 @@ names the file and the key. Nothing in a config is ever executed.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -185,6 +188,11 @@ class NodeConfig:
     status_keys: str = ""
     #: plaintext links instead of CURVE; refused unless every endpoint is on loopback
     insecure: bool = False
+    #: HOST:PORT of this node's Prometheus endpoint (http://HOST:PORT/metrics); "" = off;
+    #: a port of 0 picks a free one. Only loopback hosts unless `prometheus_public`
+    prometheus: str = ""
+    #: serve the Prometheus endpoint on a non-loopback address (anyone who reaches it reads it)
+    prometheus_public: bool = False
     gossip: GossipConfig = field(default_factory=GossipConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
     #: injected faults and attack mode (tests, chaos runs, robustness research)
@@ -200,6 +208,12 @@ class NodeConfig:
             raise ValueError(f"seed: must be an integer, got {self.seed!r}")
         if not isinstance(self.insecure, bool):
             raise ValueError(f"insecure: must be true or false, got {self.insecure!r}")
+        if not isinstance(self.prometheus_public, bool):
+            raise ValueError(
+                f"prometheus_public: must be true or false, got {self.prometheus_public!r}"
+            )
+        if self.prometheus:
+            prometheus_address(self.prometheus, self.prometheus_public)
         from m3tgossip.workloads import WORKLOADS
 
         if self.workload not in WORKLOADS:
@@ -214,6 +228,34 @@ class NodeConfig:
     @property
     def metrics_path(self) -> Path:
         return Path(self.metrics) if self.metrics else self.state_path / "metrics.jsonl"
+
+
+def prometheus_address(text: Any, public: bool) -> tuple[str, int]:
+    """`HOST:PORT` (`[::1]:PORT` for IPv6) of a Prometheus endpoint, as (host, port).
+
+    ValueError if it is malformed, or if HOST is not a loopback address (`localhost`,
+    127.0.0.0/8, ::1) and `public` is not set.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"prometheus: a HOST:PORT string, got {text!r}")
+    host, sep, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(
+            f"prometheus: expected HOST:PORT (e.g. 127.0.0.1:9101, port 0-65535), got {text!r}"
+        )
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback and not public:
+        raise ValueError(
+            f"prometheus: {text!r} is not a loopback address; metrics there are readable by "
+            "anyone who reaches it: set prometheus_public = true (--prometheus-public) to "
+            "serve them anyway"
+        )
+    return host, int(port_text)
 
 
 _TABLES = ("node", "gossip", "transport", "faults", "privacy", "workload")

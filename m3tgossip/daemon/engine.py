@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from m3tgossip.daemon.metrics import MetricsWriter
+from m3tgossip.daemon.prometheus import Exporter
 from m3tgossip.daemon.schedules import RoundParts, Schedule
 from m3tgossip.daemon.timings import Timings
 from m3tgossip.net import FaultyTransport
@@ -33,11 +34,14 @@ class RoundEngine:
         schedule: Schedule,
         metrics: MetricsWriter,
         checkpoint: Callable[[], None],
+        exporter: Exporter | None = None,
     ) -> None:
         self.parts = parts
         self.schedule = schedule
         self.metrics = metrics
         self.checkpoint = checkpoint
+        #: the node's Prometheus endpoint, updated from every round's record
+        self.exporter = exporter
 
     def run(self) -> None:
         node = self.parts.state
@@ -120,6 +124,8 @@ class RoundEngine:
                 "epsilon": {c: node.gate.spent(c) for c in node.shared},
                 "retired": sorted(node.retired),
             }
+        if self.parts.mixstep.distances:
+            record["component_distance"] = dict(self.parts.mixstep.distances)
         if self.parts.rounds.isolated:
             record["isolated"] = sorted(self.parts.rounds.isolated)
         if isinstance(self.parts.link.transport, FaultyTransport):
@@ -129,3 +135,5 @@ class RoundEngine:
             record["train"] = local
         record.update(evaluation)
         self.metrics.write(record)
+        if self.exporter is not None:
+            self.exporter.observe(record, node)

@@ -28,6 +28,9 @@ class MixStep:
         self.mixer = mixer
         node = state
         self.weights = {c: node_weights(node.topology, node.id, c) for c in node.shared}
+        #: per component mixed in the last round: the largest distance to a heard replica,
+        #: relative to the norm of this node's published value
+        self.distances: dict[str, float] = {}
 
     def mix(self) -> tuple[list[str], float]:
         """Mix over the replicas heard this round; returns (heard ids, consensus distance)."""
@@ -37,6 +40,7 @@ class MixStep:
         heard_any: set[str] = set()
         dist_sq = 0.0
         norm_sq = 0.0
+        self.distances = {}
         for comp, x in node.shared.items():
             if comp in node.retired:
                 continue
@@ -48,10 +52,15 @@ class MixStep:
             heard_any |= heard
             mine = self.exchange.published[comp]
             replicas = {pid: node.peers[pid].replicas[comp] for pid in heard}
+            comp_sq = 0.0
             for r in replicas.values():
                 d = r - mine
-                dist_sq = max(dist_sq, float(d @ d))
-            norm_sq += float(mine @ mine)
+                comp_sq = max(comp_sq, float(d @ d))
+            dist_sq = max(dist_sq, comp_sq)
+            mine_sq = float(mine @ mine)
+            norm_sq += mine_sq
+            if replicas:
+                self.distances[comp] = math.sqrt(comp_sq / mine_sq if mine_sq > 0 else comp_sq)
             row = row_of_round if row_of_round is not None else self.noise_aware(comp)
             self.mixer.mix_into(x, mine, replicas, renormalise(row, node.id, heard), node.id)
         distance = math.sqrt(dist_sq / norm_sq) if norm_sq > 0 else math.sqrt(dist_sq)

@@ -25,6 +25,7 @@ from m3tgossip.daemon.link import Link, TransportLike
 from m3tgossip.daemon.metrics import MetricsWriter
 from m3tgossip.daemon.mix import MixStep
 from m3tgossip.daemon.peers import make_peers
+from m3tgossip.daemon.prometheus import Exporter
 from m3tgossip.daemon.rounds import RoundCollector
 from m3tgossip.daemon.schedules import RoundParts, make_schedule
 from m3tgossip.daemon.startup import handshake, make_gate, open_transport
@@ -92,7 +93,10 @@ class Node(NodeState):
         )
         self.metrics = MetricsWriter(config.metrics_path)
         self.checkpoints = checkpoint.Writer(config.state_path)
-        self.engine = RoundEngine(self.parts, self.schedule, self.metrics, self.checkpoint)
+        self.exporter = Exporter(config)
+        self.engine = RoundEngine(
+            self.parts, self.schedule, self.metrics, self.checkpoint, self.exporter
+        )
 
     def poll(self, timeout_ms: int) -> None:
         """Handle whatever arrives within `timeout_ms`."""
@@ -125,6 +129,7 @@ class Node(NodeState):
 
     def run(self) -> int:
         """Announce READY, say hello, run rounds, shut down cleanly. Returns the exit code."""
+        self.exporter.start(self, self.link.session)
         ready = {
             "node": self.id,
             "endpoint": self.link.transport.endpoint,
@@ -133,6 +138,7 @@ class Node(NodeState):
             "round": self.round,
             "workload": self.workload.name,
             "schedule": self.schedule.name,
+            "prometheus": self.exporter.bound,
         }
         print("READY " + json.dumps(ready, separators=(",", ":")), flush=True)
         self.schedule.start(self.parts)
@@ -170,6 +176,7 @@ class Node(NodeState):
         for peer in self.peers.values():
             self.link.send(peer, protocol.MsgType.LEAVE, {"reason": reason})
         self.metrics.close()
+        self.exporter.close()
         self.link.transport.close(int(self.config.gossip.leave_timeout_s * 1000))
         log.info("%s: stopped at round %d (%s)", self.id, self.round, reason)
 

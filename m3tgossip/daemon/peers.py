@@ -27,6 +27,8 @@ class Peer:
     model_ok: bool = True
     left: bool = False
     missed: int = 0
+    #: rounds whose deadline passed without this neighbour's messages (never reset)
+    deadline_misses: int = 0
     last_heard: float = 0.0
     round: int = -1
     replicas: dict[str, np.ndarray] = field(default_factory=dict)

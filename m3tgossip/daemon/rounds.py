@@ -149,6 +149,7 @@ class RoundCollector:
             if not self.in_round(peer) or not peer.components or peer.heard_round(mixing):
                 continue
             peer.missed += 1
+            peer.deadline_misses += 1
             if peer.missed == g.suspect_after and not peer.left:
                 log.warning(
                     "%s: %s missed %d rounds; not waiting for it until it is heard again",

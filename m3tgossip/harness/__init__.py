@@ -4,6 +4,7 @@ from m3tgossip.harness.chaos import ChaosRun
 from m3tgossip.harness.chaos_spec import ChaosSpec
 from m3tgossip.harness.nemesis import Fault, plan_nemesis
 from m3tgossip.harness.netlab import NetLab, netns_available
+from m3tgossip.harness.progress import Progress, bar_iter
 from m3tgossip.harness.summary import Summary, format_summary
 from m3tgossip.harness.testbed import Child, Placement, Testbed, free_ports
 from m3tgossip.harness.testbed_spec import TestbedSpec
@@ -17,9 +18,11 @@ __all__ = [
     "Fault",
     "NetLab",
     "Placement",
+    "Progress",
     "Summary",
     "Testbed",
     "TestbedSpec",
+    "bar_iter",
     "digest_spread",
     "format_summary",
     "format_verdict",

@@ -12,7 +12,9 @@ starts one `m3tgossip node` process per node (each generates its own state or
 data from the federation seed, so nothing is handed out centrally), shows progress from the
 nodes' metrics files, and writes `DIR/summary.json`. It exits non-zero if a daemon crashed or
 hung, and on Ctrl+C (or any error) it stops every child it started. `--insecure` runs the
-daemons on plaintext links instead (loopback only), without keys.
+daemons on plaintext links instead (loopback only), without keys. `--prometheus` gives every
+daemon a Prometheus endpoint on a free loopback port and lists them in DIR/prometheus.json, a
+target file Prometheus' `file_sd_configs` reads.
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ from typing import Any
 
 from m3tgossip.daemon.metrics import read_metrics
 from m3tgossip.errors import ConfigError
+from m3tgossip.harness.progress import Progress
 from m3tgossip.harness.summary import Summary, format_summary, summarise
 from m3tgossip.harness.testbed_spec import SOURCE, TestbedSpec, parse_args
 from m3tgossip.net import generate_keys
 from m3tgossip.topology import Topology, load_topology
 
-#: seconds between progress lines
+#: seconds between progress lines (a progress bar, on a terminal, is redrawn more often)
 PROGRESS_EVERY_S = 2.0
 #: seconds children get to stop after SIGTERM before SIGKILL
 STOP_GRACE_S = 15.0
@@ -115,7 +118,12 @@ class Testbed:
         self.out = spec.out
         self.out.mkdir(parents=True, exist_ok=True)
         free = [nid for nid in base.ids() if nid not in placements]
-        topology = base.with_ports(dict(zip(free, free_ports(len(free)), strict=True)))
+        picked = free_ports(len(free) * (2 if spec.prometheus else 1))
+        topology = base.with_ports(dict(zip(free, picked, strict=False)))
+        #: node -> HOST:PORT of its Prometheus endpoint (`spec.prometheus`; nodes on loopback)
+        self.prometheus = {
+            nid: f"127.0.0.1:{port}" for nid, port in zip(free, picked[len(free) :], strict=False)
+        }
         by_host: dict[str, dict[str, int]] = {}
         for nid, place in placements.items():
             by_host.setdefault(place.host, {})[nid] = place.port
@@ -130,6 +138,9 @@ class Testbed:
         self.topology: Topology = topology
         self.topology_path = self.out / "topology.toml"
         self.topology_path.write_text(topology.to_toml())
+        if self.prometheus:
+            targets = [{"targets": [a], "labels": {"node": n}} for n, a in self.prometheus.items()]
+            (self.out / "prometheus.json").write_text(json.dumps(targets, indent=2))
         self._children = {
             nid: self._make_child(nid, placements[nid].prefix if nid in placements else ())
             for nid in topology.ids()
@@ -145,6 +156,8 @@ class Testbed:
         cmd += ["--topology", str(self.topology_path), "--id", nid, "--workload", s.workload]
         cmd += ["--rounds", str(s.rounds), "--seed", str(s.seed), "--state-dir", str(folder)]
         cmd += ["--deadline", str(s.deadline), "--mode", s.mode]
+        if nid in self.prometheus:
+            cmd += ["--prometheus", self.prometheus[nid]]
         if s.insecure:
             cmd += ["--insecure"]
         else:
@@ -314,6 +327,7 @@ class Testbed:
         hung: list[str] = []
         kills = dict(spec.kills)
         restart_due: dict[str, float] = {}
+        progress: Progress | None = None
         try:
             for nid in self._children:
                 self.start(nid)
@@ -324,6 +338,10 @@ class Testbed:
                     f"({spec.workload}, {spec.rounds} rounds)",
                     flush=True,
                 )
+                if self.prometheus:
+                    print(f"testbed: Prometheus targets in {self.out / 'prometheus.json'}")
+            if not spec.quiet:
+                progress = Progress("testbed", spec.rounds, "round", every_s=PROGRESS_EVERY_S)
             next_progress = time.monotonic()
             while True:
                 alive = [nid for nid in self._children if self.alive(nid)]
@@ -334,15 +352,19 @@ class Testbed:
                 if time.monotonic() - start > timeout:
                     hung = alive
                     break
-                if not spec.quiet and time.monotonic() >= next_progress:
-                    self._progress()
-                    next_progress = time.monotonic() + PROGRESS_EVERY_S
+                if progress is not None and time.monotonic() >= next_progress:
+                    self._progress(progress)
+                    next_progress = time.monotonic() + progress.interval
                 time.sleep(0.1)
         except KeyboardInterrupt:
+            if progress is not None:
+                progress.close()
             print("testbed: interrupted; stopping every daemon", file=sys.stderr, flush=True)
             self.stop_all()
             raise
         finally:
+            if progress is not None:
+                progress.close()
             self.stop_all()
         killed = [e["node"] for e in self.events if e["event"] == "sigkill"]
         summary = summarise(
@@ -377,12 +399,12 @@ class Testbed:
                 del restart_due[nid]
                 self.start(nid)
 
-    def _progress(self) -> None:
-        rounds = [self.last_round(nid) for nid in self._children]
-        print(
-            f"testbed: rounds done min {min(rounds) + 1} max {max(rounds) + 1} "
-            f"of {self.spec.rounds}",
-            flush=True,
+    def _progress(self, progress: Progress) -> None:
+        rounds = [self.last_round(nid) + 1 for nid in self._children]
+        progress.update(
+            min(rounds),
+            note=f"fastest node at {max(rounds)}",
+            line=f"testbed: rounds done min {min(rounds)} max {max(rounds)} of {self.spec.rounds}",
         )
 
 

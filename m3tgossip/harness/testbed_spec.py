@@ -175,6 +175,8 @@ class TestbedSpec:
     insecure: bool = False
     #: seconds the daemons have to print their READY line
     ready_timeout_s: float = READY_TIMEOUT_S
+    #: every daemon serves Prometheus metrics on a free loopback port (DIR/prometheus.json)
+    prometheus: bool = False
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -202,7 +204,7 @@ class TestbedSpec:
         number("ready_timeout_s", low=0, strict=True)
         number("restart_after", optional=True, low=0)
         number("timeout", optional=True, low=0, strict=True)
-        for name in ("quiet", "insecure"):
+        for name in ("quiet", "insecure", "prometheus"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail(name, f"must be true or false, got {getattr(self, name)!r}")
         put("options", _assignments("options", self.options, table=False))
@@ -267,6 +269,8 @@ class TestbedSpec:
             args.append("--insecure")
         if self.ready_timeout_s != READY_TIMEOUT_S:
             args += ["--ready-timeout", repr(self.ready_timeout_s)]
+        if self.prometheus:
+            args.append("--prometheus")
         return args
 
 
@@ -350,6 +354,12 @@ def parser() -> argparse.ArgumentParser:
         metavar="S",
         help=f"seconds the daemons have to start (default {READY_TIMEOUT_S:g})",
     )
+    p.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="each daemon serves Prometheus metrics on a free 127.0.0.1 port; the targets are "
+        "in OUT/prometheus.json (a Prometheus file_sd list)",
+    )
     return p
 
 
@@ -375,4 +385,5 @@ def parse_args(argv: list[str]) -> TestbedSpec:
         node_settings=node_settings(a.node_set),
         insecure=a.insecure,
         ready_timeout_s=a.ready_timeout,
+        prometheus=a.prometheus,
     )
