@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import stat
 import subprocess
+import time
 import tomllib
 from pathlib import Path
 
 import pytest
+from conftest import WAIT_S, read_ready
 
 from m3tgossip.cli import main as cli_main
 from m3tgossip.daemon.config import GossipConfig, load_node_config
+from m3tgossip.daemon.metrics import read_metrics
 from m3tgossip.deploy import (
     BundleOptions,
     load_hosts,
@@ -23,7 +28,8 @@ from m3tgossip.deploy import (
     write_bundle,
 )
 from m3tgossip.errors import ConfigError
-from m3tgossip.net import load_public, load_secret
+from m3tgossip.harness.testbed import free_ports
+from m3tgossip.net import load_keypair, load_public, load_secret, query_status
 from m3tgossip.topology import load_topology
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -301,3 +307,77 @@ def test_systemd_analyze_verifies_a_generated_unit(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert "m3tgossip-uni-a.service" not in r.stderr, r.stderr
+
+
+def wait_converged(path: Path, target: float = 1e-6) -> dict:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        recs = read_metrics(path)
+        if recs and recs[-1]["error_to_mean"] <= target:
+            return recs[-1]
+        time.sleep(0.1)
+    raise AssertionError(f"{path}: not within {target} of the mean in {WAIT_S} s")
+
+
+@pytest.mark.multiprocess
+def test_start_scripts_run_nodes_by_hand_and_as_systemd_does(tmp_path: Path, children) -> None:
+    spec = tmp_path / "pair.toml"
+    spec.write_text(PAIR)
+    hosts = tmp_path / "hosts.toml"
+    ports = dict(zip("ab", free_ports(2), strict=True))
+    hosts.write_text("".join(f'{n} = "127.0.0.1:{p}"\n' for n, p in ports.items()))
+    out = tmp_path / "out"
+    settings = {"workload.size": 64, "gossip.round_deadline_s": 1.0}
+    bundle = write_bundle(spec, hosts, out, BundleOptions(workload="consensus", settings=settings))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    # a as systemd runs it: its state, runtime and credentials folders from the environment
+    # (the credential readable through an ACL: its group bits show the ACL mask) and a notify
+    # socket
+    creds, runtime, state = tmp_path / "creds", tmp_path / "run", tmp_path / "var-lib-a"
+    creds.mkdir()
+    runtime.mkdir(mode=0o700)
+    shutil.copy(out / "nodes" / "a" / "keys" / "a.key_secret", creds / "a.key_secret")
+    os.chmod(creds / "a.key_secret", 0o440)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(WAIT_S)
+    service = dict(
+        env,
+        STATE_DIRECTORY=str(state),
+        RUNTIME_DIRECTORY=str(runtime),
+        CREDENTIALS_DIRECTORY=str(creds),
+        NOTIFY_SOCKET=str(tmp_path / "notify.sock"),
+        WATCHDOG_USEC="2000000",
+    )
+    try:
+        procs = {}
+        for node_id, node_env in (("a", service), ("b", env)):
+            with open(tmp_path / f"{node_id}.log", "ab") as log:
+                procs[node_id] = subprocess.Popen(
+                    [str(out / "nodes" / node_id / "start.sh")],
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                    stdin=subprocess.DEVNULL,
+                    env=node_env,
+                    text=True,
+                )
+            children.procs.append(procs[node_id])
+        ready = {n: read_ready(p) for n, p in procs.items()}
+        listening = "READY=1\nSTATUS=listening on " + ready["a"]["endpoint"]
+        assert notify.recv(4096).decode().startswith(listening)
+        assert mode(runtime / "a.key_secret") & 0o077 == 0
+        wait_converged(state / "metrics.jsonl")
+        wait_converged(out / "nodes" / "b" / "state" / "metrics.jsonl")
+        assert not (out / "nodes" / "a" / "state").exists()
+        answer = query_status(
+            ready["a"]["endpoint"],
+            key=load_keypair(out / "operator" / "ops"),
+            server_key=bundle.topology.node("a").public_key,
+        )
+        assert answer["node"] == "a" and answer["round"] >= 1
+        for proc in procs.values():
+            proc.send_signal(signal.SIGTERM)
+        assert [p.wait(timeout=WAIT_S) for p in procs.values()] == [0, 0]
+    finally:
+        notify.close()

@@ -3,7 +3,8 @@
 `start.sh` is the one command that starts the node: it runs `m3tgossip node --config node.toml`
 from the folder it lies in, wherever that folder is installed, with any extra arguments passed
 on (`./start.sh --rounds 50`). Under systemd it takes the state folder from `STATE_DIRECTORY`
-and the secret key from `CREDENTIALS_DIRECTORY`, which the unit provides.
+and the secret key from `CREDENTIALS_DIRECTORY` (copied into `RUNTIME_DIRECTORY`: a credential
+may carry an ACL, which the daemon refuses on a secret key), which the unit provides.
 
 The unit is `Type=notify`: the daemon says `READY=1` once it listens and pings the watchdog
 from its loop (`m3tgossip.daemon.notify`). `WatchdogSec=` is `WATCHDOG_ROUNDS` longest
@@ -98,6 +99,8 @@ def service_unit(
         f"LoadCredential={node_id}{SECRET_SUFFIX}:{folder}/keys/{node_id}{SECRET_SUFFIX}",
         f"StateDirectory={state}",
         "StateDirectoryMode=0700",
+        f"RuntimeDirectory={state}",
+        "RuntimeDirectoryMode=0700",
         f"CacheDirectory={state}",
         f"ReadWritePaths=-%S/{state}",
         f"Environment=XDG_CACHE_HOME=%C/{state}",
@@ -141,7 +144,12 @@ HERE=$(CDPATH= cd -- "$(dirname -- "$0")" && pwd)
 PYTHON=${{M3TGOSSIP_PYTHON:-{shlex.quote(python)}}}
 set -- --config "$HERE/node.toml" "$@"
 if [ -n "${{CREDENTIALS_DIRECTORY:-}}" ]; then
-    set -- --key-dir "$CREDENTIALS_DIRECTORY" "$@"
+    # A credential may carry an ACL for the service's user, which the daemon refuses on a
+    # secret key: it uses a copy in the service's private runtime folder instead.
+    umask 077
+    rm -f "$RUNTIME_DIRECTORY/{node_id}{SECRET_SUFFIX}"
+    cp "$CREDENTIALS_DIRECTORY/{node_id}{SECRET_SUFFIX}" "$RUNTIME_DIRECTORY/"
+    set -- --key-dir "$RUNTIME_DIRECTORY" "$@"
 fi
 if [ -n "${{STATE_DIRECTORY:-}}" ]; then
     set -- --state-dir "$STATE_DIRECTORY" "$@"
