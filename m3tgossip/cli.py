@@ -10,6 +10,7 @@ m3tgossip testbed --topology FILE --workload consensus --rounds 60 --out DIR
 m3tgossip slurm sbatch|keys|task|collect ...   (m3tgossip.engines.commands)
 m3tgossip kube manifests|keys|node ...
 m3tgossip report RUN_DIR [STATE_DIR ...] [--out FILE]
+m3tgossip deploy bundle --topology FILE --hosts HOSTS --out DIR [--workload edu] [--prefix DIR]
 """
 
 from __future__ import annotations
@@ -255,6 +256,111 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deploy_parser(sub: argparse._SubParsersAction) -> None:
+    deploy = sub.add_parser("deploy", help="deploy a federation on campus machines")
+    deploy_sub = deploy.add_subparsers(dest="deploy_command", required=True)
+    p = deploy_sub.add_parser(
+        "bundle",
+        help="write one folder per node: config, keys, filled spec, systemd unit, start.sh",
+        description="Fill hosts, ports and CURVE public keys into the shared spec and write one "
+        "folder per node (OUT/nodes/ID): node.toml, keys/, topology.toml, operators.keys, "
+        "m3tgossip-ID.service and start.sh, plus the operator key in OUT/operator. Existing "
+        "keys are kept.",
+    )
+    p.add_argument("--topology", required=True, help="topology spec (TOML) shared by the nodes")
+    p.add_argument(
+        "--hosts",
+        required=True,
+        metavar="HOSTS",
+        help='TOML file with one NODE_ID = "HOST:PORT" line per node of the spec',
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="bundle folder (created)")
+    p.add_argument("--workload", default="edu", help="consensus | edu (default edu)")
+    p.add_argument("--rounds", type=int, default=0, help="rounds to run (default 0: until stopped)")
+    p.add_argument("--seed", type=int, default=0, help="federation seed (default 0)")
+    p.add_argument(
+        "--prefix",
+        default="/opt/m3tgossip",
+        metavar="DIR",
+        help="where each node's folder is installed on its machine, as PREFIX/ID "
+        "(default /opt/m3tgossip; written into the systemd unit)",
+    )
+    p.add_argument(
+        "--python",
+        default=sys.executable or "python3",
+        help="the Python with m3tgossip installed on the nodes' machines "
+        "(default: the one running this command)",
+    )
+    p.add_argument(
+        "--operator", default="ops", metavar="NAME", help="operator key name (default ops)"
+    )
+    p.add_argument(
+        "--bind-all",
+        action="store_true",
+        help="bind every address of the machine (for hosts behind NAT), not the HOST given",
+    )
+    p.add_argument(
+        "--watchdog",
+        type=int,
+        metavar="S",
+        help="WatchdogSec= of the units (default: 4 x round_deadline_s x max_wait_factor)",
+    )
+    p.add_argument(
+        "--option",
+        "-o",
+        action="append",
+        type=_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="workload option for every node (repeatable)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        type=_option,
+        default=[],
+        metavar="TABLE.KEY=VALUE",
+        dest="settings",
+        help="node setting of the gossip, transport, faults or privacy table for every node "
+        "(repeatable)",
+    )
+
+
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    from m3tgossip.deploy import BundleOptions, write_bundle
+
+    settings: dict[str, Any] = dict(args.settings)
+    for key, value in args.option:
+        settings[f"workload.{key}"] = value
+    if args.watchdog is not None and args.watchdog < 1:
+        raise ConfigError("deploy bundle", "--watchdog", f"must be >= 1 s, got {args.watchdog}")
+    options = BundleOptions(
+        workload=args.workload,
+        rounds=args.rounds,
+        seed=args.seed,
+        prefix=args.prefix,
+        python=args.python,
+        operator=args.operator,
+        bind_all=args.bind_all,
+        watchdog_s=args.watchdog,
+        settings=settings,
+    )
+    result = write_bundle(args.topology, args.hosts, args.out, options, say=print)
+    report = result.report
+    rounds = report["predicted_rounds"]
+    print(
+        f"topology {report['name']}: {len(report['nodes'])} nodes, {report['edges']} edges, "
+        f"connected; predicted rounds to {report['target_error']:g}: {rounds}"
+    )
+    for warning in report["warnings"]:
+        print(f"warning: {warning}")
+    print(
+        f"Copy {result.out}/nodes/ID to {options.prefix.rstrip('/')}/ID on each node's machine "
+        "and run its start.sh, or install its m3tgossip-ID.service."
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="m3tgossip",
@@ -312,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("testbed", help="run a multi-process testbed on this machine", add_help=False)
     _engine_parsers(sub)
     _report_parser(sub)
+    _deploy_parser(sub)
     return parser
 
 
@@ -335,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_engine(args)
         if args.command == "report":
             return _cmd_report(args)
+        if args.command == "deploy":
+            return _cmd_deploy(args)
     except ConfigError as exc:
         print(f"m3tgossip: error: {exc}", file=sys.stderr)
         return 2

@@ -42,15 +42,19 @@ class RoundEngine:
         self.checkpoint = checkpoint
         #: the node's Prometheus endpoint, updated from every round's record
         self.exporter = exporter
+        #: called between round phases (the daemon's watchdog ping; nothing by default)
+        self.beat: Callable[[], None] = lambda: None
 
     def run(self) -> None:
         node = self.parts.state
         schedule = self.schedule
         while not node.done():
+            self.beat()
             t = Timings()
             before = self.snapshot()
             local = node.workload.local_step(node.round)
             self.release(before)
+            self.beat()
             t.lap("local")
             outcome = schedule.exchange(self.parts, before, t)
             if outcome is None:

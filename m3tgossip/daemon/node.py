@@ -24,6 +24,7 @@ from m3tgossip.daemon.handlers import Handlers
 from m3tgossip.daemon.link import Link, TransportLike
 from m3tgossip.daemon.metrics import MetricsWriter
 from m3tgossip.daemon.mix import MixStep
+from m3tgossip.daemon.notify import Notifier
 from m3tgossip.daemon.peers import make_peers
 from m3tgossip.daemon.prometheus import Exporter
 from m3tgossip.daemon.rounds import RoundCollector
@@ -97,10 +98,18 @@ class Node(NodeState):
         self.engine = RoundEngine(
             self.parts, self.schedule, self.metrics, self.checkpoint, self.exporter
         )
+        #: the service manager's notify socket (READY, WATCHDOG, STOPPING), if it gave one
+        self.notifier = Notifier.from_env()
+        self.engine.beat = self.alive
 
     def poll(self, timeout_ms: int) -> None:
         """Handle whatever arrives within `timeout_ms`."""
+        self.alive()
         self.handlers.poll(timeout_ms)
+
+    def alive(self) -> None:
+        """Tell the service manager's watchdog the loop runs (rate-limited, see notify)."""
+        self.notifier.watchdog(f"round {self.round}")
 
     def stop(self, reason: str) -> None:
         """Ask the loop to finish or abandon its round, checkpoint and leave."""
@@ -141,6 +150,7 @@ class Node(NodeState):
             "prometheus": self.exporter.bound,
         }
         print("READY " + json.dumps(ready, separators=(",", ":")), flush=True)
+        self.notifier.ready(f"listening on {ready['endpoint']}, round {self.round}")
         self.schedule.start(self.parts)
         try:
             if self.schedule.exchanges:
@@ -169,6 +179,7 @@ class Node(NodeState):
     def shutdown(self) -> None:
         """Checkpoint, tell neighbours we leave, close sockets (bounded by linger)."""
         reason = self.stop_reason or "finished"
+        self.notifier.stopping(f"stopping at round {self.round} ({reason})")
         try:
             self.checkpoint(wait=True)
         except OSError as exc:
@@ -178,6 +189,7 @@ class Node(NodeState):
         self.metrics.close()
         self.exporter.close()
         self.link.transport.close(int(self.config.gossip.leave_timeout_s * 1000))
+        self.notifier.close()
         log.info("%s: stopped at round %d (%s)", self.id, self.round, reason)
 
     def status(self) -> dict[str, Any]:
