@@ -98,6 +98,19 @@ def _check_nodes(spec: TestbedSpec, ids: list[str], placements: Mapping[str, Pla
             )
 
 
+def _check_data(spec: TestbedSpec, ids: list[str]) -> None:
+    """With `spec.data`, every node has its data folder there."""
+    if spec.data is None:
+        return
+    missing = [nid for nid in ids if not (spec.data / nid).is_dir()]
+    if missing:
+        raise ConfigError(
+            SOURCE,
+            "data",
+            f"{spec.data} has no folder for {', '.join(missing)} (one folder per node id)",
+        )
+
+
 class Testbed:
     """The daemons of one run: starts, signals and stops them, and reads their files.
 
@@ -112,6 +125,7 @@ class Testbed:
         placements = dict(placements or {})
         base = load_topology(spec.topology)
         _check_nodes(spec, base.ids(), placements)
+        _check_data(spec, base.ids())
         self.out = spec.out
         self.out.mkdir(parents=True, exist_ok=True)
         free = [nid for nid in base.ids() if nid not in placements]
@@ -145,6 +159,8 @@ class Testbed:
         cmd += ["--topology", str(self.topology_path), "--id", nid, "--workload", s.workload]
         cmd += ["--rounds", str(s.rounds), "--seed", str(s.seed), "--state-dir", str(folder)]
         cmd += ["--deadline", str(s.deadline), "--mode", s.mode]
+        if s.data is not None:
+            cmd += ["--data", str((s.data / nid).resolve())]
         if s.insecure:
             cmd += ["--insecure"]
         else:

@@ -175,6 +175,9 @@ class TestbedSpec:
     insecure: bool = False
     #: seconds the daemons have to print their READY line
     ready_timeout_s: float = READY_TIMEOUT_S
+    #: a folder with one data folder per node id (`m3tgossip/docs/data.md`): each node trains on
+    #: its own instead of built-in records (edu workload)
+    data: Path | None = None
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -190,6 +193,12 @@ class TestbedSpec:
             if not isinstance(value, str | os.PathLike) or not str(value):
                 raise _fail(name, f"must be a path, got {value!r}")
             put(name, Path(value))
+        if self.data is not None:
+            if not isinstance(self.data, str | os.PathLike) or not str(self.data):
+                raise _fail("data", f"must be a path, got {self.data!r}")
+            put("data", Path(self.data))
+            if self.workload != "edu":
+                raise _fail("data", f"data folders are for the edu workload, not {self.workload!r}")
         if self.workload not in WORKLOADS:
             raise _fail("workload", f"one of {', '.join(WORKLOADS)}, got {self.workload!r}")
         if self.mode not in GOSSIP_MODES:
@@ -267,6 +276,8 @@ class TestbedSpec:
             args.append("--insecure")
         if self.ready_timeout_s != READY_TIMEOUT_S:
             args += ["--ready-timeout", repr(self.ready_timeout_s)]
+        if self.data is not None:
+            args += ["--data", str(self.data)]
         return args
 
 
@@ -350,6 +361,11 @@ def parser() -> argparse.ArgumentParser:
         metavar="S",
         help=f"seconds the daemons have to start (default {READY_TIMEOUT_S:g})",
     )
+    p.add_argument(
+        "--data",
+        metavar="DIR",
+        help="one data folder per node id in DIR (edu workload; m3tgossip/docs/data.md)",
+    )
     return p
 
 
@@ -375,4 +391,5 @@ def parse_args(argv: list[str]) -> TestbedSpec:
         node_settings=node_settings(a.node_set),
         insecure=a.insecure,
         ready_timeout_s=a.ready_timeout,
+        data=a.data,
     )
