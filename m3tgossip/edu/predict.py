@@ -73,6 +73,13 @@ def predict(state_dir: str | Path, data_dir: str | Path, out: str | Path) -> Pre
     width = max(TASKS[t] for t in tasks)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if trained.adapter.source == "folder":
+        notes += [
+            f"{t}: the node's own folder had no labels for it; its head is what its neighbours "
+            "trained (or untrained)"
+            for t in tasks
+            if t not in trained.adapter.classes
+        ]
     result = Predictions(out, trained.node.id, len(idx), len(raw) - len(idx), tasks, notes=notes)
     right: dict[str, list[bool]] = {t: [] for t in tasks}
     with open(out, "w", newline="", encoding="utf-8") as handle:
