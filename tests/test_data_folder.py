@@ -280,3 +280,75 @@ def test_oulad_is_partitioned_into_the_nodes_of_each_institution(topology, tmp_p
     raw = read_folder(written["uni"])
     for record, label in zip(raw.records, raw.labels["at_risk"], strict=True):
         assert label == (results[record] in ("Fail", "Withdrawn"))
+
+
+def test_a_hand_made_folder_of_every_modality_is_read_and_adapted(tmp_path: Path) -> None:
+    """Real-world shapes: JPEG and PNG scans of any size in a folder, signal CSVs of any length
+    with a time column, a text CSV with long answers, named classes and a given split."""
+    folder = write(
+        tmp_path / "campus-x",
+        {
+            "manifest.toml": """\
+format = 1
+node = "n"
+modalities = ["image", "signal", "text", "tabular"]
+[files]
+image = "scans"
+text = "answers.csv"
+[tasks.stress]
+kind = "binary"
+classes = ["calm", "stressed"]
+[tasks.engagement]
+kind = "ordinal"
+[groups]
+attributes = ["gender"]
+[signal]
+fit = "crop"
+""",
+            "labels.csv": "record_id,learner_id,stress,engagement,split\n"
+            "s1,p1,calm,0,train\ns2,p1,stressed,2,train\ns3,p2,,1,test\n",
+            "learners.csv": "learner_id,gender,language\np1,female,en\np2,male,de\n",
+            "tabular.csv": "learner_id,record_id,credits\np1,s1,60\np2,s3,NA\n",
+            "answers.csv": 'record_id,text\ns1,"' + "A long answer. " * 300 + '"\ns3,Short.\n',
+        },
+    )
+    (folder / "scans").mkdir()
+    Image.new("RGB", (640, 480), "white").save(folder / "scans" / "s1.jpg")
+    Image.new("L", (3, 5), 0).save(folder / "scans" / "s2.png")
+    (folder / "signal").mkdir()
+    (folder / "signal" / "s1.csv").write_text(
+        "t,heart_rate,eda\n" + "".join(f"{i},{70 + i % 5},{i / 10}\n" for i in range(300))
+    )
+    np.save(folder / "signal" / "s2.npy", np.ones((20, 2)))
+    raw = read_folder(folder)
+    assert raw.records == ["s1", "s2", "s3"] and raw.learners == ["p1", "p1", "p2"]
+    assert raw.labels["stress"].tolist() == [0, 1, -1]
+    assert raw.labels["engagement"].tolist() == [0, 2, 1]
+    assert raw.split.tolist() == [0, 0, 1] and raw.group_names == ("gender",)
+    assert raw.present["image"].tolist() == [True, True, False]
+    assert raw.present["signal"].tolist() == [True, True, False]
+    assert raw.present["text"].tolist() == [True, False, True]
+    assert raw.image.shape == (3, 1, 8, 8) and not raw.image[1].any()  # black stays empty
+    # the CSV window is cropped to its last 64 steps, heart_rate and eda in their slots
+    assert raw.signal[0, -1, 1] == 70 + 299 % 5 and raw.signal[0, -1, 0] == pytest.approx(29.9)
+    assert raw.signal[1, :44].sum() == 2 * 44 and raw.signal[1, :, 2:].sum() == 0
+    node = SimpleNamespace(id="n", modalities=("image", "signal", "tabular"), tasks=("stress",))
+    f = load_node_folder(folder, node)
+    assert f.train_records == ["s1", "s2"] and f.test_records == ["s3"]
+    assert f.adapter.classes["stress"] == ("calm", "stressed")
+    np.testing.assert_allclose(f.train.signal[:, :, :2].mean(axis=(0, 1)), 0, atol=1e-5)
+    assert f.train.labels["engagement"].tolist() == [-1, -1]  # not a task of this node
+
+
+def test_a_testbed_spec_takes_a_data_folder_per_node(tmp_path: Path) -> None:
+    from m3tgossip.harness import Testbed, TestbedSpec, testbed_spec
+
+    ring = str(Path(__file__).resolve().parent.parent / "topology" / "ring-8.toml")
+    spec = TestbedSpec(topology=ring, out=tmp_path / "bed", workload="edu", data=tmp_path)
+    assert spec.data == tmp_path and testbed_spec.parse_args(spec.argv()) == spec
+    with pytest.raises(ConfigError, match="^testbed spec: data: data folders are for the edu"):
+        TestbedSpec(topology=ring, out=tmp_path / "bed", data=tmp_path)
+    (tmp_path / "n0").mkdir()
+    with pytest.raises(ConfigError, match=r"^testbed spec: data: .* has no folder for n1, n2"):
+        Testbed(spec)
+    assert not (tmp_path / "bed").exists()

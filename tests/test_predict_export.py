@@ -18,6 +18,7 @@ from m3tgossip.edu.model import M3TConfig, M3TModel
 from m3tgossip.edu.model.node_model import load_base_weights
 from m3tgossip.edu.model.pretrained import DEFAULT_CHECKPOINT, load_checkpoint
 from m3tgossip.edu.restore import load_trained_node
+from m3tgossip.errors import ConfigError
 from m3tgossip.harness import Testbed, TestbedSpec
 
 OULAD_SAMPLE = Path(__file__).resolve().parent / "data" / "oulad-sample"
@@ -206,3 +207,48 @@ def test_the_oulad_sample_trains_through_the_testbed_and_predicts(tmp_path: Path
     assert {r["prediction"] for r in rows if r["task"] == "at_risk"} <= {"no", "yes"}
     assert main(["export", "--state-dir", str(nodes / "lab"), "--out", str(tmp_path / "x")]) == 0
     assert (tmp_path / "x" / "adapter_model.safetensors").is_file()
+
+
+def test_predict_on_a_node_trained_on_built_in_records(tmp_path: Path) -> None:
+    """In-process: a state folder as the daemon leaves it, for a node without --data; predict
+    reads a `data example` folder of the same node with the built-in scales."""
+    from m3tgossip.daemon import checkpoint
+    from m3tgossip.daemon.config import NodeConfig
+    from m3tgossip.daemon.nodeinfo import write_node_info
+    from m3tgossip.edu.predict import predict
+    from m3tgossip.edu.workload import EduWorkload
+    from m3tgossip.topology import load_topology
+
+    (tmp_path / "three.toml").write_text(SPEC)
+    topology = load_topology(tmp_path / "three.toml")
+    w = EduWorkload(topology, "lab", seed=1, options=OPTIONS)
+    w.local_step(0)
+    state = tmp_path / "state"
+    config = NodeConfig(
+        id="lab",
+        topology=str(tmp_path / "three.toml"),
+        workload="edu",
+        seed=1,
+        state_dir=str(state),
+        workload_options=OPTIONS,
+    )
+    write_node_info(config, topology)
+    checkpoint.save(state, w.state(), {"model_id": w.model_id(), "round": 1})
+    args = ["--topology", str(tmp_path / "three.toml"), "--out", str(tmp_path / "data")]
+    assert main(["data", "example", *args, "--seed", "1", "--records", "40"]) == 0
+    result = predict(state, tmp_path / "data" / "lab", tmp_path / "p.csv")
+    rows = predictions(tmp_path / "p.csv")
+    raw = read_folder(tmp_path / "data" / "lab")
+    test_ids = {r for r, split in zip(raw.records, raw.split, strict=True) if split == 1}
+    with torch.no_grad():
+        want = torch.softmax(w.model(w.trainer.test_batch)["at_risk"], dim=1).numpy()
+    got = [
+        [float(r["p_0"]), float(r["p_1"])]
+        for r in rows
+        if r["task"] == "at_risk" and r["record_id"] in test_ids
+    ]
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    assert result.records == 40 and set(result.accuracy) == {"at_risk", "stress"}
+    with pytest.raises(ConfigError, match="model_id"):
+        checkpoint.save(state, w.state(), {"model_id": "edu-other", "round": 1})
+        load_trained_node(state)

@@ -74,10 +74,10 @@ def model_card(trained: TrainedNode) -> str:
     lines = [
         f"# M3T model of node `{node.id}`",
         "",
-        f"A `{node.role}` node{f' of {node.institution}' if node.institution else ''} in the "
-        f'topology "{trained.topology.name}", trained with m3tgossip (decentralized gossip '
-        "learning: the node trained on its own records and averaged its shared components "
-        "with its neighbours; no records left it).",
+        f"Role `{node.role}`{f', institution `{node.institution}`' if node.institution else ''}, "
+        f'in the topology "{trained.topology.name}". Trained with m3tgossip (decentralized '
+        "gossip learning: the node trained on its own records and averaged its shared "
+        "components with its neighbours; no records left it).",
         "",
         f"- modalities: {', '.join(trained.model.modalities)}",
         f"- tasks: {', '.join(trained.model.tasks)}",
@@ -132,10 +132,19 @@ def model_card(trained: TrainedNode) -> str:
         "base = M3TModel(M3TConfig.from_dict(info['config']), info['modalities'],",
         "                {t: len(c) for t, c in info['tasks'].items()}, seed=info['seed'])",
         "load_base_weights(base, load_checkpoint(DEFAULT_CHECKPOINT), None)",
-        "model = PeftModel.from_pretrained(base, '.')",
+        *(
+            ["model = PeftModel.from_pretrained(base, '.')"]
+            if isinstance(trained.model.net, PeftModel)
+            else [
+                "# a lite node: the base as it ships, with this node's heads and prompts",
+                "base.load_state_dict(load_file('heads_prompts.safetensors'), strict=False)",
+            ]
+        ),
         "```",
         "",
     ]
+    if not isinstance(trained.model.net, PeftModel):
+        lines[lines.index("from peft import PeftModel")] = "from safetensors.torch import load_file"
     return "\n".join(lines)
 
 

@@ -9,7 +9,8 @@ The testbed is only a launcher and a reader of files: it picks free ports, gener
 keypair per node into DIR/keys (plus an operator key, DIR/operator/operator.key, that every node
 allows to query status), writes the resolved topology with ports and public keys into DIR,
 starts one `m3tgossip node` process per node (each generates its own state or
-data from the federation seed, so nothing is handed out centrally), shows progress from the
+data from the federation seed, so nothing is handed out centrally; with `--data DIR` each
+trains on its own data folder `DIR/<node id>` instead), shows progress from the
 nodes' metrics files, and writes `DIR/summary.json`. It exits non-zero if a daemon crashed or
 hung, and on Ctrl+C (or any error) it stops every child it started. `--insecure` runs the
 daemons on plaintext links instead (loopback only), without keys.
