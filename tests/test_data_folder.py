@@ -352,3 +352,18 @@ def test_a_testbed_spec_takes_a_data_folder_per_node(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^testbed spec: data: .* has no folder for n1, n2"):
         Testbed(spec)
     assert not (tmp_path / "bed").exists()
+
+
+def test_oulad_conversion_names_what_the_data_set_cannot_fill(tmp_path: Path) -> None:
+    images_only = {**SPEC, "nodes": [dict(SPEC["nodes"][0], modalities=["image"])]}
+    images_only["edges"] = []
+    with pytest.raises(ConfigError, match=r"^node uni: modalities: OULAD has the modalities"):
+        write_oulad(OULAD_SAMPLE, parse_topology(images_only, "t"), tmp_path)
+    many = {
+        "name": "many",
+        "generator": {"kind": "cycle", "n": 8},
+        "defaults": {"modalities": ["tabular"], "tasks": ["at_risk"]},
+    }
+    with pytest.raises(ConfigError, match="6 module presentations for 8 institutions"):
+        write_oulad(OULAD_SAMPLE, parse_topology(many, "t"), tmp_path)
+    assert not any(tmp_path.iterdir())
