@@ -367,3 +367,25 @@ def test_oulad_conversion_names_what_the_data_set_cannot_fill(tmp_path: Path) ->
     with pytest.raises(ConfigError, match="6 module presentations for 8 institutions"):
         write_oulad(OULAD_SAMPLE, parse_topology(many, "t"), tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("manifest", "entry"),
+    [
+        (
+            'modalities = ["tabular"]\n[tasks.grade]\nkind = "binary"\n',
+            r"\[tasks.grade\]: no model",
+        ),
+        (
+            'modalities = []\n[tasks.engagement]\nkind = "ordinal"\nclasses = ["a", "b"]\n',
+            r"\[tasks.engagement\] classes: 2 classes; the model's engagement head has 3",
+        ),
+        ('modalities = ["smell"]\n', "modalities: unknown modality 'smell'"),
+        ('modalities = []\n[files]\nlabels = "../x.csv"\n', r"\[files\] labels: a path inside"),
+        ('modalities = []\ncolour = "red"\n', "colour: unknown key"),
+    ],
+)
+def test_a_bad_manifest_names_its_entry(tmp_path: Path, manifest: str, entry: str) -> None:
+    folder = write(tmp_path / "f", {"manifest.toml": manifest})
+    with pytest.raises(ConfigError, match=f"^{folder / 'manifest.toml'}: {entry}"):
+        read_folder(folder)

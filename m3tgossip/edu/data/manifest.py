@@ -166,7 +166,9 @@ def read_manifest(folder: str | Path) -> Manifest:
             raise _fail(path, "modalities", f"unknown modality {m!r}; one of {MODALITIES}")
     files = dict(DEFAULT_FILES)
     for key, value in _table(raw, "files", path, set(DEFAULT_FILES)).items():
-        if not isinstance(value, str) or not value or Path(value).is_absolute() or ".." in value:
+        if not isinstance(value, str) or not value or Path(value).is_absolute():
+            raise _fail(path, f"[files] {key}", f"a path inside the folder, got {value!r}")
+        if ".." in Path(value).parts:
             raise _fail(path, f"[files] {key}", f"a path inside the folder, got {value!r}")
         files[key] = value
     tasks_raw = raw.get("tasks", {})
