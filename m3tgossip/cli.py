@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from m3tgossip import __version__
@@ -128,6 +127,8 @@ def _cmd_node(args: argparse.Namespace) -> int:
     for key, value in args.option:
         overrides[f"workload.{key}"] = value
     if args.data:
+        from pathlib import Path
+
         overrides["workload.data"] = str(Path(args.data).resolve())
     for key, value in args.settings:
         table = key.partition(".")[0]
@@ -154,6 +155,8 @@ def _cmd_topology_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from m3tgossip.net import load_keypair, load_public, query_status
 
     endpoint, server_key = args.endpoint, args.server_key
@@ -208,90 +211,15 @@ def _cmd_keys_generate(args: argparse.Namespace) -> int:
 
 
 def _data_parsers(sub: argparse._SubParsersAction) -> None:
-    data = sub.add_parser("data", help="check and write node data folders (docs/data.md)")
-    data_sub = data.add_subparsers(dest="data_command", required=True)
-    check = data_sub.add_parser("check", help="validate a data folder and count what it holds")
-    check.add_argument("folder")
-    check.add_argument("--json", action="store_true", help="print the counts as JSON")
-    example = data_sub.add_parser(
-        "example", help="write the built-in federation as one data folder per node"
-    )
-    oulad = data_sub.add_parser(
-        "from-oulad", help="partition an OULAD folder into one data folder per node"
-    )
-    oulad.add_argument("oulad", metavar="OULAD_DIR", help="folder of OULAD's seven CSV files")
-    oulad.add_argument("--max-students", type=int, help="only the first N students")
-    for p in (example, oulad):
-        p.add_argument("--topology", required=True, help="topology spec (TOML)")
-        p.add_argument("--out", required=True, metavar="DIR", help="one folder per node in DIR")
-        p.add_argument("--seed", type=int, default=0, help="federation seed (default 0)")
-    example.add_argument("--records", type=int, default=240, help="records per node (240)")
-    example.add_argument("--alpha", type=float, default=0.5, help="label skew (0.5)")
-    predict = sub.add_parser("predict", help="per-record predictions of a trained edu node")
-    predict.add_argument("--state-dir", required=True, help="the node's state folder")
-    predict.add_argument("--data", required=True, help="data folder of the records to predict")
-    predict.add_argument("--out", required=True, metavar="FILE", help="predictions CSV")
-    export = sub.add_parser("export", help="write a trained edu node's adapters (PEFT format)")
-    export.add_argument("--state-dir", required=True, help="the node's state folder")
-    export.add_argument("--out", required=True, metavar="DIR2", help="export folder")
+    from m3tgossip.edu.commands import add_parsers
+
+    add_parsers(sub)
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    if args.data_command == "check":
-        from m3tgossip.edu.data.check import describe, format_description
-        from m3tgossip.edu.data.folder import read_folder
+    from m3tgossip.edu.commands import run
 
-        report = describe(read_folder(args.folder))
-        print(json.dumps(report, indent=2) if args.json else format_description(report))
-        return 0
-    from m3tgossip.topology import load_topology
-
-    topology = load_topology(args.topology)
-    if args.data_command == "example":
-        from m3tgossip.edu.data.config import DataConfig
-        from m3tgossip.edu.data.example import write_example
-
-        try:
-            config = DataConfig(records=args.records, alpha=args.alpha, seed=args.seed)
-        except ValueError as exc:
-            raise ConfigError("data example", "--records/--alpha", str(exc)) from None
-        paths = write_example(list(topology.nodes), args.out, config)
-    else:
-        from m3tgossip.edu.data.oulad_partition import write_oulad
-
-        written = write_oulad(
-            args.oulad, topology, args.out, seed=args.seed, max_students=args.max_students
-        )
-        paths = list(written.values())
-    for path in paths:
-        print(f"wrote {path}")
-    return 0
-
-
-def _cmd_predict(args: argparse.Namespace) -> int:
-    from m3tgossip.edu.predict import predict
-
-    result = predict(args.state_dir, args.data, args.out)
-    accuracy = ", ".join(f"{t} {a:.3f}" for t, a in result.accuracy.items())
-    print(
-        f"{result.node}: {result.records} records x {len(result.tasks)} tasks -> {result.path}"
-        + (
-            f" ({result.skipped} without any of the node's modalities skipped)"
-            if result.skipped
-            else ""
-        )
-        + (f"; accuracy on the labelled ones: {accuracy}" if accuracy else "")
-    )
-    for note in result.notes:
-        print(f"note: {note}")
-    return 0
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    from m3tgossip.edu.export import export
-
-    print(f"wrote {export(args.state_dir, args.out)}")
-    return 0
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -369,12 +297,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_status(args)
         if args.command == "keys":
             return _cmd_keys_generate(args)
-        if args.command == "data":
+        if args.command in ("data", "predict", "export"):
             return _cmd_data(args)
-        if args.command == "predict":
-            return _cmd_predict(args)
-        if args.command == "export":
-            return _cmd_export(args)
     except ConfigError as exc:
         print(f"m3tgossip: error: {exc}", file=sys.stderr)
         return 2
