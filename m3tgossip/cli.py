@@ -11,6 +11,11 @@ m3tgossip slurm sbatch|keys|task|collect ...   (m3tgossip.engines.commands)
 m3tgossip kube manifests|keys|node ...
 m3tgossip report RUN_DIR [STATE_DIR ...] [--out FILE]
 m3tgossip deploy bundle --topology FILE --hosts HOSTS --out DIR [--workload edu] [--prefix DIR]
+m3tgossip data check DIR [--json]
+m3tgossip data example --topology FILE --out DIR
+m3tgossip data from-oulad OULAD_DIR --topology FILE --out DIR
+m3tgossip predict --state-dir DIR --data DIR2 --out FILE
+m3tgossip export --state-dir DIR --out DIR2
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ def _node_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="federation seed")
     p.add_argument("--state-dir", dest="state_dir", help="folder for checkpoint and metrics")
     p.add_argument("--metrics", help="metrics file (JSON lines)")
+    p.add_argument(
+        "--data", help="the node's own data folder (m3tgossip/docs/data.md; edu workload)"
+    )
     p.add_argument("--bind", help="endpoint to bind, e.g. tcp://0.0.0.0:5701")
     p.add_argument(
         "--fresh", action="store_true", default=None, help="ignore an existing checkpoint"
@@ -137,6 +145,10 @@ def _cmd_node(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {k: getattr(args, k) for k in keys}
     for key, value in args.option:
         overrides[f"workload.{key}"] = value
+    if args.data:
+        from pathlib import Path
+
+        overrides["workload.data"] = str(Path(args.data).resolve())
     for key, value in args.settings:
         table = key.partition(".")[0]
         if table not in ("gossip", "transport", "faults", "privacy") or "." not in key:
@@ -361,6 +373,18 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_parsers(sub: argparse._SubParsersAction) -> None:
+    from m3tgossip.edu.commands import add_parsers
+
+    add_parsers(sub)
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from m3tgossip.edu.commands import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="m3tgossip",
@@ -417,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--force", action="store_true", help="replace existing key files")
     sub.add_parser("testbed", help="run a multi-process testbed on this machine", add_help=False)
     _engine_parsers(sub)
+    _data_parsers(sub)
     _report_parser(sub)
     _deploy_parser(sub)
     return parser
@@ -440,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_keys_generate(args)
         if args.command in ("slurm", "kube"):
             return _cmd_engine(args)
+        if args.command in ("data", "predict", "export"):
+            return _cmd_data(args)
         if args.command == "report":
             return _cmd_report(args)
         if args.command == "deploy":

@@ -25,6 +25,7 @@ from m3tgossip.daemon.link import Link, TransportLike
 from m3tgossip.daemon.metrics import MetricsWriter
 from m3tgossip.daemon.mix import MixStep
 from m3tgossip.daemon.notify import Notifier
+from m3tgossip.daemon.nodeinfo import write_node_info
 from m3tgossip.daemon.peers import make_peers
 from m3tgossip.daemon.prometheus import Exporter
 from m3tgossip.daemon.rounds import RoundCollector
@@ -232,6 +233,7 @@ class Node(NodeState):
 def run_node(config: NodeConfig) -> int:
     """Entry point of `m3tgossip node`: SIGTERM and SIGINT ask the node to stop."""
     node = Node(config)
+    write_node_info(config, node.topology)  # what `m3tgossip predict` and `export` read
 
     def handler(signum: int, _frame: Any) -> None:
         node.stop(signal.Signals(signum).name)

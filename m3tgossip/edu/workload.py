@@ -21,6 +21,8 @@ Options (`[workload]` table of the node config):
     checkpoint    base checkpoint file (the shipped one)
     backbone_path a local transformers folder whose encoder layers become the backbone
     backbone_layers how many of its layers (all)
+    data          the node's own data folder (`m3tgossip/docs/data.md`) instead of built-in
+                  records (`m3tgossip node --data DIR`); records and alpha then do nothing
 
 All nodes of a federation must use the same lora_rank, lora_alpha, lora_mode, checkpoint and
 backbone: `model_id` differs otherwise, and peers with another id are rejected.
@@ -38,6 +40,7 @@ import torch
 
 from m3tgossip.edu.data.config import DataConfig
 from m3tgossip.edu.data.federation import node_data
+from m3tgossip.edu.data.node_folder import load_node_folder
 from m3tgossip.edu.model.components import component_seed
 from m3tgossip.edu.model.lora import LoraSpec
 from m3tgossip.edu.model.node_model import build_node_model
@@ -62,6 +65,7 @@ DEFAULTS: dict[str, Any] = {
     "checkpoint": None,
     "backbone_path": None,
     "backbone_layers": None,
+    "data": None,
 }
 OPTIONS = tuple(DEFAULTS)
 
@@ -87,6 +91,10 @@ def _options(raw: dict[str, Any] | None) -> dict[str, Any]:
         raise ValueError(
             f"workload option loss_weights: a table of task = weight >= 0, got {weights!r}"
         )
+    if options["data"] is not None and (
+        not isinstance(options["data"], str) or not options["data"]
+    ):
+        raise ValueError(f"workload option data: a folder, got {options['data']!r}")
     if options["lora_alpha"] is None:
         options["lora_alpha"] = 2.0 * options["lora_rank"]
     return options
@@ -122,7 +130,14 @@ class EduWorkload:
                 f"{sorted(node.shared_components)} but its model shares {sorted(shared)} "
                 f"(compute tier {node.compute!r})"
             )
-        train, test = node_data(node, DataConfig(records=o["records"], alpha=o["alpha"], seed=seed))
+        # a node's own data folder (m3tgossip.edu.data.node_folder), else the built-in records
+        self.folder = load_node_folder(o["data"], node, seed) if o["data"] else None
+        if self.folder is None:
+            train, test = node_data(
+                node, DataConfig(records=o["records"], alpha=o["alpha"], seed=seed)
+            )
+        else:
+            train, test = self.folder.train, self.folder.test
         self.trainer = Trainer(
             self.model,
             train,
@@ -169,6 +184,8 @@ class EduWorkload:
         """Every trained component (shared and local), AdamW moments and the step counter."""
         out = {f"param/{c}": x.copy() for c, x in self.model.vectors().items()}
         out.update(self.trainer.state())
+        if self.folder is not None:  # the preprocessing `m3tgossip predict` must repeat
+            out["data/adapter"] = self.folder.adapter.to_array()
         return out
 
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:

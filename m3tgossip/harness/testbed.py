@@ -9,7 +9,8 @@ The testbed is only a launcher and a reader of files: it picks free ports, gener
 keypair per node into DIR/keys (plus an operator key, DIR/operator/operator.key, that every node
 allows to query status), writes the resolved topology with ports and public keys into DIR,
 starts one `m3tgossip node` process per node (each generates its own state or
-data from the federation seed, so nothing is handed out centrally), shows progress from the
+data from the federation seed, so nothing is handed out centrally; with `--data DIR` each
+trains on its own data folder `DIR/<node id>` instead), shows progress from the
 nodes' metrics files, and writes `DIR/summary.json`. It exits non-zero if a daemon crashed or
 hung, and on Ctrl+C (or any error) it stops every child it started. `--insecure` runs the
 daemons on plaintext links instead (loopback only), without keys. `--prometheus` gives every
@@ -101,6 +102,19 @@ def _check_nodes(spec: TestbedSpec, ids: list[str], placements: Mapping[str, Pla
             )
 
 
+def _check_data(spec: TestbedSpec, ids: list[str]) -> None:
+    """With `spec.data`, every node has its data folder there."""
+    if spec.data is None:
+        return
+    missing = [nid for nid in ids if not (spec.data / nid).is_dir()]
+    if missing:
+        raise ConfigError(
+            SOURCE,
+            "data",
+            f"{spec.data} has no folder for {', '.join(missing)} (one folder per node id)",
+        )
+
+
 class Testbed:
     """The daemons of one run: starts, signals and stops them, and reads their files.
 
@@ -115,6 +129,7 @@ class Testbed:
         placements = dict(placements or {})
         base = load_topology(spec.topology)
         _check_nodes(spec, base.ids(), placements)
+        _check_data(spec, base.ids())
         self.out = spec.out
         self.out.mkdir(parents=True, exist_ok=True)
         free = [nid for nid in base.ids() if nid not in placements]
@@ -158,6 +173,8 @@ class Testbed:
         cmd += ["--deadline", str(s.deadline), "--mode", s.mode]
         if nid in self.prometheus:
             cmd += ["--prometheus", self.prometheus[nid]]
+        if s.data is not None:
+            cmd += ["--data", str((s.data / nid).resolve())]
         if s.insecure:
             cmd += ["--insecure"]
         else:

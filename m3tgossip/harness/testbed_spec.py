@@ -177,6 +177,9 @@ class TestbedSpec:
     ready_timeout_s: float = READY_TIMEOUT_S
     #: every daemon serves Prometheus metrics on a free loopback port (DIR/prometheus.json)
     prometheus: bool = False
+    #: a folder with one data folder per node id (`m3tgossip/docs/data.md`): each node trains on
+    #: its own instead of built-in records (edu workload)
+    data: Path | None = None
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -192,6 +195,12 @@ class TestbedSpec:
             if not isinstance(value, str | os.PathLike) or not str(value):
                 raise _fail(name, f"must be a path, got {value!r}")
             put(name, Path(value))
+        if self.data is not None:
+            if not isinstance(self.data, str | os.PathLike) or not str(self.data):
+                raise _fail("data", f"must be a path, got {self.data!r}")
+            put("data", Path(self.data))
+            if self.workload != "edu":
+                raise _fail("data", f"data folders are for the edu workload, not {self.workload!r}")
         if self.workload not in WORKLOADS:
             raise _fail("workload", f"one of {', '.join(WORKLOADS)}, got {self.workload!r}")
         if self.mode not in GOSSIP_MODES:
@@ -271,6 +280,8 @@ class TestbedSpec:
             args += ["--ready-timeout", repr(self.ready_timeout_s)]
         if self.prometheus:
             args.append("--prometheus")
+        if self.data is not None:
+            args += ["--data", str(self.data)]
         return args
 
 
@@ -359,6 +370,9 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="each daemon serves Prometheus metrics on a free 127.0.0.1 port; the targets are "
         "in OUT/prometheus.json (a Prometheus file_sd list)",
+        "--data",
+        metavar="DIR",
+        help="one data folder per node id in DIR (edu workload; m3tgossip/docs/data.md)",
     )
     return p
 
@@ -386,4 +400,5 @@ def parse_args(argv: list[str]) -> TestbedSpec:
         insecure=a.insecure,
         ready_timeout_s=a.ready_timeout,
         prometheus=a.prometheus,
+        data=a.data,
     )

@@ -11,6 +11,15 @@
 - `text`, `clickstream`, `tabular`, `signals`, `handwriting`: one generator per modality;
 - `draws`: the seeded streams and link function the generators share;
 - `oulad`: `load_oulad`.
+
+A node's own data folder (format: `m3tgossip/docs/data.md`):
+
+- `manifest`, `tables`: the manifest and the CSV / JSON-lines files, errors by file, row, field;
+- `folder`: `read_folder`, a folder as read; `inputs`: images, signals and event names fitted to
+  the encoders; `adapt`: `Adapter`, the preprocessing fitted on a node's training records;
+- `node_folder`: `load_node_folder`, a node's train and test records from its folder;
+- `check`: what `m3tgossip data check` prints; `writer`: `write_folder`;
+- `example`, `oulad_partition`: the built-in federation and OULAD written as folders.
 """
 
 from m3tgossip.edu.data.config import DataConfig

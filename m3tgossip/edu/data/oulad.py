@@ -212,6 +212,13 @@ class _Student:
 def load_oulad(folder: str | os.PathLike[str], *, max_students: int | None = None) -> EduData:
     """Read an OULAD folder; with `max_students`, only the first students of studentInfo.csv
     (all registrations of each) are kept."""
+    return load_oulad_registrations(folder, max_students=max_students)[1]
+
+
+def load_oulad_registrations(
+    folder: str | os.PathLike[str], *, max_students: int | None = None
+) -> tuple[list[Key], EduData]:
+    """As `load_oulad`, with each record's (code_module, code_presentation, id_student)."""
     if max_students is not None and (
         not isinstance(max_students, int) or isinstance(max_students, bool) or max_students < 1
     ):
@@ -223,7 +230,7 @@ def load_oulad(folder: str | os.PathLike[str], *, max_students: int | None = Non
     assessments = _assessments(root)
     _submissions(root, students, assessments)
     _activity(root, students)
-    return _to_edudata(students, assessments)
+    return list(students), _to_edudata(students, assessments)
 
 
 def _student_info(root: Path, max_students: int | None) -> dict[Key, _Student]:
