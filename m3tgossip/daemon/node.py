@@ -24,8 +24,8 @@ from m3tgossip.daemon.handlers import Handlers
 from m3tgossip.daemon.link import Link, TransportLike
 from m3tgossip.daemon.metrics import MetricsWriter
 from m3tgossip.daemon.mix import MixStep
-from m3tgossip.daemon.notify import Notifier
 from m3tgossip.daemon.nodeinfo import write_node_info
+from m3tgossip.daemon.notify import Notifier
 from m3tgossip.daemon.peers import make_peers
 from m3tgossip.daemon.prometheus import Exporter
 from m3tgossip.daemon.rounds import RoundCollector

@@ -370,6 +370,8 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="each daemon serves Prometheus metrics on a free 127.0.0.1 port; the targets are "
         "in OUT/prometheus.json (a Prometheus file_sd list)",
+    )
+    p.add_argument(
         "--data",
         metavar="DIR",
         help="one data folder per node id in DIR (edu workload; m3tgossip/docs/data.md)",
