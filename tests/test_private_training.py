@@ -269,8 +269,14 @@ def test_learners_are_clipped_as_one_unit():
 def test_poisson_sampling_takes_whole_learners():
     tr = _trainer(learners_per=2)
     sgd = LearnerSGD(
-        tr.model.net, tr.train_batch, tr.train_labels, tr.weights, tr.learners, tr.pool,
-        _noise(q=0.3), seed=4,
+        tr.model.net,
+        tr.train_batch,
+        tr.train_labels,
+        tr.weights,
+        tr.learners,
+        tr.pool,
+        _noise(q=0.3),
+        seed=4,
     )
     sizes = []
     for _ in range(200):
@@ -281,7 +287,12 @@ def test_poisson_sampling_takes_whole_learners():
         sizes.append(len(ids))
     assert np.mean(sizes) == pytest.approx(0.3 * sgd.n_learners, rel=0.15)
     full = LearnerSGD(
-        tr.model.net, tr.train_batch, tr.train_labels, tr.weights, tr.learners, tr.pool,
+        tr.model.net,
+        tr.train_batch,
+        tr.train_labels,
+        tr.weights,
+        tr.learners,
+        tr.pool,
         _noise(q=1.0),
     )
     assert sorted(full.sample()) == sorted(tr.pool)
@@ -292,7 +303,13 @@ def test_noise_per_component_and_the_optimiser_step():
     extra = {"encoder.image": 4.0}
     noise = _noise(z=1.5, clip=2.0, q=0.5, extra=extra)
     sgd = LearnerSGD(
-        tr.model.net, tr.train_batch, tr.train_labels, tr.weights, tr.learners, tr.pool, noise,
+        tr.model.net,
+        tr.train_batch,
+        tr.train_labels,
+        tr.weights,
+        tr.learners,
+        tr.pool,
+        noise,
         seed=0,
     )
     sgd.sample = lambda: np.zeros(0, dtype=np.int64)  # an empty sample: pure noise

@@ -124,8 +124,10 @@ class Node(NodeState):
         self.workload.load_state(arrays)
         self.round = int(meta["round"])
         saved = meta.get("privacy")
-        if self.gate is not None and saved and self.gate.spend(saved) > self.gate.spend(
-            self.gate.state()
+        if (
+            self.gate is not None
+            and saved
+            and self.gate.spend(saved) > self.gate.spend(self.gate.state())
         ):
             self.gate.load(saved)  # the later of ledger and checkpoint
         self.retired = set(meta.get("retired", []))

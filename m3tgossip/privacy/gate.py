@@ -227,9 +227,7 @@ class ReleaseGate:
             return False
         self._node.step(t.noise_multiplier, t.steps_per_round, t.sampling_rate)
         for name, spec in self.components.items():
-            self._accountants[name].step(
-                spec.noise_multiplier, t.steps_per_round, t.sampling_rate
-            )
+            self._accountants[name].step(spec.noise_multiplier, t.steps_per_round, t.sampling_rate)
         self._open = set(self.components)
         return True
 
