@@ -160,7 +160,7 @@ def test_gate_charges_dp_sgd_rounds_and_adds_no_noise():
     assert all(spec.trained and spec.noise_std == 0.0 for spec in gate.components.values())
     with pytest.raises(PrivacyBudgetExhausted):  # nothing is let out before the round's charge
         gate.privatize("fusion", np.ones(4))
-    for r in range(rounds):
+    for _ in range(rounds):
         assert gate.begin_round()
         for comp, n in comps.items():
             update = np.arange(n, dtype=np.float32) * 100.0  # far above any clip: untouched
@@ -255,7 +255,9 @@ def test_learners_are_clipped_as_one_unit():
                 ce = torch.nn.functional.cross_entropy(logits[t][known], y[known], reduction="sum")
                 loss = loss + tr.weights[t] * ce
         grads = torch.autograd.grad(loss, sgd.params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, sgd.params)]
+        grads = [
+            torch.zeros_like(p) if g is None else g for g, p in zip(grads, sgd.params, strict=True)
+        ]
         norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
         scale = min(1.0, 0.5 / float(norm))
         for e, g in zip(expected, grads, strict=True):

@@ -118,7 +118,7 @@ def test_with_private_training_every_release_is_charged_post_processing(
             (c, r) for c in node.shared for r in range(ROUNDS)
         )
         # released as trained: the DP-SGD output itself, nothing clipped or added
-        for _, r, update in calls:
+        for _, _, update in calls:
             np.testing.assert_allclose(update, 0.01, rtol=1e-6)
         assert gate.released == ROUNDS * len(node.shared)
         # the planned rounds spend the node's one budget, and no more

@@ -8,8 +8,9 @@ profile that is not `open`), the round is charged there before any schedule can 
 anything: a privately trained workload's DP-SGD steps of the round (its release is
 post-processing and gets no noise of its own), or else every shared component's local update,
 clipped and noised, the node continuing from the released values. The gate's accounting is
-then written to the release ledger (fsync'd), so a crash after sending cannot un-spend it. What leaves the node afterwards (deltas, full states, push-sum shares) is computed
-from released values and neighbours' messages only. The end of a round is written once, here.
+then written to the release ledger (fsync'd), so a crash after sending cannot un-spend it.
+What leaves the node afterwards (deltas, full states, push-sum shares) is computed from
+released values and neighbours' messages only. The end of a round is written once, here.
 """
 
 from __future__ import annotations

@@ -34,9 +34,9 @@ def make_gate(
     """The release gate of a node whose workload learns from private records under a profile
     that is not `open`; None otherwise. A workload that trains with DP-SGD
     (`private_training_plan()` not None) is given its calibrated noise
-    (`use_private_training`) and the gate charges its steps instead of noising releases. `[privacy] profile` in the node config overrides the
-    spec's profile (e.g. "open" for a run on synthetic data); the other keys of that table are
-    the `custom` profile's."""
+    (`use_private_training`) and the gate charges its steps instead of noising releases.
+    `[privacy] profile` in the node config overrides the spec's profile (e.g. "open" for a run
+    on synthetic data); the other keys of that table are the `custom` profile's."""
     table = {k: v for k, v in config.privacy.items() if k != "profile"}
     name = str(config.privacy.get("profile", spec.privacy))
     try:

@@ -3,9 +3,10 @@
 `Trainer` runs AdamW on the node's trained parameters (LoRA, prompts, heads) with a weighted sum
 of per-task cross-entropies; labels of -1 are ignored, so a record counts for the tasks it has
 labels for. After `use_private(noise)` every step is a per-learner DP-SGD step
-(`m3tgossip.edu.dpsgd`): Poisson-sampled learners, clipped per learner, noised, then AdamW. Inputs are prepared once per data set (the frozen text model never runs in a
-step). Batches follow a seeded permutation per epoch, so a trainer restored with `load_state`
-continues exactly where the saved one was.
+(`m3tgossip.edu.dpsgd`): Poisson-sampled learners, clipped per learner, noised, then AdamW.
+Inputs are prepared once per data set (the frozen text model never runs in a step). Batches follow a
+seeded permutation per epoch, so a trainer restored with `load_state` continues exactly where the
+saved one was.
 
 `evaluate` reports, on the held-out records, per-task accuracy and macro-F1, per-group accuracy
 for every value of each attribute in `GROUP_ATTRIBUTES`, and the gap between the best and worst

@@ -11,8 +11,9 @@ Gaussian mechanism (each protected unit enters the step independently with proba
 add/remove neighbouring); its RDP is that of Mironov, Talwar and Zhang 2019 ("Renyi
 Differential Privacy of the Sampled Gaussian Mechanism", Section 3.3: the binomial sum at
 integer orders, the two erfc-weighted series at fractional ones), as computed by Google's
-dp-accounting and Opacus, against which the tests check it. RDP is turned into (epsilon, delta)-DP with
-the conversion of Canonne, Kamath, Steinke 2020 and Balle et al. 2020 (Theorem 21):
+dp-accounting and Opacus, against which the tests check it.
+RDP is turned into (epsilon, delta)-DP with the conversion of Canonne, Kamath, Steinke 2020
+and Balle et al. 2020 (Theorem 21):
 `eps = min_alpha rdp(alpha) + log((alpha - 1) / alpha) - (log(delta) + log(alpha)) / (alpha - 1)`,
 over the fixed order grid `DEFAULT_ORDERS`, clamped at 0. It is never looser than the classic
 `rdp(alpha) + log(1/delta) / (alpha - 1)`.
