@@ -217,8 +217,8 @@ def calibrate_noise_multiplier(
     """Smallest multiplier z (std / sensitivity) whose `releases` releases (each on a Poisson
     sample of rate `sampling_rate`) spend <= `epsilon`.
 
-    Binary search on log z; the result spends `epsilon` to about 1e-9 relative (1e-4 for a
-    subsampled release). ValueError if `epsilon` is below what the order grid can certify at
+    Root finding on log z (bracketing, then the Illinois method); the result spends
+    `epsilon` to about 1e-10 relative (1e-7 for a subsampled release). ValueError if `epsilon` is below what the order grid can certify at
     `delta`.
     """
     if releases < 1:
@@ -242,19 +242,37 @@ def calibrate_noise_multiplier(
     def spent(z: float) -> float:
         return rdp_to_epsilon(releases * sampled_gaussian_rdp(sampling_rate, z, a), a, delta)
 
-    lo, hi = 1.0, 1.0
-    while spent(hi) > epsilon:
-        hi *= 2.0
-    while spent(lo) <= epsilon:
-        lo /= 2.0
-    for _ in range(200):  # invariant: spent(lo) > epsilon >= spent(hi)
-        mid = math.sqrt(lo * hi)
-        if mid in (lo, hi):
+    def gap(log_z: float) -> float:  # log(spent / epsilon): > 0 overspends
+        return math.log(max(spent(math.exp(log_z)), 1e-300)) - math.log(epsilon)
+
+    lo, hi = 0.0, 0.0  # log z; invariant below: gap(lo) > 0 >= gap(hi)
+    g_hi = gap(hi)
+    while g_hi > 0:
+        lo, hi = hi, hi + math.log(2.0)
+        g_hi = gap(hi)
+    g_lo = gap(lo) if lo < hi else g_hi
+    while g_lo <= 0:
+        hi, g_hi = lo, g_lo
+        lo -= math.log(2.0)
+        g_lo = gap(lo)
+    # Illinois (regula falsi that halves a stale end): few evaluations of the slow series
+    tol = 1e-10 if sampling_rate == 1.0 else 1e-7
+    side = 0
+    for _ in range(200):
+        if hi - lo < tol or -g_hi < tol:
             break
-        if spent(mid) > epsilon:
-            lo = mid
+        mid = (lo * g_hi - hi * g_lo) / (g_hi - g_lo)
+        if not lo < mid < hi:
+            mid = 0.5 * (lo + hi)
+        g_mid = gap(mid)
+        if g_mid > 0:
+            lo, g_lo = mid, g_mid
+            if side == -1:
+                g_hi /= 2.0
+            side = -1
         else:
-            hi = mid
-        if hi / lo < 1.0 + (1e-12 if sampling_rate == 1.0 else 1e-5):
-            break
-    return hi
+            hi, g_hi = mid, g_mid
+            if side == 1:
+                g_lo /= 2.0
+            side = 1
+    return math.exp(hi)
