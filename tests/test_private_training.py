@@ -31,6 +31,7 @@ from m3tgossip.privacy import (
     sampled_gaussian_rdp,
     training_noise,
 )
+from m3tgossip.privacy.audit import binomial_tail, guess, lower_bound
 
 # --- the subsampled Gaussian ------------------------------------------------------------------
 
@@ -353,3 +354,32 @@ def test_a_node_with_private_training_gets_its_plan():
     q = tr.private_sampling_rate()
     assert q == pytest.approx(min(1.0, tr.batch_size / len(tr.pool)))
     assert rdp_to_epsilon(np.zeros(3), (2.0, 3.0, 4.0), 1e-5) == 0.0
+
+
+# --- the one-run canary audit's statistics ------------------------------------------------------
+
+
+@pytest.mark.parametrize("r, p, v", [(10, 0.5, 7), (40, 0.73, 30), (25, 0.9, 25), (5, 0.2, 0)])
+def test_binomial_tail_is_the_sum(r, p, v):
+    exact = sum(math.comb(r, k) * p**k * (1 - p) ** (r - k) for k in range(v, r + 1))
+    assert binomial_tail(r, p, v) == pytest.approx(exact, rel=1e-10)
+
+
+def test_audit_lower_bound_closed_form_and_edges():
+    # 20 of 20 right: p^20 = beta at the bound, eps = log(p / (1 - p))
+    p = 0.05 ** (1 / 20)
+    assert lower_bound(20, 20, 0.05) == pytest.approx(math.log(p / (1 - p)), rel=1e-6)
+    assert lower_bound(10, 20) == 0.0  # a coin does as well
+    assert lower_bound(15, 20) < lower_bound(18, 20) < lower_bound(20, 20)
+    # the delta slack only lowers it
+    assert lower_bound(20, 20, 0.05, canaries=200, delta=1e-5) < lower_bound(20, 20)
+    with pytest.raises(ValueError):
+        lower_bound(21, 20)
+
+
+def test_guesses_count_the_right_ones():
+    scores = np.array([5.0, 4.0, 3.0, 2.0, 1.0, 0.0])
+    included = np.array([True, False, True, False, False, True])
+    # "in" for 5 and 4 (one right), "out" for 1 and 0 (one right)
+    assert guess(scores, included, 2, 2) == (2, 4)
+    assert guess(scores, included, 1, 0) == (1, 1)

@@ -218,8 +218,8 @@ def calibrate_noise_multiplier(
     sample of rate `sampling_rate`) spend <= `epsilon`.
 
     Root finding on log z (bracketing, then the Illinois method); the result spends
-    `epsilon` to about 1e-10 relative (1e-7 for a subsampled release). ValueError if `epsilon` is below what the order grid can certify at
-    `delta`.
+    `epsilon` to about 1e-10 relative (1e-7 for a subsampled release). ValueError if
+    `epsilon` is below what the order grid can certify at `delta`.
     """
     if releases < 1:
         raise ValueError(f"releases must be >= 1, got {releases}")
