@@ -29,6 +29,11 @@ of every seed. With `--overfit` (default records=60,local_steps=20; '' to skip) 
 of runs is repeated for the first seed in an overfit-prone setting, so the attack has
 something to find without DP.
 
+Canary audit (`--canaries`, default 200; `--canary-node`, default the first strict node): that
+node's local training for the same rounds, once with DP-SGD at its profile and once without,
+with canaries each put in with probability 1/2; the one-run lower bound on epsilon
+(`m3tgossip.edu.canary`) next to the accountant's epsilon.
+
 Writes DIR/privacy.json and DIR/privacy.png; every testbed run keeps its own folder DIR/runs/*.
 Running again into the same DIR reuses the runs that completed (same arguments) and redoes the
 rest; a failed run is moved aside (DIR/runs/NAME.failed-K) and retried once (`--retries`).
@@ -56,6 +61,7 @@ from _common import ROOT, loadavg, parser, save_png, setup, write_json
 
 from m3tgossip.daemon import checkpoint
 from m3tgossip.daemon.metrics import read_metrics
+from m3tgossip.edu.canary import canary_audit
 from m3tgossip.edu.mia import loss_threshold_attack, record_losses
 from m3tgossip.edu.workload import EduWorkload
 from m3tgossip.errors import ConfigError
@@ -395,6 +401,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--sweep", default="", help="comma-separated budgets for the strict nodes (first seed)"
     )
+    p.add_argument(
+        "--canary-node", default=None, help="node of the canary audit (default: first strict node)"
+    )
+    p.add_argument("--canaries", type=int, default=200, help="canaries of the audit (0 to skip)")
     return p.parse_args(argv)
 
 
@@ -430,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("  profiles: " + ", ".join(f"{p}: {' '.join(ids)}" for p, ids in groups.items()))
     for name in present:
+        if name == "open":
+            continue
         prof = PROFILES[name]
         print(
             f"  {name}: node budget epsilon {prof.epsilon} at delta {prof.delta:g} per learner, "
@@ -564,6 +576,27 @@ def main(argv: list[str] | None = None) -> int:
         for nid in profiles
     }
     mia_report = {"runs": mia_runs, "per_node": mia_per_node}
+
+    # --- canary audit: one node's private training, against the same training without DP
+    canary: dict[str, Any] = {}
+    if args.canaries > 0:
+        cnode = args.canary_node or (strict_nodes[0] if strict_nodes else next(iter(profiles)))
+        node = base.node(cnode)
+        steps = int(options.get("local_steps", 5))
+        print(f"\ncanary audit of {cnode}: {args.canaries} canaries; load {loadavg()}", flush=True)
+        for variant, prof_name in (("private", profiles[cnode]), ("open", "open")):
+            canary[variant] = canary_audit(
+                node,
+                PROFILES[prof_name],
+                seed=seeds[0],
+                rounds=args.rounds,
+                local_steps=steps,
+                canaries=args.canaries,
+                records=int(options.get("records", 240)),
+                batch_size=int(options.get("batch_size", 32)),
+                audit_seed=seeds[0],
+            )
+        canary["node"] = cnode
     wall = time.monotonic() - t_start
 
     # --- tables
@@ -616,6 +649,16 @@ def main(argv: list[str] | None = None) -> int:
             line += f"{o['profiles']['auc']:>12.3f}{o['open']['auc']:>14.3f}"
         print(line)
 
+    if canary:
+        print(f"\ncanary audit of {canary['node']} (one run; lower bound at 95% confidence)")
+        for variant in ("private", "open"):
+            c = canary[variant]
+            print(
+                f"  {variant:<8} {c['profile']:<6} right {c['correct']}/{c['guesses']}: epsilon "
+                f"lower bound {c['epsilon_lower_bound']:.3f}, accountant "
+                f"{fmt(c['epsilon_accountant'])}"
+            )
+
     # --- targets
     targets: dict[str, Any] = {}
     if {"profiles", "open"} <= set(summary):
@@ -661,6 +704,15 @@ def main(argv: list[str] | None = None) -> int:
             "difference": diff,
             "met": diff >= 0.03,
         }
+    if canary and canary["private"]["epsilon_accountant"] is not None:
+        c = canary["private"]
+        targets["canary_lower_bound_below_accountant"] = {
+            "node": canary["node"],
+            "lower_bound": c["epsilon_lower_bound"],
+            "accountant": c["epsilon_accountant"],
+            "open_lower_bound": canary["open"]["epsilon_lower_bound"],
+            "met": c["epsilon_lower_bound"] <= c["epsilon_accountant"],
+        }
     print("\ntargets")
     for k, v in targets.items():
         shown = {
@@ -703,6 +755,7 @@ def main(argv: list[str] | None = None) -> int:
         "epsilon_vs_budget": eps_vs_budget,
         "sweep": sweep,
         "mia": mia_report,
+        "canary": canary,
         "targets": targets,
         "failed": failed,
     }

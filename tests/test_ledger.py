@@ -12,9 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fakes import CapturingTransport, PrivatelyTrainedVectors, node_config
+from fakes import CapturingTransport, FakeNetwork, PrivatelyTrainedVectors, node_config, run_nodes
 
+from m3tgossip import protocol
 from m3tgossip.daemon import checkpoint, ledger
+from m3tgossip.daemon.metrics import read_metrics
 from m3tgossip.daemon.node import Node
 from m3tgossip.privacy import RDPAccountant
 from m3tgossip.topology import load_topology
@@ -177,3 +179,42 @@ def test_resume_takes_the_later_of_ledger_and_checkpoint(tmp_path: Path) -> None
             workload=PrivatelyTrainedVectors(COMPS),
             transport=CapturingTransport(),
         )
+
+
+def test_a_node_whose_budget_is_spent_stops_releasing_and_says_so(tmp_path: Path) -> None:
+    (tmp_path / "ring4.toml").write_text(SPEC)
+    topo = load_topology(tmp_path / "ring4.toml")
+    # n0's learners already spent its budget in an earlier run: its ledger says so
+    spent = Node(
+        node_config(topo, "n0", tmp_path / "before", rounds=4),
+        topology=topo,
+        workload=PrivatelyTrainedVectors(COMPS),
+        transport=CapturingTransport(),
+    ).gate
+    while spent.begin_round():
+        for comp in COMPS:
+            spent.privatize(comp, np.zeros(6))
+    ledger.save(tmp_path / "n0", spent.state())
+    net = FakeNetwork()
+    nodes = [
+        Node(
+            node_config(topo, nid, tmp_path, rounds=4),
+            topology=topo,
+            workload=PrivatelyTrainedVectors(COMPS),
+            transport=net.transport(nid),
+        )
+        for nid in topo.ids()
+    ]
+    run_nodes(nodes)
+    n0 = nodes[0]
+    assert n0.id == "n0" and n0.round == 4
+    assert n0.retired == set(COMPS) and n0.gate.released == 0
+    sent = net.sent_by("n0")
+    assert not any(m.tensors for m in sent)
+    assert any(m.type == protocol.MsgType.RETIRE for m in sent)
+    last = read_metrics(n0.config.metrics_path)[-1]["privacy"]
+    assert last["retired"] == sorted(COMPS)
+    assert last["node_epsilon"] <= last["budget"] * (1 + 1e-9)
+    # the others went on releasing, charged
+    for node in nodes[1:]:
+        assert node.gate.released == 4 * len(COMPS)

@@ -10,13 +10,17 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pytest
 import torch
+from fakes import FakeNetwork, node_config, run_nodes
 from tiny import TINY
 
+from m3tgossip.daemon.metrics import read_metrics
+from m3tgossip.daemon.node import Node
 from m3tgossip.edu.data import DataConfig, node_data
 from m3tgossip.edu.dpsgd import LearnerSGD
 from m3tgossip.edu.model import build_node_model
 from m3tgossip.edu.model.components import component_of
 from m3tgossip.edu.train import Trainer
+from m3tgossip.edu.workload import EduWorkload
 from m3tgossip.privacy import (
     DEFAULT_ORDERS,
     PROFILES,
@@ -32,6 +36,7 @@ from m3tgossip.privacy import (
     training_noise,
 )
 from m3tgossip.privacy.audit import binomial_tail, guess, lower_bound
+from m3tgossip.topology import parse_topology
 
 # --- the subsampled Gaussian ------------------------------------------------------------------
 
@@ -383,3 +388,41 @@ def test_guesses_count_the_right_ones():
     # "in" for 5 and 4 (one right), "out" for 1 and 0 (one right)
     assert guess(scores, included, 2, 2) == (2, 4)
     assert guess(scores, included, 1, 0) == (1, 1)
+
+
+# --- the edu workload under a private profile, in the daemon ----------------------------------
+
+PAIR = {
+    "name": "edu-pair",
+    "edges": [["a", "b"]],
+    "defaults": {
+        "role": "student",
+        "institution": "uni-a",
+        "modalities": ["clickstream", "tabular"],
+        "tasks": ["at_risk"],
+    },
+    "nodes": [{"id": "a", "privacy": "gdpr"}, {"id": "b", "privacy": "ferpa"}],
+}
+
+
+def test_edu_nodes_train_with_dp_sgd_and_report_their_node_epsilon(tmp_path):
+    topo = parse_topology(PAIR, str(tmp_path / "pair.toml"))
+    net = FakeNetwork()
+    nodes = []
+    for nid in ("a", "b"):
+        w = EduWorkload(topo, nid, 0, {"records": 40, "local_steps": 2, "eval_every": 1})
+        cfg = node_config(topo, nid, tmp_path, rounds=2)
+        nodes.append(Node(cfg, topology=topo, workload=w, transport=net.transport(nid)))
+    run_nodes(nodes)
+    for node in nodes:
+        gate, trainer = node.gate, node.workload.trainer
+        assert gate is not None and gate.training is not None
+        assert trainer.private is not None and trainer.private.steps == 4
+        assert trainer.private.noise is gate.training
+        records = read_metrics(node.config.metrics_path)
+        priv = records[-1]["privacy"]
+        assert priv["mechanism"] == "dp-sgd" and priv["budget"] == gate.profile.epsilon
+        assert priv["node_epsilon"] == pytest.approx(gate.profile.epsilon, rel=1e-3)
+        assert priv["node_epsilon"] <= gate.profile.epsilon * (1 + 1e-9)
+        assert records[-1]["mean_acc"] is not None
+        assert all(m.round < 2 for m in net.sent_by(node.id) if m.tensors)
