@@ -692,7 +692,13 @@ def main(argv: list[str] | None = None) -> int:
         worst = {nid: max(mia_per_node[nid]["profiles"]["values"]) for nid in profiles}
         targets["mia_auc_at_most_0.55_every_node"] = {
             "max_auc_over_seeds": worst,
+            "max": max(worst.values()),
             "met": all(v <= 0.55 for v in worst.values()),
+        }
+        targets["mia_auc_at_most_0.55_private_nodes"] = {
+            "max_auc_over_seeds": {nid: worst[nid] for nid in private},
+            "max": max((worst[nid] for nid in private), default=None),
+            "met": all(worst[nid] <= 0.55 for nid in private),
         }
     if {"profiles", "strictest"} <= set(summary):
         pa = summary["profiles"]["groups"][strictest]["final_acc"]
@@ -715,11 +721,13 @@ def main(argv: list[str] | None = None) -> int:
         }
     print("\ntargets")
     for k, v in targets.items():
-        shown = {
-            x: (round(y, 4) if isinstance(y, float) else y)
-            for x, y in v.items()
-            if x not in ("nodes", "max_auc_over_seeds") and not isinstance(y, dict)
-        }
+        shown = {}
+        for x, y in v.items():
+            if isinstance(y, dict) and "mean" in y:
+                y = y["mean"]
+            if x in ("nodes", "max_auc_over_seeds") or isinstance(y, dict):
+                continue
+            shown[x] = round(y, 4) if isinstance(y, float) else y
         print(f"  {k}: {'MET' if v['met'] else 'MISSED'}  {shown}")
     print(f"\nwall {wall:.0f} s; load average at the end {loadavg()}")
     if failed:
