@@ -328,6 +328,7 @@ def plot(out: Path, report: dict[str, Any]) -> Path:
         ax.bar(x, vals, width, yerr=errs, capsize=3, label=name, color=colours.get(name))
     ax.set_xticks(np.arange(len(groups)) + width * (len(names) - 1) / 2)
     ax.set_xticklabels([f"{g} nodes" for g in groups])
+    ax.set_ylim(0.0, 1.0)
     ax.set_ylabel("final held-out mean accuracy (95% CI over seeds)")
     ax.set_title("utility per node group (group = profile as written)")
     ax.legend(fontsize=8)
