@@ -16,7 +16,8 @@ weights never get a gradient):
    and handed to the optimiser as the gradient.
 
 Each step is the Poisson-subsampled Gaussian mechanism on one learner (add/remove), which is
-what `m3tgossip.privacy` accounts. The sampling and the noise draw from operating-system
+what `m3tgossip.privacy` accounts. The number of learners (which sets `q` and the divisor) is
+taken as public, as DP-SGD implementations do. The sampling and the noise draw from operating-system
 entropy unless a seed is given (tests only): a neighbour that could predict them could
 subtract the noise.
 """
