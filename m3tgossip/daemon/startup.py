@@ -55,6 +55,15 @@ def make_gate(
         except ValueError as exc:
             raise ConfigError(config.topology, f'node "{config.id}" privacy', str(exc)) from exc
         workload.use_private_training(training)
+        if plan.sampling_rate >= 1.0:
+            log.warning(
+                "%s: every learner is in every DP-SGD step (too few learners for the batch "
+                "size): no amplification by sampling, noise multiplier %.1f; a node that holds "
+                "one learner protects that learner only with noise this large (keep its "
+                "components local to train them without it)",
+                config.id,
+                training.noise_multiplier,
+            )
         log.info(
             "%s: DP-SGD at noise multiplier %.3f, sampling rate %.3f, %d steps a round "
             "(epsilon %g at delta %g for %s rounds)",
