@@ -59,8 +59,7 @@ def make_gate(
             log.warning(
                 "%s: every learner is in every DP-SGD step (too few learners for the batch "
                 "size): no amplification by sampling, noise multiplier %.1f; a node that holds "
-                "one learner protects that learner only with noise this large (keep its "
-                "components local to train them without it)",
+                "one learner protects that learner only with noise this large",
                 config.id,
                 training.noise_multiplier,
             )
