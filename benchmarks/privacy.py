@@ -1,34 +1,38 @@
 #!/usr/bin/env python3
-"""Utility against privacy on a topology with mixed privacy profiles, and membership inference.
+"""Utility against privacy on a topology with mixed privacy profiles, node-level epsilon against
+its budget, and membership inference, over several seeds.
 
-Testbed runs (multi-process, `--workload edu`, sync mode, same seed, rounds and options):
+Testbed runs (multi-process, `--workload edu`, lockstep rounds, same rounds and options), each
+for every seed of `--seeds`:
 
-  naive      the topology's profiles as written (campus: uni-a gdpr, uni-b ferpa, college-c
-             open), plain Metropolis-Hastings mixing (`gossip.noise_strength` 0);
-  aware      the same profiles, regulation-aware (noise-aware) mixing: `--set
-             gossip.noise_strength=S`, S = 1 / (typical per-element noise variance of a ferpa
-             node), computed from `privacy.ReleaseGate` for the representative component
-             (`--ref-component`, default backbone) of the first ferpa node at the planned rounds;
+  profiles   the topology's profiles as written (campus: uni-a gdpr, uni-b ferpa, college-c
+             open): every private node trains with per-learner DP-SGD calibrated to its one
+             budget over the planned rounds, and each node is held to its own regulation;
   strictest  every node on the strictest profile present (gdpr): a rewritten topology copy;
   open       every node open (no DP): the reference;
-  sweep-E    (optional, `--sweep E1,E2`) the strict nodes on a custom profile over the gdpr base
-             with component budget epsilon E (`--node-set NODE:privacy.base=gdpr` and
-             `privacy.epsilon=E`), naive mixing: a utility-vs-epsilon curve for them.
+  sweep-E    (optional, `--sweep E1,E2`, first seed) the strict nodes on a custom profile over
+             the strict base with budget epsilon E: a utility-vs-epsilon curve for them.
 
-Utility is the held-out accuracy per task at the last evaluation (and its mean over the node's
-tasks); the "late" mean also averages the evaluations of the second half of the run (less
-noisy). Epsilons come from each node's last metrics record: `privacy.node_epsilon` (everything
-the node released, all components composed) and the largest per-component epsilon; the
-calibrated mode spends each component's budget exactly over the planned rounds. Open nodes
-have no epsilon (reported as inf).
+Utility is the held-out accuracy at a node's last evaluation (mean over its tasks), averaged
+over the nodes, then over the seeds with a 95% confidence interval (Student t over seeds);
+"learns" is the mean over nodes of (last minus first evaluation). Every private node's
+node-level epsilon comes from its last metrics record (`privacy.node_epsilon`, everything it
+released, all components composed) and is checked against its profile's budget at its delta.
+Regulation-aware against strictest-for-all is the strict nodes' accuracy under `profiles`
+(their neighbours on their own, more lenient, profiles) against under `strictest`.
 
-Membership inference (loss threshold, Yeom et al.): for each strict node, its final checkpoint
-of the `open` run (no DP) and of the `naive` run (DP at its profile) is loaded into the node's
-model (`EduWorkload.load_state`), and the per-record loss on its training records (members) is
-compared with its held-out records (non-members): AUC of minus the loss, its standard error and
-the membership advantage. The same pair of runs is repeated in an overfit-prone setting
-(`--overfit`, default records=60, local_steps=20: few records, many steps per round), so the
-attack has something to find without DP.
+Membership inference (loss threshold, Yeom et al.) on every node: its final checkpoint of a
+run is loaded into the node's model (`EduWorkload.load_state`) and the per-record loss on its
+training records (members) is compared with its held-out records (non-members): AUC of minus
+the loss, its standard error and the membership advantage; for the `profiles` and `open` runs
+of every seed. With `--overfit` (default records=60,local_steps=20; '' to skip) the same pair
+of runs is repeated for the first seed in an overfit-prone setting, so the attack has
+something to find without DP.
+
+Canary audit (`--canaries`, default 200; `--canary-node`, default the first strict node): that
+node's local training for the same rounds, once with DP-SGD at its profile and once without,
+with canaries each put in with probability 1/2; the one-run lower bound on epsilon
+(`m3tgossip.edu.canary`) next to the accountant's epsilon.
 
 Writes DIR/privacy.json and DIR/privacy.png; every testbed run keeps its own folder DIR/runs/*.
 Running again into the same DIR reuses the runs that completed (same arguments) and redoes the
@@ -36,7 +40,7 @@ rest; a failed run is moved aside (DIR/runs/NAME.failed-K) and retried once (`--
 Exits non-zero if a testbed run failed.
 
     python benchmarks/privacy.py --out runs/bench-privacy
-    python benchmarks/privacy.py --out runs/bench-privacy --rounds 30 --sweep 1,10,30
+    python benchmarks/privacy.py --out runs/bench-privacy --rounds 30 --seeds 0,1,2 --sweep 1,10
 """
 
 from __future__ import annotations
@@ -57,19 +61,21 @@ from _common import ROOT, each_run, loadavg, parser, save_png, setup, write_json
 
 from m3tgossip.daemon import checkpoint
 from m3tgossip.daemon.metrics import read_metrics
+from m3tgossip.edu.canary import canary_audit
 from m3tgossip.edu.mia import loss_threshold_attack, record_losses
-from m3tgossip.edu.model import build_node_model
 from m3tgossip.edu.workload import EduWorkload
 from m3tgossip.errors import ConfigError
 from m3tgossip.harness import Summary, Testbed, TestbedSpec
 from m3tgossip.harness.testbed_spec import parse_args as testbed_args
 from m3tgossip.harness.testbed_spec import parse_assignment
-from m3tgossip.privacy import PROFILES, ReleaseGate, profile_for
+from m3tgossip.privacy import PROFILES
 from m3tgossip.topology import Topology, load_topology
 
 #: strictest first: the order profiles are ranked in (custom counts as its own name)
 STRICTNESS = ("gdpr", "ferpa", "open")
-MAIN_SETTINGS = ("naive", "aware", "strictest", "open")
+MAIN_SETTINGS = ("profiles", "strictest", "open")
+#: two-sided 95% Student t quantiles by degrees of freedom
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -86,6 +92,24 @@ def fmt(x: float | None, spec: str = ".3f") -> str:
     if isinstance(x, float) and math.isinf(x):
         return "inf"
     return format(x, spec)
+
+
+def interval(xs: list[float | None]) -> dict[str, Any]:
+    """Mean, 95% half-width (Student t over the values) and the values themselves."""
+    vals = [float(x) for x in xs if x is not None and math.isfinite(x)]
+    if not vals:
+        return {"mean": None, "ci95": None, "n": 0, "values": []}
+    half = None
+    if len(vals) > 1:
+        t = T95.get(len(vals) - 1, 1.96)
+        half = t * float(np.std(vals, ddof=1)) / math.sqrt(len(vals))
+    return {"mean": float(np.mean(vals)), "ci95": half, "n": len(vals), "values": vals}
+
+
+def fmt_ci(c: dict[str, Any]) -> str:
+    if c["mean"] is None:
+        return "-"
+    return f"{c['mean']:.3f}" + (f" +-{c['ci95']:.3f}" if c["ci95"] is not None else "")
 
 
 def with_profiles(topology: Topology, profiles: dict[str, str]) -> Topology:
@@ -105,39 +129,6 @@ def write_topology(topology: Topology, path: Path, expected: dict[str, str]) -> 
     if got != expected or back.edges != topology.edges:
         raise RuntimeError(f"{path}: rewritten topology does not load back as written: {got}")
     return path
-
-
-def noise_strength(topology: Topology, rounds: int, component: str) -> dict[str, Any]:
-    """S = 1 / (per-element noise variance of `component` at the first ferpa node)."""
-    ferpa = [n for n in topology.nodes if n.privacy == "ferpa"]
-    if not ferpa:
-        raise ValueError("the topology has no ferpa node to calibrate the noise strength on")
-    node = ferpa[0]
-    sizes = {c: x.size for c, x in build_node_model(node).shared_vectors().items()}
-    privatizer = ReleaseGate(
-        profile_for("ferpa"), node.modalities, sizes, rounds_planned=rounds, seed=0
-    )
-    variances = {c: s.noise_std**2 for c, s in privatizer.components.items()}
-    if component not in variances:
-        raise ValueError(f"{node.id} does not share {component}; shares {sorted(variances)}")
-    gdpr = [n for n in topology.nodes if n.privacy == "gdpr"]
-    gdpr_var = None
-    if gdpr:
-        g = gdpr[0]
-        gsizes = {c: x.size for c, x in build_node_model(g).shared_vectors().items()}
-        gp = ReleaseGate(profile_for("gdpr"), g.modalities, gsizes, rounds_planned=rounds, seed=0)
-        if component in gp.components:
-            gdpr_var = {"node": g.id, "variance": gp.components[component].noise_std ** 2}
-    var = variances[component]
-    return {
-        "node": node.id,
-        "component": component,
-        "ferpa_variance": var,
-        "ferpa_variance_median_over_components": float(np.median(list(variances.values()))),
-        "ferpa_variances": variances,
-        "gdpr_reference": gdpr_var,
-        "strength": 1.0 / var,
-    }
 
 
 def _completed(folder: Path, spec: TestbedSpec) -> Summary | None:
@@ -167,6 +158,7 @@ def run_testbed(
     args: argparse.Namespace,
     changes: dict[str, Any],
     options: dict[str, Any],
+    seed: int,
 ) -> dict[str, Any]:
     """One testbed run in DIR/runs/NAME (`changes` to the spec's fields); a completed run there
     of the same spec is reused, a failed one is moved aside and the run retried (`--retries`)."""
@@ -176,7 +168,7 @@ def run_testbed(
         out=folder,
         workload="edu",
         rounds=args.rounds,
-        seed=args.seed,
+        seed=seed,
         deadline=args.deadline,
         quiet=True,
         options=options,
@@ -238,7 +230,8 @@ def run_testbed(
 
 
 def node_results(run: dict[str, Any], profiles: dict[str, str], rounds: int) -> dict[str, Any]:
-    """Per node: profile, epsilons, final per-task metrics, final and late mean accuracy."""
+    """Per node: profile, node epsilon against its budget, final per-task metrics, first,
+    final and late mean accuracy."""
     out: dict[str, Any] = {}
     summary: Summary | None = run["summary"]
     per_node = (summary.per_node if summary else None) or {}
@@ -248,15 +241,22 @@ def node_results(run: dict[str, Any], profiles: dict[str, str], rounds: int) -> 
         v = per_node.get(nid, {})
         accs = v.get("mean_acc", [])
         late = [a for r, a in zip(v.get("rounds", []), accs, strict=True) if r >= rounds // 2]
+        eps = priv["node_epsilon"] if priv else 0.0
+        budget = priv.get("budget") if priv else None
         out[nid] = {
-            "profile": profile,
-            "node_epsilon": priv["node_epsilon"] if priv else math.inf,
-            "max_component_epsilon": max(priv["epsilon"].values()) if priv else math.inf,
+            "profile": run["profiles"].get(nid, profile),
+            "node_epsilon": eps,
+            "budget": budget,
+            "delta": priv.get("delta") if priv else None,
+            "mechanism": priv.get("mechanism") if priv else None,
+            "within_budget": budget is None or eps <= budget * (1 + 1e-6),
             "component_epsilon": priv["epsilon"] if priv else None,
             "retired": priv["retired"] if priv else [],
             "tasks": {t: m["acc"] for t, m in v.get("final", {}).items()},
             "f1": {t: m["f1"] for t, m in v.get("final", {}).items()},
+            "first_acc": accs[0] if accs else None,
             "final_acc": accs[-1] if accs else None,
+            "gain": accs[-1] - accs[0] if len(accs) > 1 else None,
             "late_acc": mean(late),
         }
     return out
@@ -270,9 +270,9 @@ def group_table(nodes: dict[str, Any], groups: dict[str, list[str]]) -> dict[str
         out[g] = {
             "final_acc": mean([nodes[i]["final_acc"] for i in ids]),
             "late_acc": mean([nodes[i]["late_acc"] for i in ids]),
+            "gain": mean([nodes[i]["gain"] for i in ids]),
             "tasks": {t: mean([nodes[i]["tasks"].get(t) for i in ids]) for t in tasks},
             "node_epsilon": mean([nodes[i]["node_epsilon"] for i in ids]),
-            "max_component_epsilon": mean([nodes[i]["max_component_epsilon"] for i in ids]),
         }
     return out
 
@@ -286,7 +286,7 @@ def mia(
     workload_cache: dict[tuple[str, str], EduWorkload],
 ) -> dict[str, Any]:
     """The loss-threshold attack on node `nid`'s final checkpoint of the run in `run_dir`."""
-    key = (nid, json.dumps(options, sort_keys=True))
+    key = (nid, f"{seed}/" + json.dumps(options, sort_keys=True))
     if key not in workload_cache:
         workload_cache[key] = EduWorkload(topology, nid, seed, options)
     w = workload_cache[key]
@@ -313,83 +313,61 @@ def plot(out: Path, report: dict[str, Any]) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    colours = {"profiles": "tab:green", "strictest": "tab:red", "open": "tab:grey"}
     ax = axes[0]
-    colours = {
-        "naive": "tab:blue",
-        "aware": "tab:green",
-        "strictest": "tab:red",
-        "open": "tab:grey",
-    }
-    finite = [
-        n["node_epsilon"]
-        for s in report["settings"].values()
-        for n in s["nodes"].values()
-        if math.isfinite(n["node_epsilon"]) and n["node_epsilon"] > 0
-    ]
-    x_inf = (max(finite) if finite else 10.0) * 3.0
-    markers = {"gdpr": "o", "ferpa": "s", "open": "^"}
-    for name, s in report["settings"].items():
-        colour = colours.get(name, None)
-        for nid, n in s["nodes"].items():
-            x = n["node_epsilon"] if math.isfinite(n["node_epsilon"]) else x_inf
-            if n["final_acc"] is None:
-                continue
-            ax.scatter(
-                x,
-                n["final_acc"],
-                color=colour,
-                marker=markers.get(report["profiles"][nid], "o"),
-                alpha=0.7,
-                s=30,
-                label=name if nid == next(iter(s["nodes"])) else None,
-            )
-    sweep = report.get("sweep", [])
-    if sweep:
-        xs = [p["strict_node_epsilon"] for p in sweep]
-        ys = [p["strict_final_acc"] for p in sweep]
-        ax.plot(xs, ys, "k--", marker="x", label="sweep (strict nodes, custom eps)")
-    ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.axvline(x_inf / 1.7, color="lightgrey", lw=1, ls=":")
-    ax.text(x_inf, ax.get_ylim()[0], "no DP", ha="center", va="bottom", fontsize=8)
-    ax.set_xlabel("per-node epsilon (all components composed; right edge = no DP)")
-    ax.set_ylabel("final held-out mean accuracy")
-    ax.set_title("utility vs epsilon (o gdpr, s ferpa, ^ open nodes)")
-    ax.legend(fontsize=8)
-
-    ax = axes[1]
-    names = list(report["settings"])
+    names = list(report["summary"])
     groups = list(report["groups"]) + ["all"]
-    width = 0.8 / len(names)
+    width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
-        g = report["settings"][name]["groups"]
-        vals = [g[k]["final_acc"] or 0.0 for k in groups]
-        ax.bar(np.arange(len(groups)) + i * width, vals, width, label=name, color=colours.get(name))
+        g = report["summary"][name]["groups"]
+        vals = [g[k]["final_acc"]["mean"] or 0.0 for k in groups]
+        errs = [g[k]["final_acc"]["ci95"] or 0.0 for k in groups]
+        x = np.arange(len(groups)) + i * width
+        ax.bar(x, vals, width, yerr=errs, capsize=3, label=name, color=colours.get(name))
     ax.set_xticks(np.arange(len(groups)) + width * (len(names) - 1) / 2)
     ax.set_xticklabels([f"{g} nodes" for g in groups])
-    ax.set_ylabel("final held-out mean accuracy")
+    ax.set_ylim(0.0, 1.0)
+    ax.set_ylabel("final held-out mean accuracy (95% CI over seeds)")
     ax.set_title("utility per node group (group = profile as written)")
     ax.legend(fontsize=8)
 
+    ax = axes[1]
+    per_node = report["epsilon_vs_budget"]
+    ids = [n for n, v in per_node.items() if v["budget"] is not None]
+    x = np.arange(len(ids))
+    ax.bar(x, [per_node[n]["max_node_epsilon"] for n in ids], 0.6, label="node epsilon (max)")
+    ax.scatter(
+        x,
+        [per_node[n]["budget"] for n in ids],
+        color="k",
+        marker="_",
+        s=400,
+        label="budget",
+        zorder=3,
+    )
+    ax.set_xticks(x)
+    ax.set_xticklabels(ids, rotation=60, fontsize=8)
+    ax.set_ylabel("epsilon at the end (profiles run)")
+    ax.set_title("node-level epsilon against the budget")
+    ax.legend(fontsize=8)
+
     ax = axes[2]
-    styles = {"no_dp": "-", "dp": "--"}
-    for setting, res in report["mia"].items():
-        for variant, r in res["target"].items():
-            ax.plot(
-                r["fpr"],
-                r["tpr"],
-                styles.get(variant, ":"),
-                label=f"{setting} {variant}: AUC {r['auc']:.3f}",
-            )
-    ax.plot([0, 1], [0, 1], color="lightgrey", lw=1)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.set_title(f"loss-threshold MIA on {report['mia_node']}")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+    auc = report["mia"]["per_node"]
+    ids = list(auc)
+    x = np.arange(len(ids))
+    for i, variant in enumerate(("profiles", "open")):
+        vals = [auc[n][variant]["mean"] or 0.5 for n in ids]
+        ax.bar(x + i * 0.4, vals, 0.4, label=variant, color=colours.get(variant))
+    ax.axhline(0.55, color="k", ls=":", lw=1)
+    ax.set_ylim(0.3, 0.8)
+    ax.set_xticks(x + 0.2)
+    ax.set_xticklabels(ids, rotation=60, fontsize=8)
+    ax.set_ylabel("loss-threshold MIA AUC (mean over seeds)")
+    ax.set_title("membership inference per node")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
     return save_png(fig, out, "privacy", dpi=110)
 
 
@@ -399,8 +377,8 @@ def plot(out: Path, report: dict[str, Any]) -> Path:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = parser(__doc__, None)
     p.add_argument("--topology", default=str(ROOT / "topology" / "campus.toml"))
-    p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated federation seeds")
     p.add_argument("--deadline", type=float, default=5.0)
     p.add_argument(
         "-o",
@@ -411,23 +389,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="edu workload option for every run",
     )
     p.add_argument(
-        "--ref-component",
-        default="backbone",
-        help="component whose ferpa noise variance sets the noise strength",
-    )
-    p.add_argument(
-        "--strength",
-        type=float,
-        default=None,
-        help="noise strength of the aware run (default: computed, see above)",
-    )
-    p.add_argument(
-        "--mia-node", default=None, help="node whose ROC is plotted (default: first strict node)"
-    )
-    p.add_argument(
         "--overfit",
         default="records=60,local_steps=20",
-        help="workload options of the overfit-prone MIA runs ('' to skip)",
+        help="workload options of the overfit-prone MIA runs, first seed ('' to skip)",
     )
     p.add_argument(
         "--retries",
@@ -436,14 +400,32 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="retries of a failed testbed run (a busy machine can miss the start timeout)",
     )
     p.add_argument(
-        "--sweep", default="", help="comma-separated component budgets for the strict nodes"
+        "--sweep", default="", help="comma-separated budgets for the strict nodes (first seed)"
     )
+    p.add_argument(
+        "--canary-node", default=None, help="node of the canary audit (default: first strict node)"
+    )
+    p.add_argument("--canaries", type=int, default=200, help="canaries of the audit (0 to skip)")
     return p.parse_args(argv)
+
+
+def clean(x: Any) -> Any:
+    """JSON has no inf or nan."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [clean(v) for v in x]
+    return x
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     t_start = time.monotonic()
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    if not seeds:
+        raise SystemExit("--seeds: at least one seed")
     base = load_topology(args.topology)
     profiles = {n.id: n.privacy for n in base.nodes}
     present = [p for p in STRICTNESS if p in profiles.values()]
@@ -454,33 +436,18 @@ def main(argv: list[str] | None = None) -> int:
     out = setup(
         args.out,
         f"privacy benchmark on {platform.node()}: topology {base.name} ({len(base.nodes)} "
-        f"nodes, {len(base.edges)} edges), workload edu, rounds {args.rounds}, seed "
-        f"{args.seed}, options {options or 'defaults'}",
+        f"nodes, {len(base.edges)} edges), workload edu, rounds {args.rounds}, seeds {seeds}, "
+        f"options {options or 'defaults'}",
     )
     print("  profiles: " + ", ".join(f"{p}: {' '.join(ids)}" for p, ids in groups.items()))
     for name in present:
+        if name == "open":
+            continue
         prof = PROFILES[name]
         print(
-            f"  {name}: component budget epsilon {prof.epsilon} at delta {prof.delta:g}, "
-            f"clip {prof.clip}, modality factors {prof.modality_factor}"
+            f"  {name}: node budget epsilon {prof.epsilon} at delta {prof.delta:g} per learner, "
+            f"clip {prof.clip}, encoder shares {prof.modality_factor}"
         )
-
-    if args.strength is None:
-        ns = noise_strength(base, args.rounds, args.ref_component)
-        strength = ns["strength"]
-        gdpr = ns["gdpr_reference"]
-        print(
-            f"  noise strength S = 1 / ferpa per-element noise variance of {ns['component']} at "
-            f"{ns['node']} over {args.rounds} planned rounds = 1 / {ns['ferpa_variance']:.2f} "
-            f"= {strength:.5f}  (median over its components "
-            f"{ns['ferpa_variance_median_over_components']:.2f}"
-            + (f"; gdpr {gdpr['node']} {ns['component']}: {gdpr['variance']:.1f}" if gdpr else "")
-            + ")"
-        )
-    else:
-        ns = {"strength": args.strength, "given": True}
-        strength = args.strength
-        print(f"  noise strength S = {strength} (given)")
 
     topo_dir = out / "topologies"
     written = write_topology(base, topo_dir / "as-written.toml", profiles)
@@ -490,19 +457,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     all_open = {nid: "open" for nid in profiles}
     open_path = write_topology(with_profiles(base, all_open), topo_dir / "open.toml", all_open)
+    as_run = {"profiles": profiles, "strictest": all_strict, "open": all_open}
+    paths = {"profiles": written, "strictest": strict_path, "open": open_path}
 
-    # (name, topology, changes to the testbed spec, workload options)
-    aware = {"settings": {"gossip.noise_strength": strength}}
-    plan: list[tuple[str, Path, dict[str, Any], dict[str, Any]]] = [
-        ("naive", written, {}, options),
-        ("aware", written, aware, options),
-        ("strictest", strict_path, {}, options),
-        ("open", open_path, {}, options),
-    ]
+    # (name, setting, seed, topology, changes to the testbed spec, workload options)
+    plan: list[tuple[str, str, int, Path, dict[str, Any], dict[str, Any]]] = []
+    for seed in seeds:
+        for setting in MAIN_SETTINGS:
+            plan.append((f"{setting}-s{seed}", setting, seed, paths[setting], {}, options))
     overfit = dict(parse_assignment(o) for o in args.overfit.split(",") if o)
     if overfit:
         merged = {**options, **overfit}
-        plan += [("overfit-naive", written, {}, merged), ("overfit-open", open_path, {}, merged)]
+        for setting in ("profiles", "open"):
+            plan.append((f"overfit-{setting}", setting, seeds[0], paths[setting], {}, merged))
     sweep_eps = [float(e) for e in args.sweep.split(",") if e]
     if sweep_eps:
         custom = {nid: ("custom" if nid in strict_nodes else p) for nid, p in profiles.items()}
@@ -513,241 +480,294 @@ def main(argv: list[str] | None = None) -> int:
             custom_nodes = {
                 nid: {"privacy.base": strictest, "privacy.epsilon": e} for nid in strict_nodes
             }
-            plan.append((f"sweep-{e:g}", custom_path, {"node_settings": custom_nodes}, options))
+            changes = {"node_settings": custom_nodes}
+            plan.append((f"sweep-{e:g}", "sweep", seeds[0], custom_path, changes, options))
 
     runs: dict[str, dict[str, Any]] = {}
-    for name, topo, changes, opts in each_run(plan, "settings"):
-        runs[name] = run_testbed(name, out, topo, args, changes, opts)
+    for name, setting, seed, topo, changes, opts in each_run(plan, "settings"):
+        r = run_testbed(name, out, topo, args, changes, opts, seed)
+        r.update(setting=setting, seed=seed, options=opts, profiles=as_run.get(setting, profiles))
+        runs[name] = r
     failed = [n for n, r in runs.items() if r["exit"] != 0 or r["summary"] is None]
 
-    settings: dict[str, Any] = {}
-    for name in MAIN_SETTINGS:
-        r = runs[name]
+    # --- per run, then per setting over the seeds
+    results: dict[str, Any] = {}
+    for name, r in runs.items():
         if r["summary"] is None:
             continue
         nodes = node_results(r, profiles, args.rounds)
-        settings[name] = {
+        results[name] = {
+            "setting": r["setting"],
+            "seed": r["seed"],
             "nodes": nodes,
             "groups": {**group_table(nodes, groups), **group_table(nodes, {"all": list(profiles)})},
             "wall_s": r["wall_s"],
         }
+    summary: dict[str, Any] = {}
+    for setting in MAIN_SETTINGS:
+        per_seed = [results[f"{setting}-s{s}"] for s in seeds if f"{setting}-s{s}" in results]
+        if not per_seed:
+            continue
+        summary[setting] = {
+            "seeds": [x["seed"] for x in per_seed],
+            "groups": {
+                g: {
+                    key: interval([x["groups"][g][key] for x in per_seed])
+                    for key in ("final_acc", "late_acc", "gain")
+                }
+                for g in [*groups, "all"]
+            },
+            "nodes": {
+                nid: {
+                    "final_acc": interval([x["nodes"][nid]["final_acc"] for x in per_seed]),
+                    "gain": interval([x["nodes"][nid]["gain"] for x in per_seed]),
+                    "node_epsilon": [x["nodes"][nid]["node_epsilon"] for x in per_seed],
+                    "budget": per_seed[0]["nodes"][nid]["budget"],
+                    "within_budget": all(x["nodes"][nid]["within_budget"] for x in per_seed),
+                }
+                for nid in profiles
+            },
+        }
     sweep = []
     for e in sweep_eps:
-        r = runs[f"sweep-{e:g}"]
-        if r["summary"] is None:
+        r = results.get(f"sweep-{e:g}")
+        if r is None:
             continue
-        nodes = node_results(r, profiles, args.rounds)
-        g = group_table(nodes, {"strict": strict_nodes, "all": list(profiles)})
+        g = group_table(r["nodes"], {"strict": strict_nodes, "all": list(profiles)})
         sweep.append(
             {
                 "epsilon": e,
                 "strict_node_epsilon": g["strict"]["node_epsilon"],
-                "strict_max_component_epsilon": g["strict"]["max_component_epsilon"],
                 "strict_final_acc": g["strict"]["final_acc"],
                 "strict_late_acc": g["strict"]["late_acc"],
                 "all_final_acc": g["all"]["final_acc"],
-                "nodes": nodes,
             }
         )
 
-    # --- membership inference
-    print(
-        f"\nmembership inference (loss threshold) on the strict nodes {', '.join(strict_nodes)}; "
-        f"load {loadavg()}",
-        flush=True,
-    )
-    mia_node = args.mia_node or strict_nodes[0]
-    cache: dict[tuple[str, str], EduWorkload] = {}
-    mia_report: dict[str, Any] = {}
-    pairs = [("default", "open", "naive", dict(options))]
+    # --- membership inference on every node, profiles and open runs of every seed
+    print(f"\nmembership inference (loss threshold) on every node; load {loadavg()}", flush=True)
+    mia_runs: dict[str, Any] = {}
+    pairs = [(f"s{s}", f"profiles-s{s}", f"open-s{s}", s, options) for s in seeds]
     if overfit:
-        pairs.append(("overfit", "overfit-open", "overfit-naive", {**options, **overfit}))
-    for label, no_dp, dp, opts in pairs:
-        if runs[no_dp]["summary"] is None or runs[dp]["summary"] is None:
+        pairs.append(("overfit", "overfit-profiles", "overfit-open", seeds[0], merged))
+    for label, dp_run, open_run, seed, opts in pairs:
+        if dp_run not in results or open_run not in results:
             continue
+        cache: dict[tuple[str, str], EduWorkload] = {}
         per_node = {}
-        for nid in strict_nodes:
+        for nid in profiles:
             per_node[nid] = {
-                "no_dp": mia(Path(runs[no_dp]["folder"]), base, nid, args.seed, opts, cache),
-                "dp": mia(Path(runs[dp]["folder"]), base, nid, args.seed, opts, cache),
-            }
-        for key in [k for k in cache if k[1] == json.dumps(opts, sort_keys=True)]:
-            del cache[key]  # the models of this setting are no longer needed
-        mia_report[label] = {
-            "options": opts,
-            "no_dp_run": no_dp,
-            "dp_run": dp,
-            "target": per_node[mia_node],
-            "per_node": {
-                nid: {
-                    v: {k: x for k, x in r.items() if k not in ("fpr", "tpr")}
-                    for v, r in res.items()
+                variant: {
+                    k: v
+                    for k, v in mia(Path(runs[run]["folder"]), base, nid, seed, opts, cache).items()
+                    if k not in ("fpr", "tpr")
                 }
-                for nid, res in per_node.items()
-            },
-            "mean_auc": {
-                v: mean([per_node[n][v]["auc"] for n in strict_nodes]) for v in ("no_dp", "dp")
-            },
+                for variant, run in (("profiles", dp_run), ("open", open_run))
+            }
+            del cache[(nid, f"{seed}/" + json.dumps(opts, sort_keys=True))]
+        mia_runs[label] = {"options": opts, "seed": seed, "per_node": per_node}
+    seed_labels = [f"s{s}" for s in seeds if f"s{s}" in mia_runs]
+    mia_per_node = {
+        nid: {
+            variant: interval(
+                [mia_runs[lab]["per_node"][nid][variant]["auc"] for lab in seed_labels]
+            )
+            for variant in ("profiles", "open")
         }
+        for nid in profiles
+    }
+    mia_report = {"runs": mia_runs, "per_node": mia_per_node}
+
+    # --- canary audit: one node's private training, against the same training without DP
+    canary: dict[str, Any] = {}
+    if args.canaries > 0:
+        cnode = args.canary_node or (strict_nodes[0] if strict_nodes else next(iter(profiles)))
+        node = base.node(cnode)
+        steps = int(options.get("local_steps", 5))
+        print(f"\ncanary audit of {cnode}: {args.canaries} canaries; load {loadavg()}", flush=True)
+        for variant, prof_name in (("private", profiles[cnode]), ("open", "open")):
+            canary[variant] = canary_audit(
+                node,
+                PROFILES[prof_name],
+                seed=seeds[0],
+                rounds=args.rounds,
+                local_steps=steps,
+                canaries=args.canaries,
+                records=int(options.get("records", 240)),
+                batch_size=int(options.get("batch_size", 32)),
+                audit_seed=seeds[0],
+            )
+        canary["node"] = cnode
     wall = time.monotonic() - t_start
 
     # --- tables
     print(
-        "\nutility: final held-out accuracy (mean over a node's tasks), per node; epsilon = node "
-        "epsilon (all components composed) / largest component epsilon"
+        "\nutility: final held-out accuracy (mean over a node's tasks), mean over seeds "
+        "+- 95% CI; epsilon = node epsilon at the end (max over seeds) / budget"
     )
-    head = f"{'node':<11}{'profile':<8}" + "".join(f"{s:>22}" for s in settings)
-    print(head)
-    for nid, prof in profiles.items():
-        cells = ""
-        for s in settings.values():
-            n = s["nodes"][nid]
-            eps = f"{fmt(n['node_epsilon'], '.2f')}/{fmt(n['max_component_epsilon'], '.2f')}"
-            cells += f"{fmt(n['final_acc']):>11} e{eps:>10}"
-        print(f"{nid:<11}{prof:<8}{cells}")
     print(
-        "\nutility per group (profile as written): final accuracy / late mean (evaluations in "
-        "the 2nd half)"
+        f"{'node':<11}{'profile':<8}" + "".join(f"{s:>22}" for s in summary) + f"{'eps/budget':>16}"
     )
-    print(f"{'group':<10}" + "".join(f"{s:>18}" for s in settings))
+    for nid, prof in profiles.items():
+        cells = "".join(f"{fmt_ci(s['nodes'][nid]['final_acc']):>22}" for s in summary.values())
+        eps = ""
+        if "profiles" in summary:
+            n = summary["profiles"]["nodes"][nid]
+            if n["budget"] is not None:
+                eps = f"{max(n['node_epsilon']):.3f}/{n['budget']:g}"
+        print(f"{nid:<11}{prof:<8}{cells}{eps:>16}")
+    print("\nper group: final accuracy | gain (last - first evaluation), mean over seeds +- 95% CI")
+    print(f"{'group':<10}" + "".join(f"{s:>34}" for s in summary))
     for g in [*groups, "all"]:
         print(
             f"{g:<10}"
             + "".join(
-                f"{fmt(s['groups'][g]['final_acc']):>10} /{fmt(s['groups'][g]['late_acc']):>6}"
-                for s in settings.values()
+                f"{fmt_ci(s['groups'][g]['final_acc']):>17} |{fmt_ci(s['groups'][g]['gain']):>15}"
+                for s in summary.values()
             )
-        )
-    print(f"\nper-task final accuracy of the {strictest} nodes (mean over the nodes with the task)")
-    tasks = sorted({t for s in settings.values() for t in s["groups"][strictest]["tasks"]})
-    print(f"{'task':<15}" + "".join(f"{s:>11}" for s in settings))
-    for t in tasks:
-        print(
-            f"{t:<15}"
-            + "".join(
-                f"{fmt(s['groups'][strictest]['tasks'].get(t)):>11}" for s in settings.values()
-            )
-        )
-    print("\nper-task final accuracy over all nodes")
-    tasks = sorted({t for s in settings.values() for t in s["groups"]["all"]["tasks"]})
-    for t in tasks:
-        print(
-            f"{t:<15}"
-            + "".join(f"{fmt(s['groups']['all']['tasks'].get(t)):>11}" for s in settings.values())
         )
     if sweep:
-        print(f"\nsweep: strict nodes on a custom profile (base {strictest}), naive mixing")
-        print(
-            f"{'budget':>8}{'node eps':>10}{'max comp eps':>14}{'strict acc':>12}{'late':>8}"
-            f"{'all acc':>9}"
-        )
+        print(f"\nsweep: strict nodes on a custom profile (base {strictest}), seed {seeds[0]}")
+        print(f"{'budget':>8}{'node eps':>10}{'strict acc':>12}{'late':>8}{'all acc':>9}")
         for p in sweep:
             print(
                 f"{p['epsilon']:>8g}{fmt(p['strict_node_epsilon'], '.2f'):>10}"
-                f"{fmt(p['strict_max_component_epsilon'], '.2f'):>14}"
-                f"{fmt(p['strict_final_acc']):>12}"
-                f"{fmt(p['strict_late_acc']):>8}{fmt(p['all_final_acc']):>9}"
+                f"{fmt(p['strict_final_acc']):>12}{fmt(p['strict_late_acc']):>8}"
+                f"{fmt(p['all_final_acc']):>9}"
             )
+    print("\nmembership inference AUC per node (mean over seeds +- 95% CI)")
     print(
-        "\nmembership inference AUC (members: train records, non-members: held-out records; "
-        "+- 1 s.e.)"
+        f"{'node':<11}{'profile':<8}{'profiles':>18}{'open':>18}"
+        + (f"{'overfit DP':>12}{'overfit open':>14}" if "overfit" in mia_runs else "")
     )
-    print(
-        f"{'setting':<9}{'node':<9}{'no DP AUC':>16}{'adv':>7}{'DP AUC':>16}{'adv':>7}"
-        f"{'members/non':>13}{'loss m/n (no DP)':>20}"
-    )
-    for label, res in mia_report.items():
-        for nid, r in res["per_node"].items():
-            a, b = r["no_dp"], r["dp"]
-            print(
-                f"{label:<9}{nid:<9}{a['auc']:>9.3f} +-{a['auc_stderr']:.3f}{a['advantage']:>7.3f}"
-                f"{b['auc']:>9.3f} +-{b['auc_stderr']:.3f}{b['advantage']:>7.3f}"
-                f"{a['members']:>7}/{a['nonmembers']:<5}{a['member_loss']:>10.3f}/{a['nonmember_loss']:.3f}"
-            )
-        print(
-            f"{label:<9}{'mean':<9}{fmt(res['mean_auc']['no_dp']):>9}{'':>14}{fmt(res['mean_auc']['dp']):>9}"
+    for nid, prof in profiles.items():
+        line = f"{nid:<11}{prof:<8}"
+        line += (
+            f"{fmt_ci(mia_per_node[nid]['profiles']):>18}{fmt_ci(mia_per_node[nid]['open']):>18}"
         )
+        if "overfit" in mia_runs:
+            o = mia_runs["overfit"]["per_node"][nid]
+            line += f"{o['profiles']['auc']:>12.3f}{o['open']['auc']:>14.3f}"
+        print(line)
+
+    if canary:
+        print(f"\ncanary audit of {canary['node']} (one run; lower bound at 95% confidence)")
+        for variant in ("private", "open"):
+            c = canary[variant]
+            print(
+                f"  {variant:<8} {c['profile']:<6} right {c['correct']}/{c['guesses']}: epsilon "
+                f"lower bound {c['epsilon_lower_bound']:.3f}, accountant "
+                f"{fmt(c['epsilon_accountant'])}"
+            )
 
     # --- targets
     targets: dict[str, Any] = {}
-    if {"naive", "aware", "strictest"} <= set(settings):
-        nv, aw, st = (settings[k]["groups"] for k in ("naive", "aware", "strictest"))
-        targets["aware_beats_naive_on_strict_nodes"] = {
-            "aware": aw[strictest]["final_acc"],
-            "naive": nv[strictest]["final_acc"],
-            "aware_late": aw[strictest]["late_acc"],
-            "naive_late": nv[strictest]["late_acc"],
-            "met": (aw[strictest]["final_acc"] or 0) > (nv[strictest]["final_acc"] or 0),
+    if {"profiles", "open"} <= set(summary):
+        pa = summary["profiles"]["groups"]["all"]
+        oa = summary["open"]["groups"]["all"]
+        gap = (oa["final_acc"]["mean"] or 0) - (pa["final_acc"]["mean"] or 0)
+        targets["profiles_within_3_points_of_open"] = {
+            "profiles": pa["final_acc"],
+            "open": oa["final_acc"],
+            "gap": gap,
+            "met": gap <= 0.03,
         }
-        targets["aware_beats_strictest_on_mean_utility"] = {
-            "aware": aw["all"]["final_acc"],
-            "strictest": st["all"]["final_acc"],
-            "aware_late": aw["all"]["late_acc"],
-            "strictest_late": st["all"]["late_acc"],
-            "met": (aw["all"]["final_acc"] or 0) > (st["all"]["final_acc"] or 0),
-            "note": "strict nodes have the same epsilons in both; under 'strictest' the others "
-            "have the strict (smaller) epsilons instead of their own",
+        targets["profiles_learn_5_points"] = {
+            "gain": pa["gain"],
+            "met": (pa["gain"]["mean"] or 0) >= 0.05,
         }
-    if "default" in mia_report:
-        dp_auc = mia_report["default"]["target"]["dp"]["auc"]
-        targets["mia_auc_with_dp_at_most_0.55"] = {
-            "node": mia_node,
-            "auc": dp_auc,
-            "met": dp_auc <= 0.55,
-            "all_strict_nodes": {
-                n: r["dp"]["auc"] for n, r in mia_report["default"]["per_node"].items()
-            },
-            **(
-                {
-                    "overfit_auc": mia_report["overfit"]["target"]["dp"]["auc"],
-                    "overfit_met": mia_report["overfit"]["target"]["dp"]["auc"] <= 0.55,
+    private = {nid: p for nid, p in profiles.items() if p != "open"}
+    if "profiles" in summary:
+        nodes = summary["profiles"]["nodes"]
+        targets["node_epsilon_within_budget"] = {
+            "nodes": {
+                nid: {
+                    "max_node_epsilon": max(nodes[nid]["node_epsilon"]),
+                    "budget": nodes[nid]["budget"],
                 }
-                if "overfit" in mia_report
-                else {}
-            ),
+                for nid in private
+            },
+            "met": all(nodes[nid]["within_budget"] for nid in profiles),
+        }
+    if seed_labels:
+        worst = {nid: max(mia_per_node[nid]["profiles"]["values"]) for nid in profiles}
+        targets["mia_auc_at_most_0.55_every_node"] = {
+            "max_auc_over_seeds": worst,
+            "max": max(worst.values()),
+            "met": all(v <= 0.55 for v in worst.values()),
+        }
+        targets["mia_auc_at_most_0.55_private_nodes"] = {
+            "max_auc_over_seeds": {nid: worst[nid] for nid in private},
+            "max": max((worst[nid] for nid in private), default=None),
+            "met": all(worst[nid] <= 0.55 for nid in private),
+        }
+    if {"profiles", "strictest"} <= set(summary):
+        pa = summary["profiles"]["groups"][strictest]["final_acc"]
+        st = summary["strictest"]["groups"][strictest]["final_acc"]
+        diff = (pa["mean"] or 0) - (st["mean"] or 0)
+        targets["aware_3_points_above_strictest_on_strict_nodes"] = {
+            "profiles": pa,
+            "strictest": st,
+            "difference": diff,
+            "met": diff >= 0.03,
+        }
+    if canary and canary["private"]["epsilon_accountant"] is not None:
+        c = canary["private"]
+        targets["canary_lower_bound_below_accountant"] = {
+            "node": canary["node"],
+            "lower_bound": c["epsilon_lower_bound"],
+            "accountant": c["epsilon_accountant"],
+            "open_lower_bound": canary["open"]["epsilon_lower_bound"],
+            "met": c["epsilon_lower_bound"] <= c["epsilon_accountant"],
         }
     print("\ntargets")
     for k, v in targets.items():
-        shown = {
-            x: (round(y, 4) if isinstance(y, float) else y)
-            for x, y in v.items()
-            if x not in ("note", "all_strict_nodes")
-        }
+        shown = {}
+        for x, y in v.items():
+            if isinstance(y, dict) and "mean" in y:
+                y = y["mean"]
+            if x in ("nodes", "max_auc_over_seeds") or isinstance(y, dict):
+                continue
+            shown[x] = round(y, 4) if isinstance(y, float) else y
         print(f"  {k}: {'MET' if v['met'] else 'MISSED'}  {shown}")
     print(f"\nwall {wall:.0f} s; load average at the end {loadavg()}")
     if failed:
         print(f"FAILED runs: {', '.join(failed)}")
 
+    eps_vs_budget = {}
+    if "profiles" in summary:
+        for nid, n in summary["profiles"]["nodes"].items():
+            eps_vs_budget[nid] = {
+                "profile": profiles[nid],
+                "node_epsilon": n["node_epsilon"],
+                "max_node_epsilon": max(n["node_epsilon"]),
+                "budget": n["budget"],
+                "within_budget": n["within_budget"],
+            }
     report = {
         "topology": base.name,
         "topology_path": args.topology,
         "rounds": args.rounds,
-        "seed": args.seed,
+        "seeds": seeds,
         "options": options,
         "profiles": profiles,
         "groups": groups,
         "strictest": strictest,
-        "noise_strength": ns,
         "machine": {"host": platform.node(), "cores": os.cpu_count(), "load_end": loadavg()},
         "wall_s": wall,
-        "runs": {n: {k: v for k, v in r.items() if k != "summary"} for n, r in runs.items()},
-        "settings": settings,
+        "runs": {
+            n: {k: v for k, v in r.items() if k not in ("summary", "profiles")}
+            for n, r in runs.items()
+        },
+        "results": results,
+        "summary": summary,
+        "epsilon_vs_budget": eps_vs_budget,
         "sweep": sweep,
-        "mia_node": mia_node,
         "mia": mia_report,
+        "canary": canary,
         "targets": targets,
         "failed": failed,
     }
-
-    def clean(x: Any) -> Any:  # JSON has no inf
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
-
     path = write_json(out, "privacy", clean(report))
     try:
         png = plot(out, report)

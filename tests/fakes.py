@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import numpy as np
 from m3tgossip import protocol
 from m3tgossip.daemon.config import GossipConfig, NodeConfig
 from m3tgossip.daemon.node import Node
+from m3tgossip.privacy import TrainingPlan
 from m3tgossip.topology import Topology
 
 #: bound on any wait for in-process nodes
@@ -156,6 +158,36 @@ class PrivateVectors:
 
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
         pass
+
+
+class PrivatelyTrainedVectors(PrivateVectors):
+    """PrivateVectors whose training counts as per-learner DP-SGD: the daemon calibrates its
+    noise (`use_private_training`) and charges its steps; releases get no noise of their own.
+    `pause_s` slows each round down (for crash tests)."""
+
+    name = "privately-trained-vectors"
+
+    def __init__(
+        self, comps: dict[str, int], step: float = 0.01, q: float = 0.25, pause_s: float = 0.0
+    ) -> None:
+        super().__init__(comps, step)
+        self.q = q
+        self.pause_s = pause_s
+        self.noise: Any = None
+
+    def private_training_plan(self) -> TrainingPlan:
+        return TrainingPlan(self.q, 3)
+
+    def trained_components(self) -> list[str]:
+        return sorted(self._shared)
+
+    def use_private_training(self, noise: Any) -> None:
+        self.noise = noise
+
+    def local_step(self, round_: int) -> dict:
+        if self.pause_s:
+            time.sleep(self.pause_s)
+        return super().local_step(round_)
 
 
 def node_config(

@@ -272,29 +272,40 @@ def test_stricter_modalities_get_more_noise():
     assert sig["encoder.signal"] > sig["encoder.tabular"]
     # components trained on all modalities take the strictest one's noise
     assert sig["fusion"] == sig["head.stress"] == sig["encoder.signal"]
+    # the multipliers split one node budget by the modality factors: z_c^2 f_c is the same
+    f = PROFILES["gdpr"].modality_factor
+    assert sig["encoder.signal"] ** 2 * f["signal"] == pytest.approx(
+        sig["encoder.tabular"] ** 2 * f["tabular"]
+    )
     q = ReleaseGate(PROFILES["gdpr"], ("clickstream", "tabular"), {"fusion": 4}, 100)
     assert q.components["fusion"].modality == "clickstream"
-    assert sig["encoder.tabular"] < q.components["fusion"].noise_multiplier < sig["fusion"]
 
 
 @pytest.mark.parametrize("name", ["ferpa", "gdpr"])
 @pytest.mark.parametrize("neighbouring, sensitivity", [("replace", 2.0), ("add-remove", 1.0)])
-def test_calibrated_run_spends_exactly_the_budget(name, neighbouring, sensitivity):
+def test_calibrated_run_spends_exactly_the_node_budget(name, neighbouring, sensitivity):
     rounds = 30
     prof = PROFILES[name]
     p = ReleaseGate(prof, MODS, COMPONENTS, rounds, seed=0, neighbouring=neighbouring)
     rng = np.random.default_rng(5)
     for _ in range(rounds):
+        assert p.begin_round()
         for c, n in COMPONENTS.items():
             assert p.can_share(c)
             p.privatize(c, rng.standard_normal(n))
+    # one budget for the node: every component's releases composed spend it exactly
+    assert p.node_epsilon() == pytest.approx(prof.epsilon, rel=1e-6)
+    assert p.node_epsilon() <= prof.epsilon * (1 + 1e-9)
+    specs = p.components.values()
+    total = sum(rounds / (2 * (s.noise_multiplier / sensitivity) ** 2) for s in specs)
+    expected = _eps_closed_form(1 / math.sqrt(2 * total / rounds), rounds, prof.delta)
+    assert p.node_epsilon() == pytest.approx(expected, rel=1e-9)
     for c, spec in p.components.items():
-        budget = prof.epsilon * prof.modality_factor[spec.modality]
-        assert spec.budget == budget
-        assert p.spent(c) == pytest.approx(budget, rel=1e-3)
+        assert spec.budget == prof.epsilon
         assert p.spent(c) == pytest.approx(
             _eps_closed_form(spec.noise_multiplier / sensitivity, rounds, prof.delta), rel=1e-12
         )
+        assert p.spent(c) < p.node_epsilon()
         assert not p.can_share(c)
         with pytest.raises(PrivacyBudgetExhausted):
             p.privatize(c, np.zeros(COMPONENTS[c]))
@@ -302,12 +313,6 @@ def test_calibrated_run_spends_exactly_the_budget(name, neighbouring, sensitivit
     # every value the gate let out was charged, the refused ones were not
     assert all(p.charged(c) == rounds for c in COMPONENTS)
     assert p.released == rounds * len(COMPONENTS)
-    # all components come from the same data: node-level RDP is the sum
-    specs = p.components.values()
-    total = sum(rounds / (2 * (s.noise_multiplier / sensitivity) ** 2) for s in specs)
-    expected = _eps_closed_form(1 / math.sqrt(2 * total / rounds), rounds, prof.delta)
-    assert p.node_epsilon() == pytest.approx(expected, rel=1e-9)
-    assert p.node_epsilon() > max(p.spent(c) for c in COMPONENTS)
 
 
 def test_fixed_noise_stops_when_the_budget_is_spent():
@@ -318,14 +323,14 @@ def test_fixed_noise_stops_when_the_budget_is_spent():
     # independently: the largest T whose closed-form epsilon fits the budget
     z = spec.noise_multiplier / 2.0
     allowed = 0
-    while _eps_closed_form(z, allowed + 1, prof.delta) <= spec.budget:
+    while _eps_closed_form(z, allowed + 1, prof.delta) <= prof.epsilon:
         allowed += 1
     sent = 0
     while p.can_share("encoder.tabular"):
         p.privatize("encoder.tabular", np.ones(4))
         sent += 1
     assert sent == allowed and 100 < sent < 400
-    assert p.spent("encoder.tabular") <= spec.budget
+    assert p.node_epsilon() <= prof.epsilon
 
 
 def test_open_profile_does_nothing():
@@ -342,14 +347,14 @@ def test_open_profile_does_nothing():
 
 
 def test_report_is_json_and_complete():
-    p = ReleaseGate(PROFILES["ferpa"], MODS, COMPONENTS, rounds_planned=2, seed=0)
+    p = ReleaseGate(PROFILES["ferpa"], MODS, {"fusion": 16}, rounds_planned=2, seed=0)
     p.privatize("fusion", np.ones(16))
     rep = json.loads(json.dumps(p.report(), allow_nan=False))
-    assert set(rep) == set(COMPONENTS)
+    assert set(rep) == {"fusion"}
     keys = {"modality", "clip", "sigma", "noise_std", "releases", "epsilon_spent", "budget"}
-    keys.add("exhausted")
+    keys |= {"exhausted", "trained"}
     assert set(rep["fusion"]) == keys
-    assert rep["fusion"]["releases"] == 1 and rep["encoder.tabular"]["releases"] == 0
+    assert rep["fusion"]["releases"] == 1 and rep["fusion"]["trained"] is False
     assert rep["fusion"]["epsilon_spent"] == pytest.approx(p.spent("fusion"))
     assert rep["fusion"]["exhausted"] is False
     p.privatize("fusion", np.ones(16))
@@ -357,14 +362,17 @@ def test_report_is_json_and_complete():
 
 
 def test_state_survives_a_restart():
-    p = ReleaseGate(PROFILES["gdpr"], MODS, COMPONENTS, rounds_planned=3, seed=0)
+    p = ReleaseGate(PROFILES["gdpr"], MODS, {"fusion": 16}, rounds_planned=3, seed=0)
     for _ in range(3):
         p.privatize("fusion", np.ones(16))
     state = json.loads(json.dumps(p.state()))
-    q = ReleaseGate(PROFILES["gdpr"], MODS, COMPONENTS, rounds_planned=3)
+    q = ReleaseGate(PROFILES["gdpr"], MODS, {"fusion": 16}, rounds_planned=3)
     assert q.released == 0
+    assert ReleaseGate.spend(state) > ReleaseGate.spend(q.state())
     q.load(state)
+    assert ReleaseGate.spend(state) == ReleaseGate.spend(q.state())
     assert q.spent("fusion") == pytest.approx(p.spent("fusion"))
+    assert q.node_epsilon() == pytest.approx(p.node_epsilon())
     assert q.releases("fusion") == 3 and not q.can_share("fusion")
     # what a checkpoint restores was charged by an earlier gate, not by this one
     assert q.charged("fusion") == 0 and q.released == 0 and p.charged("fusion") == 3

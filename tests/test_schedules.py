@@ -7,11 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fakes import FakeNetwork, PrivateVectors, node_config, run_nodes
+from fakes import FakeNetwork, PrivatelyTrainedVectors, PrivateVectors, node_config, run_nodes
 
 from m3tgossip import protocol
+from m3tgossip.daemon import ledger
 from m3tgossip.daemon.node import Node
 from m3tgossip.errors import ConfigError
+from m3tgossip.privacy import ReleaseGate
 from m3tgossip.topology import Topology, load_topology
 from m3tgossip.workloads.consensus import ConsensusWorkload
 
@@ -40,7 +42,9 @@ def ring(tmp_path: Path, privacy: str = "gdpr", dynamics: bool = False) -> Topol
     return load_topology(spec)
 
 
-def private_nodes(tmp_path: Path, schedule: str) -> tuple[FakeNetwork, list[Node], dict]:
+def private_nodes(
+    tmp_path: Path, schedule: str, trained: bool = False
+) -> tuple[FakeNetwork, list[Node], dict]:
     gossip, dynamics = SCHEDULES[schedule]
     topo = ring(tmp_path, dynamics=dynamics)
     net = FakeNetwork()
@@ -51,7 +55,7 @@ def private_nodes(tmp_path: Path, schedule: str) -> tuple[FakeNetwork, list[Node
         node = Node(
             node_config(topo, nid, tmp_path, rounds=ROUNDS, **gossip),
             topology=topo,
-            workload=PrivateVectors(comps, step=SECRET),
+            workload=(PrivatelyTrainedVectors(comps) if trained else PrivateVectors(comps, SECRET)),
             transport=net.transport(nid),
         )
         assert node.gate is not None and node.schedule.name == schedule
@@ -97,6 +101,39 @@ def test_every_value_a_private_node_sends_passed_its_gate(tmp_path: Path, schedu
                 assert (comp, msg.round) in charged, (node.id, comp, msg.round)
                 # raw values would be multiples of SECRET; released ones are clipped and noised
                 assert np.abs(tensor).max() < SECRET / 100, (node.id, msg.type, comp)
+
+
+@pytest.mark.parametrize("schedule", ["lockstep", "overlapped", "time-varying", "push-sum"])
+def test_with_private_training_every_release_is_charged_post_processing(
+    tmp_path: Path, schedule: str
+) -> None:
+    net, nodes, released = private_nodes(tmp_path, schedule, trained=True)
+    run_nodes(nodes)
+    for node in nodes:
+        gate = node.gate
+        assert node.round == ROUNDS and gate.training is not None
+        assert node.workload.noise is gate.training  # the trainer got the calibrated noise
+        calls = released[node.id]
+        assert sorted((c, r) for c, r, _ in calls) == sorted(
+            (c, r) for c in node.shared for r in range(ROUNDS)
+        )
+        # released as trained: the DP-SGD output itself, nothing clipped or added
+        for _, _, update in calls:
+            np.testing.assert_allclose(update, 0.01, rtol=1e-6)
+        assert gate.released == ROUNDS * len(node.shared)
+        # the planned rounds spend the node's one budget, and no more
+        budget = gate.profile.epsilon
+        assert gate.node_epsilon() == pytest.approx(budget, rel=1e-3)
+        assert gate.node_epsilon() <= budget * (1 + 1e-9)
+        charged = {(c, r) for c, r, _ in calls}
+        updates = [m for m in net.sent_by(node.id) if m.tensors]
+        assert updates, f"{node.id} sent nothing under {schedule}"
+        for msg in updates:
+            for comp in msg.tensors:
+                assert (comp, msg.round) in charged, (node.id, comp, msg.round)
+        # the ledger on disk holds what the gate charged
+        on_disk = ledger.load(node.config.state_path)
+        assert ReleaseGate.spend(on_disk) == ReleaseGate.spend(gate.state())
 
 
 def test_a_local_only_private_node_sends_nothing_and_spends_nothing(tmp_path: Path) -> None:

@@ -4,10 +4,13 @@
           -> evaluate -> checkpoint -> record
 
 `release` is the node's one release path: with a release gate (a private workload under a
-profile that is not `open`), every shared component's local update is clipped, noised and
-charged there, and the node continues from the released values, before any schedule can send
-anything. What leaves the node afterwards (deltas, full states, push-sum shares) is computed
-from released values and neighbours' messages only. The end of a round is written once, here.
+profile that is not `open`), the round is charged there before any schedule can send
+anything: a privately trained workload's DP-SGD steps of the round (its release is
+post-processing and gets no noise of its own), or else every shared component's local update,
+clipped and noised, the node continuing from the released values. The gate's accounting is
+then written to the release ledger (fsync'd), so a crash after sending cannot un-spend it.
+What leaves the node afterwards (deltas, full states, push-sum shares) is computed from
+released values and neighbours' messages only. The end of a round is written once, here.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from m3tgossip.daemon import ledger
 from m3tgossip.daemon.metrics import MetricsWriter
 from m3tgossip.daemon.prometheus import Exporter
 from m3tgossip.daemon.schedules import RoundParts, Schedule
@@ -74,20 +78,32 @@ class RoundEngine:
         return {c: x.copy() for c, x in node.shared.items()}
 
     def release(self, before: dict[str, np.ndarray] | None) -> None:
-        """The one release path: clip, noise and charge each component's local update."""
+        """The one release path: charge the round (and clip and noise each component's local
+        update, for release noise), then write the ledger before anything can leave."""
         node = self.parts.state
         gate = node.gate
         if gate is None or before is None or not self.schedule.exchanges:
             return
-        for comp, x in node.shared.items():
-            if comp in node.retired:
-                continue
+        live = [c for c in node.shared if c not in node.retired]
+        if not live:
+            return
+        if not gate.begin_round():
+            for comp in live:
+                self.parts.exchange.retire(comp, gate.node_epsilon())
+            return
+        for comp in live:
+            x = node.shared[comp]
             if not gate.can_share(comp):
-                self.parts.exchange.retire(comp, gate.spent(comp))
+                self.parts.exchange.retire(comp, gate.node_epsilon())
+                continue
+            if gate.components[comp].trained:
+                gate.privatize(comp, x - before[comp])  # post-processing: charged, unchanged
+                self.parts.exchange.noise_std[comp] = 0.0
                 continue
             released, std = gate.privatize(comp, x - before[comp])
             np.add(before[comp], released, out=x)
             self.parts.exchange.noise_std[comp] = std
+        ledger.save(node.config.state_path, gate.state())
 
     def end_round(
         self, local: dict[str, Any], heard: list[str], distance: float, t: Timings
@@ -125,6 +141,9 @@ class RoundEngine:
         if node.gate is not None:
             record["privacy"] = {
                 "node_epsilon": node.gate.node_epsilon(),
+                "budget": node.gate.profile.epsilon,
+                "delta": node.gate.profile.delta,
+                "mechanism": "dp-sgd" if node.gate.training else "release-noise",
                 "epsilon": {c: node.gate.spent(c) for c in node.shared},
                 "retired": sorted(node.retired),
             }

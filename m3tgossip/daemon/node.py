@@ -16,7 +16,7 @@ from typing import Any
 
 from m3tgossip import protocol
 from m3tgossip.consensus import make_mixer
-from m3tgossip.daemon import checkpoint
+from m3tgossip.daemon import checkpoint, ledger
 from m3tgossip.daemon.config import NodeConfig
 from m3tgossip.daemon.engine import RoundEngine
 from m3tgossip.daemon.exchange import Exchange
@@ -117,9 +117,15 @@ class Node(NodeState):
         self.stop_reason = reason
 
     def _resume(self) -> None:
-        if self.config.fresh:
-            return
-        found = checkpoint.load(self.config.state_path)
+        if self.gate is not None:  # the ledger counts even when the checkpoint is ignored
+            spent = ledger.load(self.config.state_path)
+            if spent is not None:
+                try:
+                    self.gate.load(spent)
+                except (ValueError, KeyError) as exc:
+                    path = self.config.state_path / ledger.FILENAME
+                    raise ledger.LedgerError(f"{path}: {exc}") from exc
+        found = None if self.config.fresh else checkpoint.load(self.config.state_path)
         if found is None:
             return
         arrays, meta = found
@@ -131,8 +137,13 @@ class Node(NodeState):
             )
         self.workload.load_state(arrays)
         self.round = int(meta["round"])
-        if self.gate is not None and meta.get("privacy"):
-            self.gate.load(meta["privacy"])
+        saved = meta.get("privacy")
+        if (
+            self.gate is not None
+            and saved
+            and self.gate.spend(saved) > self.gate.spend(self.gate.state())
+        ):
+            self.gate.load(saved)  # the later of ledger and checkpoint
         self.retired = set(meta.get("retired", []))
         self.resumed_from = self.round
         log.info("%s: resumed from checkpoint at round %d", self.id, self.round)

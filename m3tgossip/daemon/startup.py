@@ -18,7 +18,7 @@ from m3tgossip.daemon.state import NodeState
 from m3tgossip.errors import ConfigError
 from m3tgossip.log import get_logger
 from m3tgossip.net import FaultyTransport, Transport, for_node
-from m3tgossip.privacy import ReleaseGate, profile_for
+from m3tgossip.privacy import ReleaseGate, profile_for, training_noise
 from m3tgossip.topology import NodeSpec, Topology
 from m3tgossip.workloads import Workload
 
@@ -32,9 +32,11 @@ def make_gate(
     config: NodeConfig, spec: NodeSpec, workload: Workload, shared: dict[str, np.ndarray]
 ) -> ReleaseGate | None:
     """The release gate of a node whose workload learns from private records under a profile
-    that is not `open`; None otherwise. `[privacy] profile` in the node config overrides the
-    spec's profile (e.g. "open" for a run on synthetic data); the other keys of that table are
-    the `custom` profile's."""
+    that is not `open`; None otherwise. A workload that trains with DP-SGD
+    (`private_training_plan()` not None) is given its calibrated noise
+    (`use_private_training`) and the gate charges its steps instead of noising releases.
+    `[privacy] profile` in the node config overrides the spec's profile (e.g. "open" for a run
+    on synthetic data); the other keys of that table are the `custom` profile's."""
     table = {k: v for k, v in config.privacy.items() if k != "profile"}
     name = str(config.privacy.get("profile", spec.privacy))
     try:
@@ -43,11 +45,41 @@ def make_gate(
         raise ConfigError(config.topology, f'node "{config.id}" privacy', str(exc)) from exc
     if not getattr(workload, "private_data", False) or profile.is_open:
         return None
+    rounds = config.rounds or None
+    training = None
+    plan_of = getattr(workload, "private_training_plan", None)
+    plan = plan_of() if plan_of is not None else None
+    if plan is not None:  # the workload trains with DP-SGD: calibrate its noise, hand it over
+        try:
+            training = training_noise(profile, plan, rounds, workload.trained_components())
+        except ValueError as exc:
+            raise ConfigError(config.topology, f'node "{config.id}" privacy', str(exc)) from exc
+        workload.use_private_training(training)
+        if plan.sampling_rate >= 1.0:
+            log.warning(
+                "%s: every learner is in every DP-SGD step (too few learners for the batch "
+                "size): no amplification by sampling, noise multiplier %.1f; a node that holds "
+                "one learner protects that learner only with noise this large",
+                config.id,
+                training.noise_multiplier,
+            )
+        log.info(
+            "%s: DP-SGD at noise multiplier %.3f, sampling rate %.3f, %d steps a round "
+            "(epsilon %g at delta %g for %s rounds)",
+            config.id,
+            training.noise_multiplier,
+            plan.sampling_rate,
+            plan.steps_per_round,
+            profile.epsilon,
+            profile.delta,
+            rounds or "unplanned",
+        )
     return ReleaseGate(
         profile,
         spec.modalities,
         {c: x.size for c, x in shared.items()},
-        rounds_planned=config.rounds or None,
+        rounds_planned=rounds,
+        training=training,
     )
 
 

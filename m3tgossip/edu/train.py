@@ -2,9 +2,11 @@
 
 `Trainer` runs AdamW on the node's trained parameters (LoRA, prompts, heads) with a weighted sum
 of per-task cross-entropies; labels of -1 are ignored, so a record counts for the tasks it has
-labels for. Inputs are prepared once per data set (the frozen text model never runs in a
-step). Batches follow a seeded permutation per epoch, so a trainer restored with `load_state`
-continues exactly where the saved one was.
+labels for. After `use_private(noise)` every step is a per-learner DP-SGD step
+(`m3tgossip.edu.dpsgd`): Poisson-sampled learners, clipped per learner, noised, then AdamW.
+Inputs are prepared once per data set (the frozen text model never runs in a step). Batches follow a
+seeded permutation per epoch, so a trainer restored with `load_state` continues exactly where the
+saved one was.
 
 `evaluate` reports, on the held-out records, per-task accuracy and macro-F1, per-group accuracy
 for every value of each attribute in `GROUP_ATTRIBUTES`, and the gap between the best and worst
@@ -22,7 +24,9 @@ import torch.nn.functional as F
 
 from m3tgossip.edu.data.records import EduData
 from m3tgossip.edu.data.schema import GROUP_ATTRIBUTES
+from m3tgossip.edu.dpsgd import LearnerSGD, learners_of, sampling_rate
 from m3tgossip.edu.model.node_model import NodeModel
+from m3tgossip.privacy import TrainingNoise
 
 #: smallest group (labelled test records) that enters the worst-group gap
 MIN_GROUP = 5
@@ -85,6 +89,26 @@ class Trainer:
             self.params, lr=lr, weight_decay=weight_decay, foreach=True
         )
         self.step = 0
+        self.learners = learners_of(len(train), train.learner)
+        #: per-learner DP-SGD, once `use_private` was called
+        self.private: LearnerSGD | None = None
+
+    def private_sampling_rate(self) -> float:
+        """The Poisson rate of learners that gives `batch_size` learners a step on average."""
+        return sampling_rate(self.batch_size, len(np.unique(self.learners[self.pool])))
+
+    def use_private(self, noise: TrainingNoise, seed: int | None = None) -> None:
+        """Train with per-learner DP-SGD at `noise` from now on (`seed`: tests only)."""
+        self.private = LearnerSGD(
+            self.model.net,
+            self.train_batch,
+            self.train_labels,
+            self.weights,
+            self.learners,
+            self.pool,
+            noise,
+            seed=seed,
+        )
 
     def _indices(self, step: int) -> torch.Tensor:
         per_epoch = -(-len(self.pool) // self.batch_size)
@@ -102,6 +126,13 @@ class Trainer:
         self.model.train()
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
+        if self.private is not None:
+            for _ in range(k):
+                for t, losses in self.private.step(self.optimizer).items():
+                    sums[t] = sums.get(t, 0.0) + float(np.mean(losses))
+                    counts[t] = counts.get(t, 0) + 1
+                self.step += 1
+            return {t: sums[t] / counts[t] for t in sums}
         for _ in range(k):
             idx = self._indices(self.step)
             logits = self.model(self.train_batch.take(idx))

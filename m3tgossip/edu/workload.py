@@ -47,6 +47,7 @@ from m3tgossip.edu.model.node_model import build_node_model
 from m3tgossip.edu.model.pretrained import DEFAULT_CHECKPOINT
 from m3tgossip.edu.train import Trainer
 from m3tgossip.log import get_logger
+from m3tgossip.privacy import TrainingNoise, TrainingPlan
 from m3tgossip.topology import Topology
 
 log = get_logger(__name__)
@@ -160,6 +161,20 @@ class EduWorkload:
             len(train),
             len(test),
         )
+
+    def private_training_plan(self) -> TrainingPlan | None:
+        """Per-learner DP-SGD: `batch_size` learners a step on average, `local_steps` a round."""
+        if not self.trainer.params or not len(self.trainer.pool):
+            return None
+        return TrainingPlan(self.trainer.private_sampling_rate(), self.options["local_steps"])
+
+    def trained_components(self) -> list[str]:
+        """Every component this node trains (shared and local)."""
+        return sorted(self.model.vectors())
+
+    def use_private_training(self, noise: TrainingNoise) -> None:
+        """Train every step with per-learner DP-SGD at the daemon's calibrated `noise`."""
+        self.trainer.use_private(noise)
 
     def model_id(self) -> str:
         """Base checkpoint, component layout, LoRA mode/rank/alpha, backbone, federation seed."""

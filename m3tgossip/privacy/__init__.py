@@ -1,4 +1,4 @@
-"""Privacy of what a node releases: profiles, the accountant and the release gate."""
+"""Privacy of what a node releases: profiles, the accountant, private training, the release gate."""
 
 from m3tgossip.privacy.accountant import (
     DEFAULT_ORDERS,
@@ -6,6 +6,7 @@ from m3tgossip.privacy.accountant import (
     calibrate_noise_multiplier,
     gaussian_rdp,
     rdp_to_epsilon,
+    sampled_gaussian_rdp,
 )
 from m3tgossip.privacy.gate import (
     NEIGHBOURING,
@@ -20,6 +21,7 @@ from m3tgossip.privacy.profiles import (
     component_modality,
     profile_for,
 )
+from m3tgossip.privacy.training import TrainingNoise, TrainingPlan, training_noise
 
 __all__ = [
     "DEFAULT_ORDERS",
@@ -31,9 +33,13 @@ __all__ = [
     "PrivacyProfile",
     "RDPAccountant",
     "ReleaseGate",
+    "TrainingNoise",
+    "TrainingPlan",
     "calibrate_noise_multiplier",
     "component_modality",
     "gaussian_rdp",
     "profile_for",
     "rdp_to_epsilon",
+    "sampled_gaussian_rdp",
+    "training_noise",
 ]

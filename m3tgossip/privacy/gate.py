@@ -3,33 +3,42 @@
 This module owns the clipping, the noise and the charging of a node's releases; it sees numpy
 arrays, never sockets, messages or torch. A node names its profile in the topology spec
 (`privacy = "gdpr"`); the daemon builds one `ReleaseGate` from it and passes every outgoing
-release of a shared component through `privatize`, which clips it to an L2 norm `C`, adds
-Gaussian noise of standard deviation `sigma * C` per element and charges the release to the
-component's RDP accountant. Once one more release of a component would overspend its budget,
-`can_share` turns False and `privatize` refuses it: the node must stop sending that component.
-`charged` and `released` count what the gate charged, so a test can check that every value a
-node sent went through it.
+release of a shared component through `privatize`. The profile's budget is one per protected
+learner per node over the whole run: `node_epsilon` composes everything the node released,
+and once the next release would overspend it, `can_share` turns False and `privatize` refuses
+it: the node must stop sending. `charged` and `released` count what the gate charged, so a
+test can check that every value a node sent went through it. `state` and `load` carry the
+accounting through checkpoints (and the daemon's release ledger).
 
-Noise calibration. With `rounds_planned` the noise multiplier of each component is calibrated by
-the accountant so that exactly `rounds_planned` releases spend its budget (binary search); every
-node then spends the same epsilon per component over the run whatever its schedule, and stricter
-modalities get more noise. Without it (`rounds_planned` None or 0: a run with no planned end)
-the multiplier is fixed at `profile.noise_multiplier / factor`, which gives every modality
-about the same number of releases before its (smaller) budget is spent: with the table's
-numbers (replace neighbouring) ferpa allows 177 releases of a tabular component (sigma 17) up to
-215 of a signal one (sigma 34), gdpr 187 (tabular, sigma 45) up to 236 (signal, sigma 225).
-Privacy depends only on the multiplier; the clipping norm is a utility knob (it should sit near
-the typical norm of a component's release) and sets the absolute noise `sigma * C`. The noise is
-large because each release protects the node's whole update, not one gradient of a batch: at
-these budgets the noise std per element exceeds the clipped signal's whole norm, and only the
-averaging over neighbours and rounds recovers the signal.
+Two mechanisms, chosen by how the workload trains.
 
-Neighbouring relation. A release is `clip(u) + N(0, (sigma C)^2 I)`. Between ANY two datasets
-of the node (e.g. with and without one student's records) two clipped vectors differ by up to
-`2C` in L2 norm, so by default (`neighbouring="replace"`) the accountant charges a Gaussian
-mechanism of multiplier `sigma / 2`. `neighbouring="add-remove"` charges `sigma` (sensitivity
-`C`, the DP-FedAvg user-level convention in which the whole node is present or absent and an
-absent node releases zero); it is only right if that is the unit being protected.
+Private training (`training`, a `TrainingNoise`: the workload trains with per-learner DP-SGD,
+`m3tgossip.privacy.training`). What the node releases is post-processing of its DP-SGD steps,
+so `privatize` adds no noise and does not clip; `begin_round` charges the round's steps (the
+Poisson-subsampled Gaussian, `steps_per_round` of them at the sampling rate) to the node's
+accountant before anything of the round is released, and opens one release per component for
+that round. Per component, `spent(c)` is what that component's parameters alone reveal (the
+same steps at its own multiplier: strict modality encoders get more noise, see `training`).
+
+Release noise (no `training`: a workload without private training). Each release is clipped
+to L2 norm `C` and gets Gaussian noise of standard deviation `sigma * C` per element. With
+`rounds_planned` the node's budget is split over its components by their modality factors:
+component c gets multiplier z_c = z sqrt(W / f_c) (W the sum of the factors f_c of the
+node's components, f_c that of the strictest modality c touches), so a round of every
+component is one Gaussian release of multiplier z, and z is calibrated so that
+`rounds_planned` rounds spend the budget exactly; stricter modalities get more noise. Without
+it (`rounds_planned` None or 0: a run with no planned end) the multiplier is fixed at
+`profile.noise_multiplier / factor` and the node stops once the budget is spent. Privacy
+depends only on the multiplier; the clipping norm is a utility knob and sets the absolute
+noise `sigma * C`. The noise is large because each release protects the node's whole update,
+not one gradient of a batch.
+
+Neighbouring relation of release noise. A release is `clip(u) + N(0, (sigma C)^2 I)`. Between
+ANY two datasets of the node two clipped vectors differ by up to `2C` in L2 norm, so by
+default (`neighbouring="replace"`) the accountant charges a Gaussian mechanism of multiplier
+`sigma / 2`. `neighbouring="add-remove"` charges `sigma` (sensitivity `C`, the DP-FedAvg
+user-level convention in which the whole node is present or absent and an absent node
+releases zero). DP-SGD is accounted add/remove per learner, its standard unit.
 
 Noise must be unpredictable to the neighbours: use `seed=None` (operating-system entropy) in a
 deployment, never the federation seed every node knows; a fixed seed is for tests only.
@@ -48,9 +57,12 @@ from m3tgossip.privacy.accountant import (
     DEFAULT_ORDERS,
     RDPAccountant,
     calibrate_noise_multiplier,
+    gaussian_rdp,
     rdp_to_epsilon,
+    sampled_gaussian_rdp,
 )
 from m3tgossip.privacy.profiles import PrivacyProfile, component_modality
+from m3tgossip.privacy.training import TrainingNoise, encoder_modality
 
 NEIGHBOURING = {"replace": 2.0, "add-remove": 1.0}  # L2 sensitivity in units of the clip norm
 
@@ -66,8 +78,10 @@ class PrivacyBudgetExhausted(RuntimeError):
 class ComponentPrivacy:
     """How one component's releases are privatized.
 
-    `noise_multiplier` is sigma: the noise std per element in units of `clip`. `budget` is the
-    component's epsilon over the run. Open profile: `clip = budget = inf`, sigma 0.
+    `noise_multiplier` is sigma: the noise std per element in units of `clip` (of a release,
+    or with `trained` of every DP-SGD step on the component's parameters). `budget` is the
+    epsilon the component may spend on its own over the run (the node's budget, or a strict
+    modality encoder's share of it). Open profile: `clip = budget = inf`, sigma 0.
     """
 
     name: str
@@ -76,19 +90,24 @@ class ComponentPrivacy:
     clip: float
     noise_multiplier: float
     budget: float
+    #: trained with DP-SGD: the release is post-processing and gets no noise of its own
+    trained: bool = False
 
     @property
     def noise_std(self) -> float:
         """Standard deviation of the noise added to each element of a release."""
-        return 0.0 if self.noise_multiplier == 0.0 else self.noise_multiplier * self.clip
+        if self.trained or self.noise_multiplier == 0.0:
+            return 0.0
+        return self.noise_multiplier * self.clip
 
 
 class ReleaseGate:
     """Clips and noises a node's outgoing releases and charges them per component.
 
     `components` maps each shared component to its number of elements. `rounds_planned`
-    (>= 1) calibrates every component's noise so that that many releases spend its budget
-    exactly; None or 0 uses the profile's fixed multiplier. `seed` None draws the noise from
+    (>= 1) calibrates the release noise so that that many rounds spend the budget exactly;
+    None or 0 uses the profile's fixed multiplier. `training` switches to private training
+    (DP-SGD noise, calibrated by `m3tgossip.privacy.training`). `seed` None draws the noise from
     operating-system entropy (use it in deployments); an int makes it reproducible (tests).
 
     `releases(c)` counts every release of `c` the accountant knows of, those restored from a
@@ -106,6 +125,7 @@ class ReleaseGate:
         *,
         neighbouring: str = "replace",
         orders: Iterable[float] = DEFAULT_ORDERS,
+        training: TrainingNoise | None = None,
     ) -> None:
         if neighbouring not in NEIGHBOURING:
             raise ValueError(f"neighbouring must be one of {', '.join(NEIGHBOURING)}")
@@ -116,32 +136,51 @@ class ReleaseGate:
         self.sensitivity = NEIGHBOURING[neighbouring]  # in units of the clip norm
         self.orders = tuple(orders)
         self.rng = np.random.default_rng(seed)
+        #: the DP-SGD noise of a privately trained workload (None: release noise)
+        self.training = None if profile.is_open else training
         modalities = tuple(node_modalities)
         self.components: dict[str, ComponentPrivacy] = {}
         self._accountants: dict[str, RDPAccountant] = {}
+        self._node = RDPAccountant(self.orders)
+        self._releases: dict[str, int] = {}
         self._charged: dict[str, int] = {}
-        calibrated: dict[float, float] = {}
-        for name, size in sorted(components.items()):
+        #: components this round's private-training charge still lets out once
+        self._open: set[str] = set()
+        for name, size in components.items():
             if not isinstance(size, int) or size < 1:
                 raise ValueError(f'component "{name}": size must be a positive int, got {size!r}')
-            modality = component_modality(name, modalities, profile)
+        mods = {name: component_modality(name, modalities, profile) for name in components}
+        factor = {name: profile.modality_factor.get(m, 1.0) for name, m in mods.items()}
+        z_node = 0.0
+        if not profile.is_open and self.training is None and rounds_planned:
+            z_node = calibrate_noise_multiplier(
+                profile.epsilon, profile.delta, rounds_planned, self.orders
+            )
+        weight = sum(factor.values())
+        for name, size in sorted(components.items()):
+            modality = mods[name]
             if profile.is_open:
                 spec = ComponentPrivacy(name, modality, size, math.inf, 0.0, math.inf)
+            elif self.training is not None:
+                share = factor[name] if encoder_modality(name) is not None else 1.0
+                spec = ComponentPrivacy(
+                    name,
+                    modality,
+                    size,
+                    self.training.clip,
+                    self.training.multiplier(name),
+                    profile.epsilon * share,
+                    trained=True,
+                )
             else:
-                factor = profile.modality_factor[modality]
-                budget = profile.epsilon * factor
                 if rounds_planned:
-                    if budget not in calibrated:
-                        z = calibrate_noise_multiplier(
-                            budget, profile.delta, rounds_planned, self.orders
-                        )
-                        calibrated[budget] = z * self.sensitivity
-                    sigma = calibrated[budget]
+                    sigma = z_node * math.sqrt(weight / factor[name]) * self.sensitivity
                 else:
-                    sigma = profile.noise_multiplier / factor
-                spec = ComponentPrivacy(name, modality, size, profile.clip, sigma, budget)
+                    sigma = profile.noise_multiplier / factor[name]
+                spec = ComponentPrivacy(name, modality, size, profile.clip, sigma, profile.epsilon)
             self.components[name] = spec
             self._accountants[name] = RDPAccountant(self.orders)
+            self._releases[name] = 0
             self._charged[name] = 0
 
     def _spec(self, component: str) -> ComponentPrivacy:
@@ -151,19 +190,49 @@ class ReleaseGate:
             raise KeyError(f'component "{component}" is not privatized by this node') from None
 
     def _z(self, spec: ComponentPrivacy) -> float:
-        """The accountant's multiplier: noise std over L2 sensitivity."""
+        """The accountant's multiplier of a release: noise std over L2 sensitivity."""
         return spec.noise_multiplier / self.sensitivity
 
+    def _fits(self, rdp: np.ndarray) -> bool:
+        """Whether `rdp` more on the node stays within its budget."""
+        after = rdp_to_epsilon(self._node.rdp + rdp, self.orders, self.profile.delta)
+        return after <= self.profile.epsilon * (1.0 + BUDGET_SLACK)
+
+    def _round_rdp(self) -> np.ndarray:
+        t = self.training
+        assert t is not None
+        rdp = sampled_gaussian_rdp(t.sampling_rate, t.noise_multiplier, self.orders)
+        return t.steps_per_round * rdp
+
     def can_share(self, component: str) -> bool:
-        """False once one more release of `component` would exceed its budget."""
+        """False once the next release of `component` would exceed the node's budget (with
+        private training: unless this round's charge still lets it out)."""
         spec = self._spec(component)
         if self.profile.is_open:
             return True
-        after = self._accountants[component].epsilon_after(self._z(spec), self.profile.delta)
-        return after <= spec.budget * (1.0 + BUDGET_SLACK)
+        if self.training is not None:
+            return component in self._open or (not self._open and self._fits(self._round_rdp()))
+        return self._fits(gaussian_rdp(self._z(spec), self.orders))
+
+    def begin_round(self) -> bool:
+        """Private training: charge this round's DP-SGD steps to the node before anything of
+        the round is released, and let each component out once; False (nothing charged, nothing
+        let out) if they would exceed the budget. Release noise and open: nothing to do, True.
+        """
+        t = self.training
+        if t is None:
+            return True
+        self._open = set()
+        if not self._fits(self._round_rdp()):
+            return False
+        self._node.step(t.noise_multiplier, t.steps_per_round, t.sampling_rate)
+        for name, spec in self.components.items():
+            self._accountants[name].step(spec.noise_multiplier, t.steps_per_round, t.sampling_rate)
+        self._open = set(self.components)
+        return True
 
     def spent(self, component: str) -> float:
-        """Epsilon spent so far on `component` (0 under the open profile)."""
+        """Epsilon spent so far by `component`'s releases on their own (0 under open)."""
         self._spec(component)
         if self.profile.is_open:
             return 0.0
@@ -172,7 +241,7 @@ class ReleaseGate:
     def releases(self, component: str) -> int:
         """Releases of `component` made so far."""
         self._spec(component)
-        return self._accountants[component].releases
+        return self._releases[component]
 
     def charged(self, component: str) -> int:
         """Releases of `component` this gate let out and charged since it was built."""
@@ -185,12 +254,11 @@ class ReleaseGate:
         return sum(self._charged.values())
 
     def node_epsilon(self) -> float:
-        """Epsilon of everything the node released (all components come from the same data,
-        so their RDP adds up); 0 under the open profile."""
+        """Epsilon of everything the node released, all components composed (they come from
+        the same learners); 0 under the open profile."""
         if self.profile.is_open:
             return 0.0
-        total = sum((acc.rdp for acc in self._accountants.values()), np.zeros(len(self.orders)))
-        return rdp_to_epsilon(total, self.orders, self.profile.delta)
+        return self._node.epsilon(self.profile.delta)
 
     def privatize(
         self, component: str, delta: np.ndarray, out: np.ndarray | None = None
@@ -217,13 +285,26 @@ class ReleaseGate:
             np.copyto(out, delta, casting="same_kind")
             target = out
         if self.profile.is_open:
-            self._accountants[component].releases += 1
+            self._releases[component] += 1
+            self._charged[component] += 1
+            return target, 0.0
+        if self.training is not None:
+            if component not in self._open:
+                raise PrivacyBudgetExhausted(
+                    f"{component}: not charged for release: released already this round, or "
+                    f"the round's charge was refused (node epsilon {self.node_epsilon():.4g}, "
+                    f"budget {self.profile.epsilon:g})"
+                )
+            if not np.all(np.isfinite(target)):
+                raise ValueError(f"{component}: release has a non-finite value")
+            self._open.discard(component)
+            self._releases[component] += 1
             self._charged[component] += 1
             return target, 0.0
         if not self.can_share(component):
             raise PrivacyBudgetExhausted(
-                f"{component}: budget {spec.budget:g} spent after "
-                f"{self._accountants[component].releases} releases"
+                f"{component}: the node's budget {self.profile.epsilon:g} is spent "
+                f"(epsilon {self.node_epsilon():.4g}) after {self._releases[component]} releases"
             )
         norm = float(np.linalg.norm(target.reshape(-1).astype(np.float64, copy=False)))
         if not math.isfinite(norm):
@@ -236,12 +317,14 @@ class ReleaseGate:
         noise *= std
         np.add(target, noise, out=target, casting="unsafe")
         self._accountants[component].step(self._z(spec))
+        self._node.step(self._z(spec))
+        self._releases[component] += 1
         self._charged[component] += 1
         return target, std
 
     def report(self) -> dict[str, dict[str, Any]]:
         """Per component: modality, clip, sigma, noise_std, releases, epsilon_spent, budget,
-        exhausted. JSON-able: infinite clip/budget (open profile) are None."""
+        trained, exhausted. JSON-able: infinite clip/budget (open profile) are None."""
 
         def finite(x: float) -> float | None:
             return x if math.isfinite(x) else None
@@ -252,28 +335,64 @@ class ReleaseGate:
                 "clip": finite(spec.clip),
                 "sigma": spec.noise_multiplier,
                 "noise_std": spec.noise_std,
-                "releases": self._accountants[name].releases,
+                "releases": self._releases[name],
                 "epsilon_spent": self.spent(name),
                 "budget": finite(spec.budget),
+                "trained": spec.trained,
                 "exhausted": not self.can_share(name),
             }
             for name, spec in self.components.items()
         }
 
     def state(self) -> dict[str, Any]:
-        """JSON-able accounting state for the node's checkpoint."""
+        """JSON-able accounting state for the node's checkpoint and release ledger."""
         return {
             "profile": self.profile.name,
             "components": {n: a.state() for n, a in self._accountants.items()},
+            "node": self._node.state(),
+            "releases": dict(self._releases),
         }
 
+    @staticmethod
+    def spend(state: Mapping[str, Any] | None) -> tuple[int, float]:
+        """How much a `state()` has spent, to pick the later of two states of one node (both
+        only grow): the node accountant's charges, then its summed RDP."""
+        if not state:
+            return (0, 0.0)
+        node = state.get("node")
+        if node is None:  # written before node-level accounting: the components' sum
+            comps = state.get("components", {}).values()
+            return (
+                sum(int(c["releases"]) for c in comps),
+                float(sum(sum(c["rdp"]) for c in comps)),
+            )
+        return (int(node["releases"]), float(sum(node["rdp"])))
+
     def load(self, state: Mapping[str, Any]) -> None:
-        """Restore the accounting of a checkpoint (components not in it start at zero)."""
+        """Restore the accounting of a checkpoint or ledger (components not in it start at
+        zero)."""
         if state.get("profile") != self.profile.name:
             raise ValueError(
                 f"privacy state is for profile {state.get('profile')!r}, "
                 f"this node runs {self.profile.name!r}"
             )
-        for name, acc_state in state.get("components", {}).items():
+        comps = state.get("components", {})
+        for name, acc_state in comps.items():
             if name in self._accountants:
                 self._accountants[name].load(acc_state)
+        if "node" in state:
+            self._node.load(state["node"])
+        else:  # an older state: every component's releases composed
+            self._node = RDPAccountant(self.orders)
+            for acc_state in comps.values():
+                acc = RDPAccountant(self.orders)
+                acc.load(acc_state)
+                self._node.rdp += acc.rdp
+                self._node.releases += acc.releases
+        releases = state.get("releases")
+        for name in self._releases:
+            if releases is not None:
+                self._releases[name] = int(releases.get(name, 0))
+            elif name in comps:
+                self._releases[name] = int(comps[name]["releases"])
+        self._open = set()

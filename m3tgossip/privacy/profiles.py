@@ -4,15 +4,31 @@ This module owns what a node's `privacy` attribute (topology spec) or `[privacy]
 config) means; it does no arithmetic on released values. The `open` profile means no
 differential privacy at all: no clipping, no noise, no budget, no cost.
 
-Profiles (regulation-style; `epsilon` is the budget of one component over the whole run, at the
-profile's `delta`; the modality factor scales that budget):
+A profile states (`epsilon`, `delta`) for one protected person (a learner) per node over the
+whole run: everything the node releases, all components and all modalities together, at the
+profile's `delta`. The modality factor is how the budget treats stricter modalities: the
+parameters of the encoder of modality `m` alone may spend at most `factor[m] * epsilon`, so
+that encoder gets more noise than the rest of the model.
 
-| profile | epsilon | delta | clip C | fixed sigma | signal | image | text | clickstream | tabular |
-|---------|---------|-------|--------|-------------|--------|-------|------|-------------|---------|
-| open    | inf     | 0     | none   | 0 (none)    | 1      | 1     | 1    | 1           | 1       |
-| ferpa   | 8.0     | 1e-5  | 1.0    | 17.0        | 0.5    | 0.5   | 0.75 | 1           | 1       |
-| gdpr    | 3.0     | 1e-6  | 1.0    | 45.0        | 0.2    | 0.25  | 0.5  | 0.75        | 1       |
-| custom  | from the node config's privacy table, over a base profile (default ferpa)           |
+| profile | epsilon | delta | clip C | sgd z | release sigma | signal | image | text | click | tab |
+|---------|---------|-------|--------|-------|---------------|--------|-------|------|-------|-----|
+| open    | inf     | 0     | none   | 0     | 0             | 1      | 1     | 1    | 1     | 1   |
+| ferpa   | 8.0     | 1e-5  | 1.0    | 3.0   | 17.0          | 0.5    | 0.5   | 0.75 | 1     | 1   |
+| gdpr    | 3.0     | 1e-6  | 1.0    | 7.5   | 45.0          | 0.2    | 0.25  | 0.5  | 0.75  | 1   |
+| custom  | from the node config's privacy table, over a base profile (default ferpa)             |
+
+`sgd z` and `release sigma` are the fixed multipliers of a run without planned rounds (DP-SGD
+and release noise); a planned run calibrates its own. At `sgd z` the budget lasts about 500
+DP-SGD steps at sampling rate 0.2 (100 rounds of 5 steps). `click` is clickstream, `tab` tabular.
+
+How a node spends it. A workload that trains with per-learner DP-SGD (the `edu` workload)
+clips each learner's gradient to C and noises every step; the noise multiplier is calibrated
+to the planned rounds x local steps x sampling rate so that the run ends at `epsilon`
+(`m3tgossip.privacy.training`); what the node releases is post-processing and gets no noise
+of its own. A workload without private training has each round's update clipped to C and
+noised at release instead (`m3tgossip.privacy.gate`), the budget split over the components by
+their modality factors. Without planned rounds the fixed multipliers of the table are used
+and the node stops releasing once its budget is spent.
 
 Why these numbers. `signal` (physiological signals, eye gaze, audio prosody) and `image`
 (faces, handwriting) are biometric: GDPR Art. 9 makes them special-category data, FERPA
@@ -20,7 +36,8 @@ treats them as education records with no lesser status but institutions commonly
 them; they get the smallest share. `text` (essays, answers) is identifying in style and content
 and sits in between; `clickstream` and `tabular` (grades, demographics already coarsened) are
 the least sensitive. ferpa's budget (8 at 1e-5) is the order used in production user-level DP;
-gdpr's (3 at 1e-6) is strict. So under gdpr a signal encoder has budget 3 * 0.2 = 0.6.
+gdpr's (3 at 1e-6) is strict. So under gdpr a signal encoder's own parameters reveal at most
+epsilon 3 * 0.2 = 0.6 about a learner, the node's whole release at most 3.
 
 A component's sensitivity is that of the strictest modality it touches: `encoder.<m>` touches
 `m`; `fusion`, `backbone`, `head.*`, `prompt.*` (and any other name) are trained on all of the
@@ -43,11 +60,12 @@ MODALITY_ORDER = ("signal", "image", "text", "clickstream", "tabular")
 class PrivacyProfile:
     """A node's privacy regulation, as numbers.
 
-    `epsilon` is the (epsilon, `delta`) budget of one component over the whole run before the
-    modality factor (`inf` for no DP at all); `clip` the L2 norm a release is clipped to;
-    `noise_multiplier` the noise std in units of `clip` used when no run length is planned
-    (modality `m` uses `noise_multiplier / modality_factor[m]`); `modality_factor[m]` in (0, 1]
-    scales the budget of components touching `m`.
+    `epsilon` is the (epsilon, `delta`) budget of one learner per node over the whole run
+    (`inf` for no DP at all); `clip` the L2 norm a learner's gradient (DP-SGD) or a release is
+    clipped to; `noise_multiplier` the release noise std in units of `clip` used when no run
+    length is planned (modality `m` uses `noise_multiplier / modality_factor[m]`);
+    `modality_factor[m]` in (0, 1] the share of the budget the encoder of `m` may spend on
+    its own; `sgd_noise_multiplier` the DP-SGD noise multiplier when no run length is planned.
     """
 
     name: str
@@ -56,6 +74,7 @@ class PrivacyProfile:
     clip: float
     noise_multiplier: float
     modality_factor: Mapping[str, float] = field(default_factory=dict)
+    sgd_noise_multiplier: float = 1.0
 
     def __post_init__(self) -> None:
         factors = dict(self.modality_factor)
@@ -69,6 +88,7 @@ class PrivacyProfile:
             raise ValueError(f"delta: must be in (0, 1), got {self.delta!r}")
         _check(self.clip, "clip", positive=True)
         _check(self.noise_multiplier, "noise_multiplier", positive=True)
+        _check(self.sgd_noise_multiplier, "sgd_noise_multiplier", positive=True)
         for m in MODALITY_ORDER:
             if m not in factors:
                 raise ValueError(f"modality_factor.{m}: missing")
@@ -99,6 +119,7 @@ PROFILES: dict[str, PrivacyProfile] = {
         1.0,
         17.0,
         {"signal": 0.5, "image": 0.5, "text": 0.75, "clickstream": 1.0, "tabular": 1.0},
+        3.0,
     ),
     "gdpr": PrivacyProfile(
         "gdpr",
@@ -107,10 +128,19 @@ PROFILES: dict[str, PrivacyProfile] = {
         1.0,
         45.0,
         {"signal": 0.2, "image": 0.25, "text": 0.5, "clickstream": 0.75, "tabular": 1.0},
+        7.5,
     ),
 }
 
-_CUSTOM_KEYS = ("base", "epsilon", "delta", "clip", "noise_multiplier", "modality_factor")
+_CUSTOM_KEYS = (
+    "base",
+    "epsilon",
+    "delta",
+    "clip",
+    "noise_multiplier",
+    "sgd_noise_multiplier",
+    "modality_factor",
+)
 
 
 def profile_for(name: str, custom: Mapping[str, Any] | None = None) -> PrivacyProfile:
@@ -118,7 +148,8 @@ def profile_for(name: str, custom: Mapping[str, Any] | None = None) -> PrivacyPr
 
     `custom` is the node config's privacy table and is only read for `name == "custom"`: keys
     `base` (a built-in profile to start from, default "ferpa"; not "open"), `epsilon`, `delta`,
-    `clip`, `noise_multiplier` and `modality_factor` (a table overriding some modalities).
+    `clip`, `noise_multiplier`, `sgd_noise_multiplier` and `modality_factor` (a table
+    overriding some modalities).
     Raises ValueError naming the key at fault.
     """
     if name != "custom":
@@ -144,9 +175,10 @@ def profile_for(name: str, custom: Mapping[str, Any] | None = None) -> PrivacyPr
     if not isinstance(overrides, Mapping):
         raise ValueError(f"privacy.modality_factor: must be a table, got {overrides!r}")
     factors.update(overrides)
-    values = {k: custom[k] for k in ("epsilon", "delta", "clip", "noise_multiplier") if k in custom}
+    numbers = ("epsilon", "delta", "clip", "noise_multiplier", "sgd_noise_multiplier")
+    values = {k: custom[k] for k in numbers if k in custom}
     try:
-        for key in ("epsilon", "clip", "noise_multiplier"):  # a custom profile is never open
+        for key in ("epsilon", "clip", "noise_multiplier", "sgd_noise_multiplier"):
             if key in values:
                 _check(values[key], key, positive=True)
         return replace(base, name="custom", modality_factor=factors, **values)

@@ -4,6 +4,13 @@ The daemon owns sockets, rounds, mixing and checkpoints; a workload owns the mod
 vectors of the consensus workload). They meet in flat numpy arrays: one 1-D array per shared
 component that this node holds. The daemon mixes these arrays in place, then calls `after_mix`
 so the workload can write them back into its model.
+
+A workload may also train privately, with per-learner DP-SGD, through three optional methods:
+`private_training_plan()` returns a `m3tgossip.privacy.TrainingPlan` (sampling rate, steps per
+round) or None, `trained_components()` names every component it trains (shared or local), and
+`use_private_training(noise)` takes the `m3tgossip.privacy.TrainingNoise` the daemon calibrated
+from the node's profile. Its releases are then post-processing: the daemon's gate charges the
+round's steps and adds no noise of its own.
 """
 
 from __future__ import annotations

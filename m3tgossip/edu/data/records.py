@@ -34,9 +34,16 @@ class EduData:
     present: dict[str, np.ndarray]  # modality -> bool [N]
     labels: dict[str, np.ndarray]  # task -> int64 [N]
     groups: dict[str, np.ndarray]  # attribute -> '<U16' [N]
+    #: the learner (protected person) of each record [N]; default: one learner per record.
+    #: Private training clips per learner, so records of one learner must share an id.
+    learner: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.text)
+        if self.learner is None:
+            self.learner = np.arange(n, dtype=np.int64)
+        if len(self.learner) != n:
+            raise ValueError(f"EduData.learner has {len(self.learner)} records, text has {n}")
         arrays = {
             "image": self.image,
             "signal": self.signal,
@@ -82,11 +89,13 @@ class EduData:
             present={k: v[idx] for k, v in self.present.items()},
             labels={k: v[idx] for k, v in self.labels.items()},
             groups={k: v[idx] for k, v in self.groups.items()},
+            learner=self.learner[idx] if self.learner is not None else None,
         )
 
     @staticmethod
     def concat(parts: Sequence[EduData]) -> EduData:
-        """The records of all parts in order; the parts must have the same label and group keys."""
+        """The records of all parts in order; the parts must have the same label and group keys.
+        Learner ids are kept as they are: parts from different sources may reuse an id."""
         if not parts:
             raise ValueError("EduData.concat needs at least one part")
         first = parts[0]
@@ -102,4 +111,5 @@ class EduData:
             present={k: np.concatenate([p.present[k] for p in parts]) for k in first.present},
             labels={k: np.concatenate([p.labels[k] for p in parts]) for k in first.labels},
             groups={k: np.concatenate([p.groups[k] for p in parts]) for k in first.groups},
+            learner=np.concatenate([np.asarray(p.learner) for p in parts]),
         )
