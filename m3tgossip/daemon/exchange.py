@@ -41,6 +41,14 @@ class Exchange:
         #: what every neighbour holds of this node (the published copy), and its version
         self.published = {c: np.zeros_like(x) for c, x in shared.items()}
         self.version = {c: 0 for c in shared}
+        #: the neighbours in the order this node sends to them: spec order from the one after
+        #: this node, wrapping round, so that in a round every node is some sender's first
+        #: receiver instead of all senders queueing for the same neighbours
+        n = len(node.topology.nodes)
+        me = node.spec.index
+        self.send_order = sorted(
+            node.peers.values(), key=lambda p: (node.topology.node(p.id).index - me) % n
+        )
         #: declared DP noise std of this node's last release per component
         self.noise_std = {c: 0.0 for c in shared}
         #: on a fresh start, the shared values this node starts from and their digests: a
@@ -56,7 +64,8 @@ class Exchange:
 
     # ----------------------------------------------------------------------------- start-up
 
-    def hello(self, peer: Peer, answer: bool = False) -> None:
+    def hello(self, peer: Peer, answer: bool = False) -> bool:
+        """Send a `hello` (an answer to one with `answer`); False if the link refused it."""
         node = self.state
         body = {
             "model": node.model_id,
@@ -68,7 +77,7 @@ class Exchange:
         origin = {c: self.origin_digest[c] for c in peer.components if c in self.origin_digest}
         if origin:
             body["origin"] = origin
-        self.link.send(peer, MsgType.HELLO, body)
+        return self.link.send(peer, MsgType.HELLO, body)
 
     def match_origin(self, peer: Peer, origin: dict[str, str]) -> None:
         """Components both nodes started from the same values need no first `state`: this
@@ -106,7 +115,7 @@ class Exchange:
             self.version[comp] += 1
             deltas[comp] = payload
             metas[comp] = meta
-        for peer in node.peers.values():
+        for peer in self.send_order:
             if not peer.components or not peer.model_ok:
                 continue
             live = [c for c in peer.components if c in deltas]
@@ -120,12 +129,17 @@ class Exchange:
             if state:
                 self.send_state(peer, state)
 
-    def send_state(self, peer: Peer, comps: list[str]) -> None:
-        """Full state of `comps` as the neighbours' replica has it (already public)."""
+    def send_state(
+        self, peer: Peer, comps: list[str], values: dict[str, np.ndarray] | None = None
+    ) -> None:
+        """Full state of `comps` as the neighbours' replica has it (already public); `values`,
+        if given, is a copy of the published values to send (shared by several sends)."""
         comps = [c for c in comps if c not in self.state.retired]
         if not comps:
             return
-        tensors = {c: self.published[c].copy() for c in comps}
+        if values is None:
+            values = {c: self.published[c].copy() for c in comps}
+        tensors = {c: values[c] for c in comps}
         meta = {
             c: protocol.TensorMeta(
                 c, str(t.dtype), t.shape, base=self.version[c] - 1, noise=self.noise_std[c]
@@ -143,10 +157,13 @@ class Exchange:
         for comp, x in node.shared.items():
             self.published[comp][...] = x
             self.version[comp] += 1
+        # one copy for every send of the round: the frames are sent without copying, and the
+        # published values change with the next round
+        values = {c: x.copy() for c, x in self.published.items()} if out_peers else {}
         for pid in out_peers:
             peer = node.peers.get(pid)
             if peer is not None and peer.model_ok and peer.components:
-                self.send_state(peer, list(peer.components))
+                self.send_state(peer, list(peer.components), values)
 
     def send_attack(self) -> None:
         """Byzantine mode: claim a malicious full state every round instead of honest deltas."""

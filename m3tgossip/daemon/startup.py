@@ -24,8 +24,12 @@ from m3tgossip.workloads import Workload
 
 log = get_logger(__name__)
 
-#: seconds between HELLO retries while waiting for neighbours at start-up
+#: seconds between HELLO retries to a neighbour whose link took the last one unanswered
 HELLO_RETRY_S = 0.25
+#: seconds between HELLO tries to a neighbour whose link refused the last one: its connection
+#: is not up yet (a DEALER with ZMQ_IMMEDIATE refuses until the handshake completed), and it
+#: takes the next try within milliseconds of coming up
+HELLO_REFUSED_RETRY_S = 0.01
 
 
 def make_gate(
@@ -89,27 +93,34 @@ def handshake(
     """Say hello until every neighbour answered or the grace period ran out, then join the
     neighbours' round if this node is behind them.
 
-    An answer proves both directions of the link work: a DEALER drops what it is given
-    before its connection is up, so rounds start only once messages can arrive.
+    An answer proves both directions of the link work: a DEALER refuses what it is given
+    before its connection is up, so rounds start only once messages can arrive. A refused
+    hello is tried again after HELLO_REFUSED_RETRY_S, one the link took after HELLO_RETRY_S,
+    so a node whose neighbours are all up is through in a few round trips.
     """
     g = state.config.gossip
     deadline = time.monotonic() + g.startup_grace_s
-    next_hello = 0.0
     peers = list(state.peers.values())
+    next_hello = {p.id: 0.0 for p in peers}
+    next_beat = 0.0
     while state.stop_reason is None and time.monotonic() < deadline:
         missing = [p for p in peers if not p.answered and p.model_ok]
         if not missing:
             break
-        if time.monotonic() >= next_hello:
-            for peer in missing:
-                exchange.hello(peer)
+        now = time.monotonic()
+        for peer in missing:
+            if now >= next_hello[peer.id]:
+                took = exchange.hello(peer)
+                next_hello[peer.id] = now + (HELLO_RETRY_S if took else HELLO_REFUSED_RETRY_S)
+        if now >= next_beat:
             # neighbours already in their first round keep waiting for a node still
             # starting, instead of giving it up as silent
             for peer in peers:
                 if peer.answered:
                     link.send(peer, protocol.MsgType.HEARTBEAT, {"round": state.round})
-            next_hello = time.monotonic() + HELLO_RETRY_S
-        poll(POLL_SLICE_MS)
+            next_beat = now + HELLO_RETRY_S
+        wait_s = min(next_hello[p.id] for p in missing) - time.monotonic()
+        poll(max(1, min(POLL_SLICE_MS, int(wait_s * 1000))))
     silent = [p.id for p in peers if not p.answered]
     if silent:
         log.warning("%s: starting without hello from %s", state.id, ", ".join(silent))
