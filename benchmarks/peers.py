@@ -48,6 +48,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -75,6 +76,8 @@ PSS_SAMPLES = 5
 PSS_EVERY_S = 0.1
 #: seconds between looks at the daemons' files
 POLL_S = 0.02
+#: m3tgossip's round deadline and silence bound (gossip.round_deadline_s, gossip.silence_s)
+DEADLINE_S = 60.0
 
 
 # ------------------------------------------------------------------------------ processes
@@ -180,15 +183,22 @@ def run_m3tgossip(
     topo = load_topology(spec_path)
     comps = topo.node(topo.ids()[0]).shared_components
     size = state_bytes // (4 * len(comps))
+    run_dir = out / f"m3tgossip-{graph}-{n}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # logs and metrics are appended to
     spec = TestbedSpec(
         topology=spec_path,
-        out=out / f"m3tgossip-{graph}-{n}",
+        out=run_dir,
         workload="consensus",
         rounds=0,
         target=target,
         options={"size": size, "dtype": "float32"},
         quiet=True,
         ready_timeout_s=timeout_s,
+        # the largest runs (32 peers on the complete graph: 124 MB out per peer and round) take
+        # longer than the default deadline on 2 cores, and a neighbour whose heartbeats queue
+        # behind its deltas would be given up as silent: an exact average needs every peer
+        deadline=DEADLINE_S,
+        settings={"gossip.silence_s": DEADLINE_S},
     )
     bed = Testbed(spec)
     row: dict[str, Any] = {
@@ -276,7 +286,8 @@ def run_hivemind(
     """One hivemind run through the helper in the hivemind Python; its peers' PSS is sampled
     here while they all still run. RuntimeError with the helper's own words if it failed."""
     run_dir = out / f"hivemind-{n}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
     components = 6
     size = state_bytes // (4 * components)
     cmd = [python, str(HIVEMIND_HELPER), "--peers", str(n), "--size", str(size)]
@@ -318,11 +329,15 @@ def run_hivemind(
     return result
 
 
+#: what `hivemind_version` runs in the hivemind Python
+PROBE = "import hivemind, torch; print(hivemind.__version__, torch.__version__)"
+
+
 def hivemind_version(python: str) -> tuple[str | None, str]:
     """(hivemind's version, "") if `python` imports it, else (None, the reason)."""
     try:
         proc = subprocess.run(
-            [python, "-c", "import hivemind, torch; print(hivemind.__version__, torch.__version__)"],
+            [python, "-c", PROBE],
             capture_output=True,
             text=True,
             timeout=300,
@@ -417,7 +432,7 @@ def main() -> int:
         Path(args.out).resolve(),
         f"{args.peers} peers, {state_bytes / 1e6:.2f} MB float32 per peer, target "
         f"{args.target:g}; m3tgossip consensus workload with CURVE on {args.graphs}; "
-        f"hivemind DecentralizedAverager {'via ' + args.hivemind_python if args.hivemind_python else 'not run'}",
+        f"hivemind DecentralizedAverager: {args.hivemind_python or 'not run'}",
     )
     hivemind: dict[str, Any] = {"python": args.hivemind_python}
     if args.hivemind_python is None:
@@ -438,7 +453,8 @@ def main() -> int:
                 )
                 row["load_before"] = load
                 rows.append(row)
-                print(f"  -> {json.dumps({k: row.get(k) for k in ('seconds_to_exact', 'steps_to_exact', 'startup_s', 'pss_mb')})}", flush=True)
+                keys = ("seconds_to_exact", "steps_to_exact", "startup_s", "pss_mb")
+                print(f"  -> {json.dumps({k: row.get(k) for k in keys})}", flush=True)
             except RuntimeError as exc:
                 print(f"  hivemind failed: {exc}", flush=True)
                 hivemind.setdefault("failed", {})[str(n)] = str(exc)

@@ -111,7 +111,8 @@ def run_peer(a: argparse.Namespace) -> int:
         steps += 1
         worker.join()
         with averager.get_tensors() as now:
-            sq = sum(float(np.sum((t.numpy().astype(np.float64) - m) ** 2)) for t, m in zip(now, mean))
+            diffs = [t.numpy().astype(np.float64) - m for t, m in zip(now, mean, strict=True)]
+        sq = sum(float(d @ d) for d in diffs)
         norm = float(np.sqrt(sum(float(m @ m) for m in mean)))
         error = float(np.sqrt(sq)) / norm
         emit({"event": "step", "peer": a.peer, "time": done, "step": steps, "error": error})
@@ -195,7 +196,8 @@ def coordinate(a: argparse.Namespace) -> int:
             time.sleep(POLL_S)
         if len(exact) < a.peers:
             raise TimeoutError(f"{a.peers - len(exact)} peers not exact within {a.timeout:g} s")
-        print("EXACT " + json.dumps({"pids": {str(i): p.pid for i, p in procs.items()}}), flush=True)
+        pids = {str(i): p.pid for i, p in procs.items()}
+        print("EXACT " + json.dumps({"pids": pids}), flush=True)
         sys.stdin.readline()
         all_ready = max(ev["time"] for ev in ready.values())
         result = {

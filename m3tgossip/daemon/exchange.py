@@ -92,6 +92,12 @@ class Exchange:
             if self.version[comp] == 0:
                 peer.need_state.discard(comp)
 
+    def forget_origin(self) -> None:
+        """Drop the copy of the starting values once every neighbour has been matched against
+        it: a neighbour that comes later gets full state (its hellos find no `origin` here)."""
+        self.origin.clear()
+        self.origin_digest.clear()
+
     # ----------------------------------------------------------------------------- sending
 
     def send_round(self) -> None:
@@ -115,6 +121,7 @@ class Exchange:
             self.version[comp] += 1
             deltas[comp] = payload
             metas[comp] = meta
+        copies: dict[str, np.ndarray] = {}  # one copy of a published value for every state
         for peer in self.send_order:
             if not peer.components or not peer.model_ok:
                 continue
@@ -127,7 +134,10 @@ class Exchange:
                     peer, MsgType.DELTA, {}, tensors=tensors, meta={c: metas[c] for c in rest}
                 )
             if state:
-                self.send_state(peer, state)
+                for c in state:
+                    if c not in copies:
+                        copies[c] = self.published[c].copy()
+                self.send_state(peer, state, copies)
 
     def send_state(
         self, peer: Peer, comps: list[str], values: dict[str, np.ndarray] | None = None

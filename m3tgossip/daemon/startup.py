@@ -24,8 +24,9 @@ from m3tgossip.workloads import Workload
 
 log = get_logger(__name__)
 
-#: seconds between HELLO retries to a neighbour whose link took the last one unanswered
-HELLO_RETRY_S = 0.25
+#: seconds between HELLO retries to a neighbour whose link took the last one unanswered (its
+#: answer may have been refused by its own link, still connecting to this node)
+HELLO_RETRY_S = 0.05
 #: seconds between HELLO tries to a neighbour whose link refused the last one: its connection
 #: is not up yet (a DEALER with ZMQ_IMMEDIATE refuses until the handshake completed), and it
 #: takes the next try within milliseconds of coming up
@@ -118,12 +119,14 @@ def handshake(
             for peer in peers:
                 if peer.answered:
                     link.send(peer, protocol.MsgType.HEARTBEAT, {"round": state.round})
-            next_beat = now + HELLO_RETRY_S
+            next_beat = now + g.heartbeat_s
         wait_s = min(next_hello[p.id] for p in missing) - time.monotonic()
         poll(max(1, min(POLL_SLICE_MS, int(wait_s * 1000))))
     silent = [p.id for p in peers if not p.answered]
     if silent:
         log.warning("%s: starting without hello from %s", state.id, ", ".join(silent))
+    else:
+        exchange.forget_origin()  # every neighbour compared its starting values with ours
     # A node that restarts behind its neighbours joins them at their round; so does a
     # fresh node that starts well after them (a late joiner). A fresh node only a few
     # rounds behind runs those rounds: its neighbours are waiting for its messages.

@@ -45,9 +45,10 @@ class TransportConfig:
     linger_ms: int = 2000
     #: largest message accepted from a peer; larger ones close that connection
     max_message_bytes: int = 1 << 30
-    #: first and largest interval between reconnect attempts to a neighbour
-    reconnect_ms: int = 100
-    reconnect_max_ms: int = 500
+    #: first and largest interval between reconnect attempts to a neighbour (short: a daemon
+    #: whose neighbours come up after it reaches them within this of their bind)
+    reconnect_ms: int = 20
+    reconnect_max_ms: int = 200
     #: ZMTP heartbeat: ping interval and time without traffic before a connection is dropped
     zmtp_heartbeat_ms: int = 1000
     zmtp_timeout_ms: int = 5000

@@ -58,12 +58,16 @@ _SIGNS_KEY = 0xD16E58
 def initial_vector(seed: int, node_id: str, component: str, size: int, dtype: str) -> np.ndarray:
     """The seeded initial state of `component` on `node_id` (the same on every machine).
 
-    Drawn in float64 and then cast to `dtype`, so a float32 federation starts from the rounded
-    float64 draws.
+    Uniform on [-sqrt(3), sqrt(3)) (mean 0, variance 1): uniform draws cost a tenth of normal
+    ones, and every node draws every holder's vector to know the exact mean. Drawn in float64
+    and then cast to `dtype`, so a float32 federation starts from the rounded float64 draws.
     """
     key = [seed & 0xFFFFFFFF, zlib.crc32(node_id.encode()), zlib.crc32(component.encode())]
     rng = np.random.default_rng(key)
-    return rng.standard_normal(size, dtype=np.float64).astype(dtype, copy=False)
+    x = rng.random(size, dtype=np.float64)
+    x -= 0.5
+    x *= 2.0 * np.sqrt(3.0)
+    return x.astype(dtype, copy=False)
 
 
 def digest_matrix(seed: int) -> np.ndarray:
