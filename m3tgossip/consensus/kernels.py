@@ -99,6 +99,21 @@ def axpy_into(dst: np.ndarray, alpha: float, src: np.ndarray) -> None:
     np.add(dst, scratch, out=dst)
 
 
+def squared_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """`||a - b||^2` (float64), through a scratch of at most `NUMPY_BLOCK` elements: one read
+    of each array and no temporary as large as them."""
+    x, y = a.reshape(-1), b.reshape(-1)
+    if x.shape != y.shape:
+        raise ValueError(f"shapes differ: {a.shape} and {b.shape}")
+    scratch = np.empty(min(x.size, NUMPY_BLOCK), dtype=np.result_type(x, y))
+    total = 0.0
+    for start in range(0, x.size, NUMPY_BLOCK):
+        d = scratch[: min(NUMPY_BLOCK, x.size - start)]
+        np.subtract(x[start : start + NUMPY_BLOCK], y[start : start + NUMPY_BLOCK], out=d)
+        total += float(d @ d)
+    return total
+
+
 def mix_into(
     own: np.ndarray,
     self_id: str,

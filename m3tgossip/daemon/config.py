@@ -96,7 +96,7 @@ class GossipConfig:
     #: checkpoint every this many rounds, but not within checkpoint_interval_s seconds of the
     #: previous checkpoint (and always on shutdown, so the final round always is)
     checkpoint_every: int = 1
-    checkpoint_interval_s: float = 1.0
+    checkpoint_interval_s: float = 10.0
     #: evaluate the workload every this many rounds (and always in the last round)
     eval_every: int = 1
     #: sync mode, static topologies: mix the previous round's messages after this round's local

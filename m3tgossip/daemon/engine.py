@@ -38,12 +38,13 @@ class RoundEngine:
         self.schedule = schedule
         self.metrics = metrics
         self.checkpoint = checkpoint
-        #: when this node last checkpointed (monotonic seconds; start-up counts as one)
+        #: when this node last checkpointed (monotonic seconds; the first round counts as one)
         self.last_checkpoint = time.monotonic()
 
     def run(self) -> None:
         node = self.parts.state
         schedule = self.schedule
+        self.last_checkpoint = time.monotonic()
         while not node.done():
             t = Timings()
             before = self.snapshot()

@@ -165,15 +165,14 @@ class Exchange:
         round, so there are no replica chains to keep)."""
         node = self.state
         for comp, x in node.shared.items():
-            self.published[comp][...] = x
+            # a new array every round, never written to: every send of the round shares it
+            # (frames are sent without copying) and it is the published copy the mix reads
+            self.published[comp] = x.copy()
             self.version[comp] += 1
-        # one copy for every send of the round: the frames are sent without copying, and the
-        # published values change with the next round
-        values = {c: x.copy() for c, x in self.published.items()} if out_peers else {}
         for pid in out_peers:
             peer = node.peers.get(pid)
             if peer is not None and peer.model_ok and peer.components:
-                self.send_state(peer, list(peer.components), values)
+                self.send_state(peer, list(peer.components), self.published)
 
     def send_attack(self) -> None:
         """Byzantine mode: claim a malicious full state every round instead of honest deltas."""
@@ -244,10 +243,14 @@ class Exchange:
                 estimates = peer.noise_estimates.setdefault(name, deque(maxlen=8))
                 estimates.append(estimate_noise_var([tensor]))
             if msg.type is MsgType.STATE:
-                peer.replicas[name] = np.array(tensor, dtype=own.dtype)
+                # the received values themselves (read-only, no copy) until a delta changes them
+                peer.replicas[name] = np.asarray(tensor, dtype=own.dtype)
                 peer.versions[name] = base + 1
             elif peer.versions.get(name) == base and name in peer.replicas:
-                add_into(peer.replicas[name], tensor)
+                replica = peer.replicas[name]
+                if not replica.flags.writeable:
+                    replica = peer.replicas[name] = replica.copy()
+                add_into(replica, tensor)
                 peer.versions[name] = base + 1
             else:
                 gaps.append(name)

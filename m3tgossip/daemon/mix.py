@@ -9,7 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from m3tgossip.consensus import effective_noise_var, noise_aware_weights, renormalise
+from m3tgossip.consensus import (
+    effective_noise_var,
+    noise_aware_weights,
+    renormalise,
+    squared_distance,
+)
 from m3tgossip.daemon.exchange import Exchange
 from m3tgossip.daemon.rounds import RoundCollector
 from m3tgossip.daemon.state import NodeState
@@ -49,8 +54,7 @@ class MixStep:
             mine = self.exchange.published[comp]
             replicas = {pid: node.peers[pid].replicas[comp] for pid in heard}
             for r in replicas.values():
-                d = r - mine
-                dist_sq = max(dist_sq, float(d @ d))
+                dist_sq = max(dist_sq, squared_distance(r, mine))
             norm_sq += float(mine @ mine)
             row = row_of_round if row_of_round is not None else self.noise_aware(comp)
             self.mixer.mix_into(x, mine, replicas, renormalise(row, node.id, heard), node.id)

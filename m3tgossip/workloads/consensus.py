@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from m3tgossip.consensus import squared_distance
 from m3tgossip.topology import Topology
 
 #: elements of each component's vector unless the `sizes` option says otherwise
@@ -46,8 +47,8 @@ DEFAULT_SIZE = 4096
 DIGEST_DIMS = 16
 #: elements per block of the digest (the width of its Gaussian matrix)
 DIGEST_BLOCK = 4096
-#: blocks the digest (and the error to the mean) reads at a time: bounds their scratch memory
-CHUNK_BLOCKS = 64
+#: blocks the digest reads at a time: bounds its float64 scratch (512 KiB)
+CHUNK_BLOCKS = 16
 #: the options this workload reads from the `[workload]` table
 OPTIONS = ("size", "sizes", "dtype")
 #: seed words of the digest's Gaussian matrix and of its block signs
@@ -97,20 +98,6 @@ def fold(x: np.ndarray, signs: np.ndarray) -> np.ndarray:
     if tail.size:
         out[: tail.size] += signs[full] * tail
     return out
-
-
-def squared_distance(x: np.ndarray, y: np.ndarray) -> float:
-    """||x - y||^2 in float64, through a scratch of at most CHUNK_BLOCKS * DIGEST_BLOCK
-    elements (no temporary as large as the vectors)."""
-    a, b = x.reshape(-1), y.reshape(-1)
-    step = CHUNK_BLOCKS * DIGEST_BLOCK
-    scratch = np.empty(min(a.size, step), dtype=np.result_type(a, b))
-    total = 0.0
-    for start in range(0, a.size, step):
-        d = scratch[: min(step, a.size - start)]
-        np.subtract(a[start : start + step], b[start : start + step], out=d)
-        total += float(d @ d)
-    return total
 
 
 class ConsensusWorkload:
