@@ -145,8 +145,12 @@ class Handlers:
         self.exchange.match_origin(peer, msg.body.get("origin", {}))
         if answer:
             peer.answered = True
-        else:
-            self.exchange.hello(peer, answer=True)
+        elif not self.exchange.hello(peer, answer=True):
+            # the neighbour is up but our link to it is not (yet): dial it now rather than at
+            # the link's next reconnect; the neighbour's next hello finds the link up
+            redial = getattr(self.link.transport, "redial", None)
+            if redial is not None:
+                redial(peer.id)
 
     def on_update(self, peer: Peer, msg: protocol.Message) -> None:
         """`delta` or `state` for round `msg.round`: apply now, or hold until we get there."""

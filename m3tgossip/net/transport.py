@@ -188,6 +188,8 @@ class Transport:
             raise OSError(f"node {node_id}: cannot bind {bind}: {exc}") from exc
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         self.dealers: dict[str, zmq.Socket] = {}
+        self.endpoints = dict(neighbours)
+        self._redialled: dict[str, float] = {}
         for peer, endpoint in neighbours.items():
             self.connect(peer, endpoint)
         self.poller = zmq.Poller()
@@ -202,6 +204,27 @@ class Transport:
         self.security.client(sock, peer)
         sock.connect(endpoint)
         self.dealers[peer] = sock
+
+    def redial(self, peer: str, min_interval_s: float = 0.2) -> bool:
+        """Connect the DEALER towards `peer` again now, instead of at its next reconnect
+        interval: for a neighbour just heard from while this link is still down. At most once
+        per `min_interval_s` (a redial aborts a connection handshake in progress); True if
+        it redialled."""
+        sock, endpoint = self.dealers.get(peer), self.endpoints.get(peer)
+        now = time.monotonic()
+        if (
+            sock is None
+            or endpoint is None
+            or now - self._redialled.get(peer, -1e9) < min_interval_s
+        ):
+            return False
+        self._redialled[peer] = now
+        try:
+            sock.disconnect(endpoint)
+        except zmq.ZMQError:
+            pass  # not connected (yet): connect below all the same
+        sock.connect(endpoint)
+        return True
 
     def send(self, peer: str, frames: Sequence[bytes | memoryview]) -> bool:
         """Queue a message to a neighbour without blocking. False if it was refused.
