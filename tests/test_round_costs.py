@@ -7,12 +7,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zmq
-from fakes import FakeNetwork, FakeTransport, node_config, run_nodes
+from fakes import WAIT_S, FakeNetwork, FakeTransport, node_config, run_nodes
 
 from m3tgossip import protocol
 from m3tgossip.consensus import NUMPY_BLOCK, metropolis_hastings, squared_distance
@@ -272,20 +273,37 @@ def test_refused_hellos_are_tried_again_until_the_link_is_up(tmp_path: Path) -> 
     assert all(n.workload.error_to_mean() < 0.5 for n in nodes)
 
 
-def test_redial_is_at_most_once_per_interval() -> None:
+def poll_until(transports: list[Transport], done) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not done():
+        assert time.monotonic() < deadline, "the links never got there"
+        for t in transports:
+            t.poll(20)
+
+
+def test_redial_only_a_link_that_waits_to_retry() -> None:
     with zmq.Context() as ctx:
         closed = ctx.socket(zmq.ROUTER)
         port = closed.bind_to_random_port("tcp://127.0.0.1")
         closed.close(linger=0)  # nothing listens there any more
-    transport = Transport("a", "tcp://127.0.0.1:0", {"b": f"tcp://127.0.0.1:{port}"})
+    a = Transport("a", "tcp://127.0.0.1:0", {"b": f"tcp://127.0.0.1:{port}"})
     try:
-        assert transport.redial("b", min_interval_s=60.0)
-        assert not transport.redial("b", min_interval_s=60.0)
-        assert transport.redial("b", min_interval_s=0.0)
-        assert not transport.redial("nobody")
-        assert not transport.send("b", [b"x"])  # still refused: no connection
+        poll_until([a], lambda: a.link_state["b"] == "waiting")  # refused, retrying later
+        assert a.redial("b")
+        assert not a.redial("b")  # dialling again: not until it waits once more
+        assert not a.redial("nobody")
+        assert not a.send("b", [b"x"])  # still refused: no connection
     finally:
-        transport.close(0)
+        a.close(0)
+    b = Transport("b", "tcp://127.0.0.1:0", {})
+    a = Transport("a", "tcp://127.0.0.1:0", {"b": b.endpoint})
+    try:
+        poll_until([a, b], lambda: a.link_state["b"] == "up")
+        assert not a.redial("b")  # a link that is up is left alone
+        assert a.send("b", [b"x"])
+    finally:
+        a.close(0)
+        b.close(0)
 
 
 def test_adjacency_from_the_edges_matches_the_graph() -> None:

@@ -27,6 +27,7 @@ from typing import NamedTuple, Protocol
 from urllib.parse import urlsplit
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from m3tgossip.log import get_logger
 
@@ -124,6 +125,18 @@ def is_loopback(endpoint: str) -> bool:
 
 #: frame bytes after which `Transport.poll` stops collecting messages
 POLL_MAX_BYTES = 1 << 20
+#: a DEALER's connection as its monitor tells it: dialling (connect in progress), connecting
+#: (TCP up, ZMTP/CURVE handshake under way), up, or waiting (to retry after a refusal or a
+#: disconnect)
+LINK_STATES = {
+    zmq.EVENT_CONNECT_DELAYED: "dialling",
+    zmq.EVENT_CONNECTED: "connecting",
+    zmq.EVENT_HANDSHAKE_SUCCEEDED: "up",
+    zmq.EVENT_CONNECT_RETRIED: "waiting",
+    zmq.EVENT_DISCONNECTED: "waiting",
+}
+#: the monitor events a DEALER reports
+MONITORED = sum(LINK_STATES)
 
 
 def _common_options(sock: zmq.Socket, cfg: TransportConfig) -> None:
@@ -189,42 +202,53 @@ class Transport:
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         self.dealers: dict[str, zmq.Socket] = {}
         self.endpoints = dict(neighbours)
-        self._redialled: dict[str, float] = {}
-        for peer, endpoint in neighbours.items():
-            self.connect(peer, endpoint)
+        #: per neighbour, the DEALER's monitor and what it last said about the connection
+        self._monitors: dict[zmq.Socket, str] = {}
+        self.link_state: dict[str, str] = {}
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
         if self.zap is not None:
             self.poller.register(self.zap, zmq.POLLIN)
+        for peer, endpoint in neighbours.items():
+            self.connect(peer, endpoint)
 
     def connect(self, peer: str, endpoint: str) -> None:
         """Open the DEALER towards `peer`; its routing id is this node's id."""
         sock = self.context.socket(zmq.DEALER)
         dealer_options(sock, self.config, self.node_id)
         self.security.client(sock, peer)
+        monitor = sock.get_monitor_socket(MONITORED)
+        self._monitors[monitor] = peer
+        self.poller.register(monitor, zmq.POLLIN)
+        self.link_state[peer] = "dialling"
         sock.connect(endpoint)
         self.dealers[peer] = sock
 
-    def redial(self, peer: str, min_interval_s: float = 0.2) -> bool:
-        """Connect the DEALER towards `peer` again now, instead of at its next reconnect
-        interval: for a neighbour just heard from while this link is still down. At most once
-        per `min_interval_s` (a redial aborts a connection handshake in progress); True if
-        it redialled."""
+    def redial(self, peer: str) -> bool:
+        """Connect the DEALER towards `peer` now if it is waiting to retry (its neighbour was
+        not listening at the last try): for a neighbour just heard from, instead of at the
+        link's next reconnect interval. A link that is up, or connecting, is left alone (a
+        redial would abort its handshake). True if it redialled."""
         sock, endpoint = self.dealers.get(peer), self.endpoints.get(peer)
-        now = time.monotonic()
-        if (
-            sock is None
-            or endpoint is None
-            or now - self._redialled.get(peer, -1e9) < min_interval_s
-        ):
+        if sock is None or endpoint is None or self.link_state.get(peer) != "waiting":
             return False
-        self._redialled[peer] = now
+        self.link_state[peer] = "dialling"
         try:
             sock.disconnect(endpoint)
         except zmq.ZMQError:
-            pass  # not connected (yet): connect below all the same
+            pass  # no connection to drop: connect all the same
         sock.connect(endpoint)
         return True
+
+    def _read_monitor(self, monitor: zmq.Socket) -> None:
+        """Note what the monitor of a DEALER says about its connection (`link_state`)."""
+        peer = self._monitors[monitor]
+        while True:
+            try:
+                event = recv_monitor_message(monitor, flags=zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            self.link_state[peer] = LINK_STATES.get(event, self.link_state[peer])
 
     def send(self, peer: str, frames: Sequence[bytes | memoryview]) -> bool:
         """Queue a message to a neighbour without blocking. False if it was refused.
@@ -271,6 +295,9 @@ class Transport:
             events = dict(self.poller.poll(remaining))
             if self.zap is not None and self.zap in events:
                 self._answer_zap()
+            for sock in events:
+                if sock in self._monitors:
+                    self._read_monitor(sock)
             if self.router in events or remaining == 0:
                 break
         authenticated = self.zap is not None
@@ -320,6 +347,10 @@ class Transport:
     def close(self, linger_ms: int | None = None) -> None:
         """Close every socket, flushing queued messages for up to `linger_ms`."""
         linger = self.config.linger_ms if linger_ms is None else linger_ms
+        for sock in self.dealers.values():
+            sock.disable_monitor()
+        for monitor in self._monitors:
+            monitor.close(linger=0)
         for sock in self.dealers.values():
             sock.close(linger=linger)
         self.router.close(linger=0)
