@@ -39,6 +39,8 @@ class Handlers:
         self.exchange = exchange
         self.rounds = rounds
         self.status = status
+        #: neighbours whose hello this node could not answer: its link to them was down
+        self.owed: set[str] = set()
         self._by_type: dict[MsgType, Callable[[Peer, protocol.Message], None]] = {
             MsgType.HELLO: self.on_hello,
             MsgType.DELTA: self.on_update,
@@ -53,6 +55,10 @@ class Handlers:
     def poll(self, timeout_ms: int) -> None:
         for routing_id, frames, user in self.link.transport.poll(timeout_ms):
             self.handle(routing_id, frames, user)
+        for pid in sorted(self.owed):
+            peer = self.state.peers[pid]
+            if peer.left or self.exchange.hello(peer, answer=True):
+                self.owed.discard(pid)
 
     def _drop(self, why: str, *args: Any) -> None:
         self.link.rejected += 1
@@ -145,9 +151,12 @@ class Handlers:
         self.exchange.match_origin(peer, msg.body.get("origin", {}))
         if answer:
             peer.answered = True
-        elif not self.exchange.hello(peer, answer=True):
+        elif self.exchange.hello(peer, answer=True):
+            self.owed.discard(peer.id)
+        else:
             # the neighbour is up but our link to it is not (yet): dial it now rather than at
-            # the link's next reconnect; the neighbour's next hello finds the link up
+            # the link's next reconnect, and answer as soon as the link takes it (`poll`)
+            self.owed.add(peer.id)
             redial = getattr(self.link.transport, "redial", None)
             if redial is not None:
                 redial(peer.id)

@@ -103,6 +103,9 @@ def handshake(
     deadline = time.monotonic() + g.startup_grace_s
     peers = list(state.peers.values())
     next_hello = {p.id: 0.0 for p in peers}
+    refused: set[str] = set()
+    #: what the transport knows of its links ("up" once a link's handshake is done)
+    links = getattr(link.transport, "link_state", {})
     next_beat = 0.0
     while state.stop_reason is None and time.monotonic() < deadline:
         missing = [p for p in peers if not p.answered and p.model_ok]
@@ -110,9 +113,14 @@ def handshake(
             break
         now = time.monotonic()
         for peer in missing:
-            if now >= next_hello[peer.id]:
+            came_up = peer.id in refused and links.get(peer.id) == "up"
+            if now >= next_hello[peer.id] or came_up:
                 took = exchange.hello(peer)
                 next_hello[peer.id] = now + (HELLO_RETRY_S if took else HELLO_REFUSED_RETRY_S)
+                if took:
+                    refused.discard(peer.id)
+                else:
+                    refused.add(peer.id)
         if now >= next_beat:
             # neighbours already in their first round keep waiting for a node still
             # starting, instead of giving it up as silent

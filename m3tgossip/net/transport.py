@@ -240,15 +240,18 @@ class Transport:
         sock.connect(endpoint)
         return True
 
-    def _read_monitor(self, monitor: zmq.Socket) -> None:
-        """Note what the monitor of a DEALER says about its connection (`link_state`)."""
+    def _read_monitor(self, monitor: zmq.Socket) -> bool:
+        """Note what the monitor of a DEALER says about its connection (`link_state`); True
+        if the link came up."""
         peer = self._monitors[monitor]
+        came_up = False
         while True:
             try:
                 event = recv_monitor_message(monitor, flags=zmq.NOBLOCK)["event"]
             except zmq.Again:
-                return
+                return came_up
             self.link_state[peer] = LINK_STATES.get(event, self.link_state[peer])
+            came_up |= event == zmq.EVENT_HANDSHAKE_SUCCEEDED
 
     def send(self, peer: str, frames: Sequence[bytes | memoryview]) -> bool:
         """Queue a message to a neighbour without blocking. False if it was refused.
@@ -283,6 +286,7 @@ class Transport:
     ) -> list[Incoming]:
         """Wait up to `timeout_ms` for messages, answering ZAP requests meanwhile.
 
+        Returns early when one of the DEALERs' links comes up (see `link_state`).
         Returns (routing id, frames, authenticated user id) triples; frames are not copied.
         Collects at most `max_messages` messages and stops once their frames hold `max_bytes`
         (one message however large): every returned frame keeps its libzmq buffer alive until
@@ -295,10 +299,12 @@ class Transport:
             events = dict(self.poller.poll(remaining))
             if self.zap is not None and self.zap in events:
                 self._answer_zap()
+            came_up = False
             for sock in events:
                 if sock in self._monitors:
-                    self._read_monitor(sock)
-            if self.router in events or remaining == 0:
+                    came_up |= self._read_monitor(sock)
+            # a link that came up ends the wait too: the caller may have a message for it
+            if self.router in events or remaining == 0 or came_up:
                 break
         authenticated = self.zap is not None
         collected = 0
