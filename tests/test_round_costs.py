@@ -195,6 +195,46 @@ def test_a_time_varying_round_keeps_no_replica_and_nodes_drop_their_start(tmp_pa
         assert node.workload.error_to_mean() < 1e-12  # 4 nodes, 2 rounds: exact
 
 
+def test_lockstep_rounds_of_full_states_keep_no_replica(tmp_path: Path) -> None:
+    topo = ring(tmp_path)
+    nodes = consensus_nodes(topo, tmp_path, rounds=6)
+    start = {n.id: {c: x.copy() for c, x in n.shared.items()} for n in nodes}
+    run_nodes(nodes)
+    assert all(n.exchange.full_states for n in nodes)
+    assert all(not p.replicas for n in nodes for p in n.peers.values())
+    for comp in nodes[0].shared:
+        mean = np.mean([start[n.id][comp] for n in nodes], axis=0)
+        now = np.mean([n.shared[comp] for n in nodes], axis=0)
+        np.testing.assert_allclose(now, mean, rtol=1e-9, atol=1e-12)
+
+
+def test_the_replicas_of_a_neighbour_that_sends_deltas_are_kept(tmp_path: Path) -> None:
+    topo = ring(tmp_path)
+    net = FakeNetwork()
+    nodes = [
+        Node(
+            node_config(
+                topo, nid, tmp_path, rounds=6, **({"compression": "int8"} if nid == "n0" else {})
+            ),
+            topology=topo,
+            workload=ConsensusWorkload(topo, nid, seed=0, options={"size": 16}),
+            transport=net.transport(nid),
+        )
+        for nid in topo.ids()
+    ]
+    start = {n.id: {c: x.copy() for c, x in n.shared.items()} for n in nodes}
+    run_nodes(nodes)
+    assert [n.exchange.full_states for n in nodes] == [False, True, True, True]
+    for node in nodes[1:]:
+        for peer in node.peers.values():
+            assert peer.sends_states == (peer.id != "n0")
+            assert bool(peer.replicas) == (peer.id == "n0")  # only n0's are kept
+    for comp in nodes[0].shared:
+        mean = np.mean([start[n.id][comp] for n in nodes], axis=0)
+        now = np.mean([n.shared[comp] for n in nodes], axis=0)
+        np.testing.assert_allclose(now, mean, rtol=1e-6, atol=1e-9)
+
+
 def test_a_replica_is_the_received_state_until_a_delta_changes_it(tmp_path: Path) -> None:
     topo = ring(tmp_path)
     node = consensus_nodes(topo, tmp_path, rounds=1)[0]

@@ -51,6 +51,15 @@ class Exchange:
         )
         #: declared DP noise std of this node's last release per component
         self.noise_std = {c: 0.0 for c in shared}
+        #: every codec is raw and nothing needs deltas (no release gate, no noise estimated
+        #: from deltas, no attack): a round sends full states, which cost what raw deltas
+        #: cost, and no replica outlives the mix it was received for (`drop_replicas`)
+        self.full_states = (
+            all(codec.name == "raw" for codec in self.codecs.values())
+            and node.gate is None
+            and g.noise_strength == 0
+            and not node.config.faults.attack
+        )
         #: on a fresh start, the shared values this node starts from and their digests: a
         #: neighbour that starts from the same values (a common checkpoint) builds its replica of
         #: this node from its own copy instead of receiving a full `state`
@@ -77,6 +86,8 @@ class Exchange:
         origin = {c: self.origin_digest[c] for c in peer.components if c in self.origin_digest}
         if origin:
             body["origin"] = origin
+        if self.full_states:
+            body["states"] = True
         return self.link.send(peer, MsgType.HELLO, body)
 
     def match_origin(self, peer: Peer, origin: dict[str, str]) -> None:
@@ -99,6 +110,20 @@ class Exchange:
         self.origin_digest.clear()
 
     # ----------------------------------------------------------------------------- sending
+
+    def send(self) -> None:
+        """This round's values to every neighbour: full states (`full_states`) or deltas."""
+        if self.full_states:
+            self.send_states([p.id for p in self.send_order])
+        else:
+            self.send_round()
+
+    def drop_replicas(self, every: bool = False) -> None:
+        """Forget what neighbours sent once it is mixed: from those whose hello said they send
+        full states every round, or from `every` neighbour (a time-varying topology)."""
+        for peer in self.state.peers.values():
+            if every or peer.sends_states:
+                peer.replicas.clear()
 
     def send_round(self) -> None:
         """Delta of every shared component against the published copy; state where needed."""
@@ -161,8 +186,9 @@ class Exchange:
             peer.need_state -= set(comps)
 
     def send_states(self, out_peers: list[str]) -> None:
-        """Time-varying topology: full state to this round's out-peers (links change every
-        round, so there are no replica chains to keep)."""
+        """Full state to `out_peers`: this round's out-peers of a time-varying topology (links
+        change every round, so there are no replica chains to keep), or every neighbour in
+        rounds of full states."""
         node = self.state
         for comp, x in node.shared.items():
             # a new array every round, never written to: every send of the round shares it

@@ -148,6 +148,7 @@ class Handlers:
             return
         peer.model_ok = True
         peer.round = max(peer.round, msg.round)
+        peer.sends_states = bool(msg.body.get("states", False))
         self.exchange.match_origin(peer, msg.body.get("origin", {}))
         if answer:
             peer.answered = True
