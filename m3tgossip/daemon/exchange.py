@@ -93,7 +93,10 @@ class Exchange:
     def match_origin(self, peer: Peer, origin: dict[str, str]) -> None:
         """Components both nodes started from the same values need no first `state`: this
         node's replica of the neighbour starts at version 0 from its own copy, and the
-        neighbour builds its replica of this node the same way while this node has sent nothing."""
+        neighbour builds its replica of this node the same way while this node has sent nothing.
+        A neighbour that sends full states every round needs neither."""
+        if peer.sends_states:
+            return
         for comp in peer.components:
             if comp not in self.origin_digest or origin.get(comp) != self.origin_digest[comp]:
                 continue
