@@ -19,14 +19,20 @@ Measured the same way for both, from the clocks of the peers themselves:
   it listens; hivemind: DHT and averager up) to the moment the last peer held values within
   relative error `--target` (1e-6) of the exact mean, ||x - mean|| / ||mean|| over all its
   values, with the mean of the float32 initial values taken in float64 (float32 rounding of
-  the result is far below the target).
+  the result is far below the target). The moment is when the values were there: for
+  m3tgossip the end of the round's mix (its metrics record's time less the evaluation that
+  measured them), for hivemind the end of `step()` (before the peer checks its tensors).
 - `startup_s`: from the first launch to the last peer ready (`startup_per_peer_s`: each
   peer's own launch to ready); m3tgossip also reports `first_round_s`, from the first launch
   to every peer's first finished round.
 - `pss_mb`: the largest proportional set size over the peers, each peer's process and its
   children (hivemind's p2pd) together, from /proc/PID/smaps_rollup, sampled a few times after
   every peer reached the exact mean while all still run (`pss_limit_mb`: 70 MB plus twice the
-  state, the bound a consensus daemon keeps).
+  state, and `pss_within_limit`).
+
+m3tgossip runs with a round deadline and silence bound of DEADLINE_S (60 s): the largest runs
+move more per round than the default 5 s deadline allows on 2 cores, and an exact average
+needs every peer in every round; everything else is the daemons' defaults.
 
 Every m3tgossip row gets `speedup_vs_hivemind`: hivemind's `seconds_to_exact` at the same peer
 count divided by its own. Without `--hivemind-python`, or if hivemind cannot run there, the
@@ -234,7 +240,7 @@ def run_m3tgossip(
                     first_round.setdefault(nid, rec["time"])
                     err = rec.get("error_to_mean")
                     if err is not None and err <= target:
-                        exact[nid] = (rec["time"], int(rec["round"]))
+                        exact[nid] = (mixed_at(rec), int(rec["round"]))
                         break
             time.sleep(POLL_S)
         pids = {nid: pid for nid in bed.nodes if (pid := bed.pid(nid)) is not None}
@@ -245,6 +251,7 @@ def run_m3tgossip(
     codes = {nid: bed.child(nid).exit_codes for nid in bed.nodes}
     records = {nid: bed.records(nid) for nid in bed.nodes}
     all_ready = max(ready.values()) if len(ready) == n else None
+    limit = 70 + 2 * size * len(comps) * 4 / 1e6
     row.update(
         {
             "reached": len(exact),
@@ -259,7 +266,8 @@ def run_m3tgossip(
             else None,
             "pss_mb": max(pss.values()) if pss else None,
             "pss_mb_per_peer": spread(list(pss.values())),
-            "pss_limit_mb": 70 + 2 * size * len(comps) * 4 / 1e6,
+            "pss_limit_mb": limit,
+            "pss_within_limit": bool(pss) and max(pss.values()) <= limit,
             "rss_peak_mb": max((v for v in peaks.values() if v is not None), default=None),
             "round_timings_s": round_timings(records),
             "exit_codes": codes,
@@ -267,6 +275,12 @@ def run_m3tgossip(
         }
     )
     return row
+
+
+def mixed_at(record: dict[str, Any]) -> float:
+    """When the round of a metrics record had its values (wall clock): the record's time
+    less its evaluation and checkpoint, which measure the values and do not change them."""
+    return float(record["time"]) - float(record.get("timings", {}).get("eval_checkpoint", 0.0))
 
 
 def round_timings(records: dict[str, list[dict[str, Any]]]) -> dict[str, float] | None:

@@ -49,6 +49,8 @@ DIGEST_DIMS = 16
 DIGEST_BLOCK = 4096
 #: blocks the digest reads at a time: bounds its float64 scratch (512 KiB)
 CHUNK_BLOCKS = 16
+#: half the width of the initial values' uniform distribution (unit variance)
+SQRT3 = float(np.sqrt(3.0))
 #: the options this workload reads from the `[workload]` table
 OPTIONS = ("size", "sizes", "dtype")
 #: seed words of the digest's Gaussian matrix and of its block signs
@@ -59,16 +61,16 @@ _SIGNS_KEY = 0xD16E58
 def initial_vector(seed: int, node_id: str, component: str, size: int, dtype: str) -> np.ndarray:
     """The seeded initial state of `component` on `node_id` (the same on every machine).
 
-    Uniform on [-sqrt(3), sqrt(3)) (mean 0, variance 1): uniform draws cost a tenth of normal
-    ones, and every node draws every holder's vector to know the exact mean. Drawn in float64
-    and then cast to `dtype`, so a float32 federation starts from the rounded float64 draws.
+    Uniform on [-sqrt(3), sqrt(3)) (mean 0, variance 1), drawn in `dtype` itself: uniform
+    draws cost a fraction of normal ones, and every node draws every holder's vector to know
+    the exact mean.
     """
     key = [seed & 0xFFFFFFFF, zlib.crc32(node_id.encode()), zlib.crc32(component.encode())]
     rng = np.random.default_rng(key)
-    x = rng.random(size, dtype=np.float64)
-    x -= 0.5
-    x *= 2.0 * np.sqrt(3.0)
-    return x.astype(dtype, copy=False)
+    x = rng.random(size, dtype=np.dtype(dtype).type)
+    x *= 2.0 * SQRT3
+    x -= SQRT3
+    return x
 
 
 def digest_matrix(seed: int) -> np.ndarray:
