@@ -6,9 +6,9 @@ initial state of every other holder, and so the exact network mean, without aski
 daemons average the vectors; the distance of each node to the exact mean checks the whole stack
 (transport, wire, replicas, mixing) with no training in the way. numpy only: no torch import.
 
-The exact mean is computed on a background thread from construction on (numpy's generators and
-ufuncs release the GIL), so a daemon listens and says hello while it is computed; the first
-evaluation waits for it. It is kept in the dtype of the vectors: the workload holds its vectors
+The exact mean is computed when the workload is built, before the daemon listens, so no round
+waits for it: every holder's vector is drawn (uniform draws in the vectors' own dtype are cheap)
+and summed in float64. It is kept in the dtype of the vectors: the workload holds its vectors
 and one mean, nothing else that grows with the state.
 
 Each evaluation also records a `digest` per component: `DIGEST_DIMS` random projections of the
@@ -32,7 +32,6 @@ Options (`[workload]` table of the node config):
 from __future__ import annotations
 
 import hashlib
-import threading
 import zlib
 from typing import Any
 
@@ -145,53 +144,31 @@ class ConsensusWorkload:
         }
         self._matrix = digest_matrix(seed)
         self._signs = {c: digest_signs(seed, c, n) for c, n in self.sizes.items()}
-        self._mean: dict[str, np.ndarray] = {}
-        self._mean_norm = 0.0
-        self._initial_error = 0.0
-        self._error: BaseException | None = None
-        self._ready = threading.Thread(target=self._compute_mean, name="exact-mean", daemon=True)
-        self._ready.start()
+        self._mean = self._exact_mean()
+        self._mean_norm = float(np.sqrt(sum(float(m @ m) for m in self._mean.values())))
+        #: `error_to_mean` before any mixing
+        self.initial_error = self.error_to_mean()
 
-    # ------------------------------------------------------------------------- the exact mean
-
-    def _compute_mean(self) -> None:
-        try:
-            for comp, size in self.sizes.items():
-                holders = self.topology.holders(comp)
-                acc = np.zeros(size, dtype=np.float64)
-                for holder in holders:
-                    acc += initial_vector(self.seed, holder, comp, size, self.dtype)
-                acc /= len(holders)
-                self._mean[comp] = acc.astype(self.dtype, copy=False)
-                del acc
-            self._mean_norm = float(np.sqrt(sum(float(m @ m) for m in self._mean.values())))
-            sq = 0.0
-            for comp, size in self.sizes.items():
-                start = initial_vector(self.seed, self.node_id, comp, size, self.dtype)
-                sq += squared_distance(start, self._mean[comp])
-            self._initial_error = self._relative(sq)
-        except BaseException as exc:  # noqa: BLE001 - raised by the first reader
-            self._error = exc
-
-    def _wait(self) -> None:
-        self._ready.join()
-        if self._error is not None:
-            raise RuntimeError(f"consensus workload: exact mean failed: {self._error}")
+    def _exact_mean(self) -> dict[str, np.ndarray]:
+        """Component -> the mean of the initial vectors of all its holders (in the vectors'
+        dtype, summed in float64)."""
+        out: dict[str, np.ndarray] = {}
+        for comp, size in self.sizes.items():
+            holders = self.topology.holders(comp)
+            acc = np.zeros(size, dtype=np.float64)
+            for holder in holders:
+                acc += initial_vector(self.seed, holder, comp, size, self.dtype)
+            acc /= len(holders)
+            out[comp] = acc.astype(self.dtype, copy=False)
+        return out
 
     def _relative(self, sq: float) -> float:
         root = float(np.sqrt(sq))
         return root / self._mean_norm if self._mean_norm > 0 else root
 
-    @property
-    def initial_error(self) -> float:
-        """`error_to_mean` before any mixing."""
-        self._wait()
-        return self._initial_error
-
     def exact_mean(self) -> dict[str, np.ndarray]:
         """Component -> the mean of the initial vectors of all its holders (in the vectors'
         dtype, averaged in float64)."""
-        self._wait()
         return self._mean
 
     # ------------------------------------------------------------------------- the daemon's side
