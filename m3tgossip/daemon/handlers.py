@@ -55,10 +55,15 @@ class Handlers:
     def poll(self, timeout_ms: int) -> None:
         for routing_id, frames, user in self.link.transport.poll(timeout_ms):
             self.handle(routing_id, frames, user)
-        for pid in sorted(self.owed):
-            peer = self.state.peers[pid]
-            if peer.left or self.exchange.hello(peer, answer=True):
-                self.owed.discard(pid)
+        if self.owed:
+            # answer once the link is up (every poll where the transport does not tell)
+            links = getattr(self.link.transport, "link_state", None)
+            for pid in sorted(self.owed):
+                peer = self.state.peers[pid]
+                if links is not None and links.get(pid) != "up" and not peer.left:
+                    continue
+                if peer.left or self.exchange.hello(peer, answer=True):
+                    self.owed.discard(pid)
 
     def _drop(self, why: str, *args: Any) -> None:
         self.link.rejected += 1

@@ -27,9 +27,10 @@ log = get_logger(__name__)
 #: seconds between HELLO retries to a neighbour whose link took the last one unanswered (its
 #: answer may have been refused by its own link, still connecting to this node)
 HELLO_RETRY_S = 0.05
-#: seconds between HELLO tries to a neighbour whose link refused the last one: its connection
-#: is not up yet (a DEALER with ZMQ_IMMEDIATE refuses until the handshake completed), and it
-#: takes the next try within milliseconds of coming up
+#: seconds between HELLO tries to a neighbour whose link refused the last one (its connection
+#: is not up yet: a DEALER with ZMQ_IMMEDIATE refuses until its handshake completed), when the
+#: transport does not say when a link comes up; one that does (`link_state`) gets the hello as
+#: soon as the link is up, and a try every HELLO_RETRY_S all the same
 HELLO_REFUSED_RETRY_S = 0.01
 
 
@@ -105,7 +106,8 @@ def handshake(
     next_hello = {p.id: 0.0 for p in peers}
     refused: set[str] = set()
     #: what the transport knows of its links ("up" once a link's handshake is done)
-    links = getattr(link.transport, "link_state", {})
+    links = getattr(link.transport, "link_state", None)
+    retry_refused = HELLO_REFUSED_RETRY_S if links is None else HELLO_RETRY_S
     next_beat = 0.0
     while state.stop_reason is None and time.monotonic() < deadline:
         missing = [p for p in peers if not p.answered and p.model_ok]
@@ -113,10 +115,10 @@ def handshake(
             break
         now = time.monotonic()
         for peer in missing:
-            came_up = peer.id in refused and links.get(peer.id) == "up"
+            came_up = peer.id in refused and links is not None and links.get(peer.id) == "up"
             if now >= next_hello[peer.id] or came_up:
                 took = exchange.hello(peer)
-                next_hello[peer.id] = now + (HELLO_RETRY_S if took else HELLO_REFUSED_RETRY_S)
+                next_hello[peer.id] = now + (HELLO_RETRY_S if took else retry_refused)
                 if took:
                     refused.discard(peer.id)
                 else:
