@@ -62,14 +62,16 @@ class Exchange:
         )
         #: on a fresh start, the shared values this node starts from and their digests: a
         #: neighbour that starts from the same values (a common checkpoint) builds its replica of
-        #: this node from its own copy instead of receiving a full `state`
+        #: this node from its own copy instead of receiving a full `state` (not kept by a node
+        #: that sends full states: its neighbours get its state every round anyway)
         self.origin: dict[str, np.ndarray] = {}
         self.origin_digest: dict[str, str] = {}
         if node.resumed_from is None:
             for comp, x in shared.items():
-                self.origin[comp] = x.copy()
-                self.origin_digest[comp] = protocol.values_digest(x)
                 self.published[comp][...] = x
+                if not self.full_states:
+                    self.origin[comp] = x.copy()
+                    self.origin_digest[comp] = protocol.values_digest(x)
 
     # ----------------------------------------------------------------------------- start-up
 
