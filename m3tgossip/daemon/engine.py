@@ -38,7 +38,7 @@ class RoundEngine:
         self.schedule = schedule
         self.metrics = metrics
         self.checkpoint = checkpoint
-        #: when this node last checkpointed (monotonic seconds; the first round counts as one)
+        #: when this node last checkpointed (monotonic seconds; the start of its rounds counts)
         self.last_checkpoint = time.monotonic()
 
     def run(self) -> None:
