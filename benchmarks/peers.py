@@ -62,7 +62,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import loadavg, machine, parser, pyplot, save_png, setup, wait_for_load, write_json
+from _common import loadavg, machine, parser, pyplot, setup, wait_for_load, write_json
 
 from m3tgossip.harness import Testbed, TestbedSpec
 from m3tgossip.topology import load_topology
@@ -424,10 +424,15 @@ def plot(out: Path, rows: list[dict[str, Any]]) -> Path | None:
         ax.set_xlabel("peers")
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9)
     state_mb = rows[0]["state_bytes"] / 1e6 if rows else 0
     fig.suptitle(f"{state_mb:.1f} MB float32 per peer, {machine()['cpus']} CPUs, one machine")
-    return save_png(fig, out, "peers")
+    fig.subplots_adjust(bottom=0.2)
+    path = out / "peers.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 def main() -> int:
