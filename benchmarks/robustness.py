@@ -66,7 +66,7 @@ def honest_error(
     for comp in spread.get("components") or sorted(ref.sizes):
         holders = [n for n in topo.holders(comp) if n in honest]
         mean = np.mean([initial_vector(seed, n, comp, size, "float64") for n in holders], axis=0)
-        target.append(ref._directions[comp] @ mean)
+        target.append(ref.project(comp, mean))
     target_vec = np.concatenate(target)
     comps = spread.get("components") or []
     digests = [

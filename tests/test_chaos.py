@@ -141,7 +141,12 @@ def test_a_bad_chaos_spec_names_the_field() -> None:
     spec = ChaosSpec(topology=RING8, out="runs/x", loss=0.2, settings={"faults.seed": 9})
     bed = spec.testbed()
     assert bed.rounds == 0 and bed.quiet and bed.out == Path("runs/x").resolve()
-    assert bed.settings == {"faults.drop": 0.2, "faults.seed": 9, "gossip.startup_grace_s": 5.0}
+    assert bed.settings == {
+        "faults.drop": 0.2,
+        "faults.seed": 9,
+        "gossip.startup_grace_s": 5.0,
+        "gossip.checkpoint_interval_s": 0.0,
+    }
 
 
 def test_testbed_rejects_unknown_nodes_before_writing_anything(tmp_path, capsys) -> None:

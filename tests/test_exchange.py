@@ -182,7 +182,7 @@ def _handshake(nodes: dict[str, Node]) -> None:
 def test_nodes_starting_from_the_same_values_send_deltas_from_the_first_round(
     tmp_path: Path,
 ) -> None:
-    nodes = _pair(tmp_path, same_start=True)
+    nodes = _pair(tmp_path, same_start=True, noise_strength=1.0)  # a node that sends deltas
     _handshake(nodes)
     for n in nodes.values():
         n.shared[next(iter(n.shared))][:4] += 1.0  # some local progress
@@ -200,7 +200,7 @@ def test_nodes_starting_from_the_same_values_send_deltas_from_the_first_round(
 
 
 def test_different_starting_values_are_sent_as_state(tmp_path: Path) -> None:
-    nodes = _pair(tmp_path, same_start=False)
+    nodes = _pair(tmp_path, same_start=False, noise_strength=1.0)  # a node that sends deltas
     _handshake(nodes)
     for n in nodes.values():
         n.exchange.send_round()

@@ -94,7 +94,6 @@ def test_only_the_edu_package_imports_torch() -> None:
             elif isinstance(node, ast.ImportFrom) and not node.level:
                 names = [node.module or ""]
             for n in names:
-                if n.split(".")[0] in heavy and path.name != "kernels.py":
+                if n.split(".")[0] in heavy:
                     found.append(f"{path.relative_to(PACKAGE)}: {n}")
-    # consensus/kernels.py imports torch lazily, only for its fused path on large arrays
     assert not found, found

@@ -711,12 +711,14 @@ def test_each_body_type_lists_the_keys_the_schema_requires(mtype: MsgType) -> No
         del header["body"][key]
         raises(pack(header, payloads), [f"{mtype.value} body: missing key {key!r}"])
         header, payloads = valid(mtype)
-    assert body.__optional_keys__ == ({"answer", "origin"} if mtype is MsgType.HELLO else set())
+    optional = {"answer", "origin", "states"} if mtype is MsgType.HELLO else set()
+    assert body.__optional_keys__ == optional
 
 
 def test_schema_refuses_to_load_without_a_checker_for_a_body_key(monkeypatch) -> None:
     monkeypatch.setitem(schema._OPTIONAL, MsgType.HELLO, {"answer": schema._flag})
-    with pytest.raises(RuntimeError, match=r"hello body: optional keys \['answer', 'origin'\]"):
+    keys = r"\['answer', 'origin', 'states'\]"
+    with pytest.raises(RuntimeError, match=rf"hello body: optional keys {keys}"):
         schema._check_body_schemas()
     monkeypatch.undo()
     monkeypatch.setitem(

@@ -7,6 +7,7 @@ from m3tgossip.consensus.kernels import (
     axpy_into,
     choco_mix_into,
     mix_into,
+    squared_distance,
 )
 from m3tgossip.consensus.mixers import (
     AGGREGATORS,
@@ -56,5 +57,6 @@ __all__ = [
     "renormalise",
     "simulate_sync",
     "slem",
+    "squared_distance",
     "trimmed_mean_into",
 ]

@@ -1,18 +1,19 @@
 """In-place mixing kernels: a node's state plus weighted neighbour values, one pass per term.
 
 This module owns the per-element arithmetic of averaging and nothing else: it sees numpy arrays,
-never graphs, sockets or messages. `add_into` is numpy's one-pass in-place add. For arrays of
-at least `FUSED_MIN_SIZE` elements (C-contiguous, aligned, non-overlapping, both float32 or both
-float64) `axpy_into` runs torch's fused `add_(src, alpha=a)` on zero-copy views: one pass and no
-temporary, about half the time of numpy's multiply-then-add. torch is imported on that path
-only, on first use, so a daemon whose components are all smaller never loads it; without torch,
-or for other arrays, numpy ufuncs with `out=` do the work through a scratch block of at most
-`NUMPY_BLOCK` elements. `mix_into` (plain weighted average) and `choco_mix_into` (the CHOCO step
-over replicas) are built on `axpy_into`.
+never graphs, sockets or messages. `add_into` is numpy's one-pass in-place add. `axpy_into`
+multiplies into a scratch block of at most `NUMPY_BLOCK` elements (it stays in cache) and adds
+it, so it reads and writes each array once, like a fused kernel. For arrays of at least
+`FUSED_MIN_SIZE` elements (C-contiguous, aligned, non-overlapping, both float32 or both float64)
+it runs torch's fused `add_(src, alpha=a)` on zero-copy views instead, but only in a process
+that has already imported torch (one that trains a model): this module never imports torch
+itself, so a consensus daemon does not pay torch's start-up time and memory. `mix_into` (plain
+weighted average) and `choco_mix_into` (the CHOCO step over replicas) are built on `axpy_into`.
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -24,21 +25,15 @@ FUSED_MIN_SIZE = 1 << 17
 #: elements per scratch block of `axpy_into`'s numpy path (fits a 1 MiB L2 cache as float32)
 NUMPY_BLOCK = 1 << 18
 _FUSED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-#: the torch module once imported, False if it is not installed, None before the first try
+#: False turns the fused path off (as in a process without torch); None: use torch if loaded
 _torch: Any = None
 
 
 def _fused() -> Any:
-    """torch, imported on first use; None where it is not installed."""
-    global _torch
-    if _torch is None:
-        try:
-            import torch
-        except ImportError:
-            _torch = False
-        else:
-            _torch = torch
-    return _torch or None
+    """torch if this process has already imported it (never imported here), else None."""
+    if _torch is False:
+        return None
+    return _torch or sys.modules.get("torch")
 
 
 def _can_fuse(dst: np.ndarray, src: np.ndarray) -> bool:
@@ -80,9 +75,10 @@ def axpy_into(dst: np.ndarray, alpha: float, src: np.ndarray) -> None:
     """`dst += alpha * src`, in place.
 
     `src` may be read-only; one of another dtype is cast to `dst`'s (`same_kind`). Large
-    float arrays use torch's fused kernel (see the module docstring); otherwise numpy multiplies
-    into a scratch block of at most `NUMPY_BLOCK` elements and adds it (a scratch as large as
-    `dst` only when one of the arrays is not C-contiguous or `src` is broadcast).
+    float arrays use torch's fused kernel where torch is loaded (see the module docstring);
+    otherwise numpy multiplies into a scratch block of at most `NUMPY_BLOCK` elements and adds
+    it (a scratch as large as `dst` only when one of the arrays is not C-contiguous or `src` is
+    broadcast).
     """
     n = dst.size
     if n >= FUSED_MIN_SIZE:
@@ -101,6 +97,21 @@ def axpy_into(dst: np.ndarray, alpha: float, src: np.ndarray) -> None:
     scratch = np.empty(dst.shape, dst.dtype)
     np.multiply(src, alpha, out=scratch, casting="same_kind")
     np.add(dst, scratch, out=dst)
+
+
+def squared_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """`||a - b||^2` (float64), through a scratch of at most `NUMPY_BLOCK` elements: one read
+    of each array and no temporary as large as them."""
+    x, y = a.reshape(-1), b.reshape(-1)
+    if x.shape != y.shape:
+        raise ValueError(f"shapes differ: {a.shape} and {b.shape}")
+    scratch = np.empty(min(x.size, NUMPY_BLOCK), dtype=np.result_type(x, y))
+    total = 0.0
+    for start in range(0, x.size, NUMPY_BLOCK):
+        d = scratch[: min(NUMPY_BLOCK, x.size - start)]
+        np.subtract(x[start : start + NUMPY_BLOCK], y[start : start + NUMPY_BLOCK], out=d)
+        total += float(d @ d)
+    return total
 
 
 def mix_into(

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping, Sequence
+from typing import TYPE_CHECKING
 
-import networkx as nx
 import numpy as np
 
 from m3tgossip.consensus.noise import check_noise_var
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 #: eigenvalue moduli this close to 1 are reported as exactly 1 (a disconnected graph)
 SLEM_ONE_TOLERANCE = 1e-12
@@ -31,7 +34,7 @@ def metropolis_hastings(graph: nx.Graph, order: Sequence[str] | None = None) -> 
     nodes = list(graph.nodes) if order is None else list(order)
     if len(nodes) != graph.number_of_nodes() or set(nodes) != set(graph.nodes):
         raise ValueError("order must list every node of the graph exactly once")
-    if nx.number_of_selfloops(graph):
+    if any(u == v for u, v in graph.edges):
         raise ValueError("Metropolis-Hastings weights need a graph without self-loops")
     index = {node: i for i, node in enumerate(nodes)}
     degree = dict(graph.degree())

@@ -96,8 +96,12 @@ class GossipConfig:
     #: a fresh node whose neighbours are more than this many rounds ahead joins at their
     #: round (late join); a restarted node always joins at their round
     late_join_rounds: int = 5
-    #: checkpoint every this many rounds (and always on shutdown)
+    #: checkpoint every this many rounds, but not within checkpoint_interval_s seconds of the
+    #: previous checkpoint (and always on shutdown, so the final round always is)
     checkpoint_every: int = 1
+    checkpoint_interval_s: float = 10.0
+    #: evaluate the workload every this many rounds (and always in the last round)
+    eval_every: int = 1
     #: sync mode, static topologies: mix the previous round's messages after this round's local
     #: training, then send, so neighbours' messages arrive while this node trains instead of
     #: being waited for (one round of staleness; replicas still agree, so the network mean is
@@ -149,7 +153,7 @@ class GossipConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}: must be a positive number, got {value!r}")
-        for name in ("startup_grace_s", "leave_timeout_s"):
+        for name in ("startup_grace_s", "leave_timeout_s", "checkpoint_interval_s"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name}: must be a non-negative number, got {value!r}")
@@ -157,7 +161,7 @@ class GossipConfig:
             raise ValueError(f"overlap: true or false, got {self.overlap!r}")
         if not (isinstance(self.quorum, (int, float)) and 0.0 <= self.quorum <= 1.0):
             raise ValueError(f"quorum: must be between 0 and 1, got {self.quorum!r}")
-        for name in ("suspect_after", "checkpoint_every", "late_join_rounds"):
+        for name in ("suspect_after", "checkpoint_every", "eval_every", "late_join_rounds"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")

@@ -48,10 +48,13 @@ class RoundEngine:
         self.exporter = exporter
         #: called between round phases (the daemon's watchdog ping; nothing by default)
         self.beat: Callable[[], None] = lambda: None
+        #: when this node last checkpointed (monotonic seconds; the start of its rounds counts)
+        self.last_checkpoint = time.monotonic()
 
     def run(self) -> None:
         node = self.parts.state
         schedule = self.schedule
+        self.last_checkpoint = time.monotonic()
         while not node.done():
             self.beat()
             t = Timings()
@@ -109,11 +112,21 @@ class RoundEngine:
         self, local: dict[str, Any], heard: list[str], distance: float, t: Timings
     ) -> None:
         node = self.parts.state
-        evaluation = node.workload.evaluate(node.round)
+        g = node.config.gossip
+        last = node.stop_reason is not None or 0 < node.config.rounds <= node.round + 1
+        evaluate = last or (node.round + 1) % g.eval_every == 0
+        evaluation = node.workload.evaluate(node.round) if evaluate else {}
         node.round += 1
         node.rounds_done += 1
-        if node.round % node.config.gossip.checkpoint_every == 0 or node.done():
+        now = time.monotonic()
+        # the last round is checkpointed by the shutdown that follows it
+        if (
+            not node.done()
+            and node.round % g.checkpoint_every == 0
+            and now - self.last_checkpoint >= g.checkpoint_interval_s
+        ):
             self.checkpoint()
+            self.last_checkpoint = now
         t.lap("eval_checkpoint")
         self.record(local, evaluation, heard, distance, t.as_dict())
 

@@ -41,22 +41,42 @@ class Exchange:
         #: what every neighbour holds of this node (the published copy), and its version
         self.published = {c: np.zeros_like(x) for c, x in shared.items()}
         self.version = {c: 0 for c in shared}
+        #: the neighbours in the order this node sends to them: spec order from the one after
+        #: this node, wrapping round, so that in a round every node is some sender's first
+        #: receiver instead of all senders queueing for the same neighbours
+        n = len(node.topology.nodes)
+        me = node.spec.index
+        self.send_order = sorted(
+            node.peers.values(), key=lambda p: (node.topology.node(p.id).index - me) % n
+        )
         #: declared DP noise std of this node's last release per component
         self.noise_std = {c: 0.0 for c in shared}
+        #: every codec is raw and nothing needs deltas (no release gate, no noise estimated
+        #: from deltas, no attack): a round sends full states, which cost what raw deltas
+        #: cost, and no replica outlives the mix it was received for (`drop_replicas`)
+        self.full_states = (
+            all(codec.name == "raw" for codec in self.codecs.values())
+            and node.gate is None
+            and g.noise_strength == 0
+            and not node.config.faults.attack
+        )
         #: on a fresh start, the shared values this node starts from and their digests: a
         #: neighbour that starts from the same values (a common checkpoint) builds its replica of
-        #: this node from its own copy instead of receiving a full `state`
+        #: this node from its own copy instead of receiving a full `state` (not kept by a node
+        #: that sends full states: its neighbours get its state every round anyway)
         self.origin: dict[str, np.ndarray] = {}
         self.origin_digest: dict[str, str] = {}
         if node.resumed_from is None:
             for comp, x in shared.items():
-                self.origin[comp] = x.copy()
-                self.origin_digest[comp] = protocol.values_digest(x)
                 self.published[comp][...] = x
+                if not self.full_states:
+                    self.origin[comp] = x.copy()
+                    self.origin_digest[comp] = protocol.values_digest(x)
 
     # ----------------------------------------------------------------------------- start-up
 
-    def hello(self, peer: Peer, answer: bool = False) -> None:
+    def hello(self, peer: Peer, answer: bool = False) -> bool:
+        """Send a `hello` (an answer to one with `answer`); False if the link refused it."""
         node = self.state
         body = {
             "model": node.model_id,
@@ -68,12 +88,17 @@ class Exchange:
         origin = {c: self.origin_digest[c] for c in peer.components if c in self.origin_digest}
         if origin:
             body["origin"] = origin
-        self.link.send(peer, MsgType.HELLO, body)
+        if self.full_states:
+            body["states"] = True
+        return self.link.send(peer, MsgType.HELLO, body)
 
     def match_origin(self, peer: Peer, origin: dict[str, str]) -> None:
         """Components both nodes started from the same values need no first `state`: this
         node's replica of the neighbour starts at version 0 from its own copy, and the
-        neighbour builds its replica of this node the same way while this node has sent nothing."""
+        neighbour builds its replica of this node the same way while this node has sent nothing.
+        A neighbour that sends full states every round needs neither."""
+        if peer.sends_states:
+            return
         for comp in peer.components:
             if comp not in self.origin_digest or origin.get(comp) != self.origin_digest[comp]:
                 continue
@@ -83,7 +108,27 @@ class Exchange:
             if self.version[comp] == 0:
                 peer.need_state.discard(comp)
 
+    def forget_origin(self) -> None:
+        """Drop the copy of the starting values once every neighbour has been matched against
+        it: a neighbour that comes later gets full state (its hellos find no `origin` here)."""
+        self.origin.clear()
+        self.origin_digest.clear()
+
     # ----------------------------------------------------------------------------- sending
+
+    def send(self) -> None:
+        """This round's values to every neighbour: full states (`full_states`) or deltas."""
+        if self.full_states:
+            self.send_states([p.id for p in self.send_order])
+        else:
+            self.send_round()
+
+    def drop_replicas(self, every: bool = False) -> None:
+        """Forget what neighbours sent once it is mixed: from those whose hello said they send
+        full states every round, or from `every` neighbour (a time-varying topology)."""
+        for peer in self.state.peers.values():
+            if every or peer.sends_states:
+                peer.replicas.clear()
 
     def send_round(self) -> None:
         """Delta of every shared component against the published copy; state where needed."""
@@ -106,7 +151,8 @@ class Exchange:
             self.version[comp] += 1
             deltas[comp] = payload
             metas[comp] = meta
-        for peer in node.peers.values():
+        copies: dict[str, np.ndarray] = {}  # one copy of a published value for every state
+        for peer in self.send_order:
             if not peer.components or not peer.model_ok:
                 continue
             live = [c for c in peer.components if c in deltas]
@@ -118,14 +164,22 @@ class Exchange:
                     peer, MsgType.DELTA, {}, tensors=tensors, meta={c: metas[c] for c in rest}
                 )
             if state:
-                self.send_state(peer, state)
+                for c in state:
+                    if c not in copies:
+                        copies[c] = self.published[c].copy()
+                self.send_state(peer, state, copies)
 
-    def send_state(self, peer: Peer, comps: list[str]) -> None:
-        """Full state of `comps` as the neighbours' replica has it (already public)."""
+    def send_state(
+        self, peer: Peer, comps: list[str], values: dict[str, np.ndarray] | None = None
+    ) -> None:
+        """Full state of `comps` as the neighbours' replica has it (already public); `values`,
+        if given, is a copy of the published values to send (shared by several sends)."""
         comps = [c for c in comps if c not in self.state.retired]
         if not comps:
             return
-        tensors = {c: self.published[c].copy() for c in comps}
+        if values is None:
+            values = {c: self.published[c].copy() for c in comps}
+        tensors = {c: values[c] for c in comps}
         meta = {
             c: protocol.TensorMeta(
                 c, str(t.dtype), t.shape, base=self.version[c] - 1, noise=self.noise_std[c]
@@ -137,16 +191,19 @@ class Exchange:
             peer.need_state -= set(comps)
 
     def send_states(self, out_peers: list[str]) -> None:
-        """Time-varying topology: full state to this round's out-peers (links change every
-        round, so there are no replica chains to keep)."""
+        """Full state to `out_peers`: this round's out-peers of a time-varying topology (links
+        change every round, so there are no replica chains to keep), or every neighbour in
+        rounds of full states."""
         node = self.state
         for comp, x in node.shared.items():
-            self.published[comp][...] = x
+            # a new array every round, never written to: every send of the round shares it
+            # (frames are sent without copying) and it is the published copy the mix reads
+            self.published[comp] = x.copy()
             self.version[comp] += 1
         for pid in out_peers:
             peer = node.peers.get(pid)
             if peer is not None and peer.model_ok and peer.components:
-                self.send_state(peer, list(peer.components))
+                self.send_state(peer, list(peer.components), self.published)
 
     def send_attack(self) -> None:
         """Byzantine mode: claim a malicious full state every round instead of honest deltas."""
@@ -217,10 +274,14 @@ class Exchange:
                 estimates = peer.noise_estimates.setdefault(name, deque(maxlen=8))
                 estimates.append(estimate_noise_var([tensor]))
             if msg.type is MsgType.STATE:
-                peer.replicas[name] = np.array(tensor, dtype=own.dtype)
+                # the received values themselves (read-only, no copy) until a delta changes them
+                peer.replicas[name] = np.asarray(tensor, dtype=own.dtype)
                 peer.versions[name] = base + 1
             elif peer.versions.get(name) == base and name in peer.replicas:
-                add_into(peer.replicas[name], tensor)
+                replica = peer.replicas[name]
+                if not replica.flags.writeable:
+                    replica = peer.replicas[name] = replica.copy()
+                add_into(replica, tensor)
                 peer.versions[name] = base + 1
             else:
                 gaps.append(name)

@@ -39,6 +39,8 @@ class Handlers:
         self.exchange = exchange
         self.rounds = rounds
         self.status = status
+        #: neighbours whose hello this node could not answer: its link to them was down
+        self.owed: set[str] = set()
         self._by_type: dict[MsgType, Callable[[Peer, protocol.Message], None]] = {
             MsgType.HELLO: self.on_hello,
             MsgType.DELTA: self.on_update,
@@ -53,6 +55,15 @@ class Handlers:
     def poll(self, timeout_ms: int) -> None:
         for routing_id, frames, user in self.link.transport.poll(timeout_ms):
             self.handle(routing_id, frames, user)
+        if self.owed:
+            # answer once the link is up (every poll where the transport does not tell)
+            links = getattr(self.link.transport, "link_state", None)
+            for pid in sorted(self.owed):
+                peer = self.state.peers[pid]
+                if links is not None and links.get(pid) != "up" and not peer.left:
+                    continue
+                if peer.left or self.exchange.hello(peer, answer=True):
+                    self.owed.discard(pid)
 
     def _drop(self, why: str, *args: Any) -> None:
         self.link.rejected += 1
@@ -142,11 +153,19 @@ class Handlers:
             return
         peer.model_ok = True
         peer.round = max(peer.round, msg.round)
+        peer.sends_states = bool(msg.body.get("states", False))
         self.exchange.match_origin(peer, msg.body.get("origin", {}))
         if answer:
             peer.answered = True
+        elif self.exchange.hello(peer, answer=True):
+            self.owed.discard(peer.id)
         else:
-            self.exchange.hello(peer, answer=True)
+            # the neighbour is up but our link to it is not (yet): dial it now rather than at
+            # the link's next reconnect, and answer as soon as the link takes it (`poll`)
+            self.owed.add(peer.id)
+            redial = getattr(self.link.transport, "redial", None)
+            if redial is not None:
+                redial(peer.id)
 
     def on_update(self, peer: Peer, msg: protocol.Message) -> None:
         """`delta` or `state` for round `msg.round`: apply now, or hold until we get there."""

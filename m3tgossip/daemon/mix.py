@@ -9,7 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from m3tgossip.consensus import effective_noise_var, noise_aware_weights, renormalise
+from m3tgossip.consensus import (
+    effective_noise_var,
+    noise_aware_weights,
+    renormalise,
+    squared_distance,
+)
 from m3tgossip.daemon.exchange import Exchange
 from m3tgossip.daemon.rounds import RoundCollector
 from m3tgossip.daemon.state import NodeState
@@ -54,8 +59,7 @@ class MixStep:
             replicas = {pid: node.peers[pid].replicas[comp] for pid in heard}
             comp_sq = 0.0
             for r in replicas.values():
-                d = r - mine
-                comp_sq = max(comp_sq, float(d @ d))
+                comp_sq = max(comp_sq, squared_distance(r, mine))
             dist_sq = max(dist_sq, comp_sq)
             mine_sq = float(mine @ mine)
             norm_sq += mine_sq

@@ -36,6 +36,8 @@ class Peer:
     heard: dict[str, int] = field(default_factory=dict)
     pending: list[Message] = field(default_factory=list)
     need_state: set[str] = field(default_factory=set)
+    #: its hello said it sends full states every round: its replicas need not outlive a mix
+    sends_states: bool = False
     resync_asked: int = -1
     bytes_in: int = 0
     bytes_out: int = 0
@@ -58,6 +60,7 @@ class Peer:
         self.heard.clear()
         self.pending.clear()
         self.need_state = set(self.components)
+        self.sends_states = False
         self.left = False
         self.missed = 0
         self.push_sent.clear()

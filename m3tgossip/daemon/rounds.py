@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
-
-import numpy as np
+from collections.abc import Callable, Iterable
 
 from m3tgossip import protocol
 from m3tgossip.daemon.exchange import Exchange
@@ -27,6 +25,13 @@ log = get_logger(__name__)
 MAX_PENDING = 64
 #: longest single poll, so signals and heartbeats are noticed promptly
 POLL_SLICE_MS = 50
+
+
+def _median(values: Iterable[float]) -> float:
+    """The median of a few floats (numpy's median would import numpy.ma on first use)."""
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 class RoundCollector:
@@ -79,9 +84,8 @@ class RoundCollector:
         g = self.state.config.gossip
         if len(self.latencies) < 8:
             return g.round_deadline_s
-        lat = np.fromiter(self.latencies, dtype=np.float64)
-        med = float(np.median(lat))
-        mad = float(np.median(np.abs(lat - med)))
+        med = _median(self.latencies)
+        mad = _median(abs(v - med) for v in self.latencies)
         return min(g.round_deadline_s, max(g.deadline_min_s, med + g.deadline_k * mad))
 
     def in_round(self, peer: Peer) -> bool:

@@ -78,12 +78,14 @@ class Lockstep(Schedule):
 
     def exchange(self, n: RoundParts, before: Values | None, t: Timings) -> Outcome:
         n.rounds.started = time.monotonic()
-        n.exchange.send_round()
+        n.exchange.send()
         t.lap("send")
         if not n.rounds.collect():
             return None
         t.lap("wait")
-        return n.mixstep.mix()
+        outcome = n.mixstep.mix()
+        n.exchange.drop_replicas()
+        return outcome
 
 
 class Overlapped(Schedule):
@@ -96,9 +98,10 @@ class Overlapped(Schedule):
         if not collected:
             return None
         outcome = n.mixstep.mix()
+        n.exchange.drop_replicas()
         t.lap("mix")
         n.rounds.started = time.monotonic()
-        n.exchange.send_round()
+        n.exchange.send()
         t.lap("send")
         return outcome
 
@@ -138,7 +141,10 @@ class TimeVarying(Schedule):
         if not n.rounds.collect():
             return None
         t.lap("wait")
-        return n.mixstep.mix()
+        outcome = n.mixstep.mix()
+        if not n.state.config.faults.attack:
+            n.exchange.drop_replicas(every=True)  # every round brings full states
+        return outcome
 
 
 class PushSumTicks(Schedule):

@@ -24,8 +24,16 @@ from m3tgossip.workloads import Workload
 
 log = get_logger(__name__)
 
-#: seconds between HELLO retries while waiting for neighbours at start-up
-HELLO_RETRY_S = 0.25
+#: seconds between HELLO retries to a neighbour whose link took the last one unanswered (its
+#: answer may have been refused by its own link, still connecting to this node)
+HELLO_RETRY_S = 0.02
+#: the longest that retry interval grows to (it doubles with every unanswered hello)
+HELLO_RETRY_MAX_S = 0.25
+#: seconds between HELLO tries to a neighbour whose link refused the last one (its connection
+#: is not up yet: a DEALER with ZMQ_IMMEDIATE refuses until its handshake completed), when the
+#: transport does not say when a link comes up; one that does (`link_state`) gets the hello as
+#: soon as the link is up, and a try every HELLO_RETRY_MAX_S all the same
+HELLO_REFUSED_RETRY_S = 0.01
 
 
 def make_gate(
@@ -121,30 +129,51 @@ def handshake(
     """Say hello until every neighbour answered or the grace period ran out, then join the
     neighbours' round if this node is behind them.
 
-    An answer proves both directions of the link work: a DEALER drops what it is given
-    before its connection is up, so rounds start only once messages can arrive.
+    An answer proves both directions of the link work: a DEALER refuses what it is given
+    before its connection is up, so rounds start only once messages can arrive. A refused
+    hello is tried again when its link comes up, one the link took after HELLO_RETRY_S
+    (doubling up to HELLO_RETRY_MAX_S), so a node whose neighbours are all up is through in a
+    few round trips.
     """
     g = state.config.gossip
     deadline = time.monotonic() + g.startup_grace_s
-    next_hello = 0.0
     peers = list(state.peers.values())
+    next_hello = {p.id: 0.0 for p in peers}
+    wait_answer = {p.id: HELLO_RETRY_S for p in peers}
+    refused: set[str] = set()
+    #: what the transport knows of its links ("up" once a link's handshake is done)
+    links = getattr(link.transport, "link_state", None)
+    retry_refused = HELLO_REFUSED_RETRY_S if links is None else HELLO_RETRY_MAX_S
+    next_beat = 0.0
     while state.stop_reason is None and time.monotonic() < deadline:
         missing = [p for p in peers if not p.answered and p.model_ok]
         if not missing:
             break
-        if time.monotonic() >= next_hello:
-            for peer in missing:
-                exchange.hello(peer)
+        now = time.monotonic()
+        for peer in missing:
+            came_up = peer.id in refused and links is not None and links.get(peer.id) == "up"
+            if now >= next_hello[peer.id] or came_up:
+                took = exchange.hello(peer)
+                next_hello[peer.id] = now + (wait_answer[peer.id] if took else retry_refused)
+                if took:
+                    wait_answer[peer.id] = min(HELLO_RETRY_MAX_S, 2 * wait_answer[peer.id])
+                    refused.discard(peer.id)
+                else:
+                    refused.add(peer.id)
+        if now >= next_beat:
             # neighbours already in their first round keep waiting for a node still
             # starting, instead of giving it up as silent
             for peer in peers:
                 if peer.answered:
                     link.send(peer, protocol.MsgType.HEARTBEAT, {"round": state.round})
-            next_hello = time.monotonic() + HELLO_RETRY_S
-        poll(POLL_SLICE_MS)
+            next_beat = now + g.heartbeat_s
+        wait_s = min(next_hello[p.id] for p in missing) - time.monotonic()
+        poll(max(1, min(POLL_SLICE_MS, int(wait_s * 1000))))
     silent = [p.id for p in peers if not p.answered]
     if silent:
         log.warning("%s: starting without hello from %s", state.id, ", ".join(silent))
+    else:
+        exchange.forget_origin()  # every neighbour compared its starting values with ours
     # A node that restarts behind its neighbours joins them at their round; so does a
     # fresh node that starts well after them (a late joiner). A fresh node only a few
     # rounds behind runs those rounds: its neighbours are waiting for its messages.

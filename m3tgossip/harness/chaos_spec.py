@@ -111,6 +111,8 @@ class ChaosSpec:
                 "faults.drop": self.loss,
                 "faults.seed": self.seed,
                 "gossip.startup_grace_s": 5.0,
+                # a checkpoint every round: every kill finds one, and kills can land mid-write
+                "gossip.checkpoint_interval_s": 0.0,
                 **self.settings,
             },
             node_settings=self.node_settings,

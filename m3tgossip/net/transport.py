@@ -27,6 +27,7 @@ from typing import NamedTuple, Protocol
 from urllib.parse import urlsplit
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from m3tgossip.log import get_logger
 
@@ -45,9 +46,10 @@ class TransportConfig:
     linger_ms: int = 2000
     #: largest message accepted from a peer; larger ones close that connection
     max_message_bytes: int = 1 << 30
-    #: first and largest interval between reconnect attempts to a neighbour
-    reconnect_ms: int = 100
-    reconnect_max_ms: int = 500
+    #: first and largest interval between reconnect attempts to a neighbour (short: a daemon
+    #: whose neighbours come up after it reaches them within this of their bind)
+    reconnect_ms: int = 20
+    reconnect_max_ms: int = 200
     #: ZMTP heartbeat: ping interval and time without traffic before a connection is dropped
     zmtp_heartbeat_ms: int = 1000
     zmtp_timeout_ms: int = 5000
@@ -123,6 +125,18 @@ def is_loopback(endpoint: str) -> bool:
 
 #: frame bytes after which `Transport.poll` stops collecting messages
 POLL_MAX_BYTES = 1 << 20
+#: a DEALER's connection as its monitor tells it: dialling (connect in progress), connecting
+#: (TCP up, ZMTP/CURVE handshake under way), up, or waiting (to retry after a refusal or a
+#: disconnect)
+LINK_STATES = {
+    zmq.EVENT_CONNECT_DELAYED: "dialling",
+    zmq.EVENT_CONNECTED: "connecting",
+    zmq.EVENT_HANDSHAKE_SUCCEEDED: "up",
+    zmq.EVENT_CONNECT_RETRIED: "waiting",
+    zmq.EVENT_DISCONNECTED: "waiting",
+}
+#: the monitor events a DEALER reports
+MONITORED = sum(LINK_STATES)
 
 
 def _common_options(sock: zmq.Socket, cfg: TransportConfig) -> None:
@@ -187,20 +201,57 @@ class Transport:
             raise OSError(f"node {node_id}: cannot bind {bind}: {exc}") from exc
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         self.dealers: dict[str, zmq.Socket] = {}
-        for peer, endpoint in neighbours.items():
-            self.connect(peer, endpoint)
+        self.endpoints = dict(neighbours)
+        #: per neighbour, the DEALER's monitor and what it last said about the connection
+        self._monitors: dict[zmq.Socket, str] = {}
+        self.link_state: dict[str, str] = {}
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
         if self.zap is not None:
             self.poller.register(self.zap, zmq.POLLIN)
+        for peer, endpoint in neighbours.items():
+            self.connect(peer, endpoint)
 
     def connect(self, peer: str, endpoint: str) -> None:
         """Open the DEALER towards `peer`; its routing id is this node's id."""
         sock = self.context.socket(zmq.DEALER)
         dealer_options(sock, self.config, self.node_id)
         self.security.client(sock, peer)
+        monitor = sock.get_monitor_socket(MONITORED)
+        self._monitors[monitor] = peer
+        self.poller.register(monitor, zmq.POLLIN)
+        self.link_state[peer] = "dialling"
         sock.connect(endpoint)
         self.dealers[peer] = sock
+
+    def redial(self, peer: str) -> bool:
+        """Connect the DEALER towards `peer` now if it is waiting to retry (its neighbour was
+        not listening at the last try): for a neighbour just heard from, instead of at the
+        link's next reconnect interval. A link that is up, or connecting, is left alone (a
+        redial would abort its handshake). True if it redialled."""
+        sock, endpoint = self.dealers.get(peer), self.endpoints.get(peer)
+        if sock is None or endpoint is None or self.link_state.get(peer) != "waiting":
+            return False
+        self.link_state[peer] = "dialling"
+        try:
+            sock.disconnect(endpoint)
+        except zmq.ZMQError:
+            pass  # no connection to drop: connect all the same
+        sock.connect(endpoint)
+        return True
+
+    def _read_monitor(self, monitor: zmq.Socket) -> bool:
+        """Note what the monitor of a DEALER says about its connection (`link_state`); True
+        if the link came up."""
+        peer = self._monitors[monitor]
+        came_up = False
+        while True:
+            try:
+                event = recv_monitor_message(monitor, flags=zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return came_up
+            self.link_state[peer] = LINK_STATES.get(event, self.link_state[peer])
+            came_up |= event == zmq.EVENT_HANDSHAKE_SUCCEEDED
 
     def send(self, peer: str, frames: Sequence[bytes | memoryview]) -> bool:
         """Queue a message to a neighbour without blocking. False if it was refused.
@@ -235,6 +286,7 @@ class Transport:
     ) -> list[Incoming]:
         """Wait up to `timeout_ms` for messages, answering ZAP requests meanwhile.
 
+        Returns early when one of the DEALERs' links comes up (see `link_state`).
         Returns (routing id, frames, authenticated user id) triples; frames are not copied.
         Collects at most `max_messages` messages and stops once their frames hold `max_bytes`
         (one message however large): every returned frame keeps its libzmq buffer alive until
@@ -247,7 +299,12 @@ class Transport:
             events = dict(self.poller.poll(remaining))
             if self.zap is not None and self.zap in events:
                 self._answer_zap()
-            if self.router in events or remaining == 0:
+            came_up = False
+            for sock in events:
+                if sock in self._monitors:
+                    came_up |= self._read_monitor(sock)
+            # a link that came up ends the wait too: the caller may have a message for it
+            if self.router in events or remaining == 0 or came_up:
                 break
         authenticated = self.zap is not None
         collected = 0
@@ -296,6 +353,10 @@ class Transport:
     def close(self, linger_ms: int | None = None) -> None:
         """Close every socket, flushing queued messages for up to `linger_ms`."""
         linger = self.config.linger_ms if linger_ms is None else linger_ms
+        for sock in self.dealers.values():
+            sock.disable_monitor()
+        for monitor in self._monitors:
+            monitor.close(linger=0)
         for sock in self.dealers.values():
             sock.close(linger=linger)
         self.router.close(linger=0)

@@ -88,6 +88,9 @@ class HelloBody(TypedDict):
     answer: NotRequired[bool]
     #: component -> `values_digest` of the values the sender started from (fresh starts only)
     origin: NotRequired[dict[str, str]]
+    #: the sender sends a full `state` of its components every round (raw values, nothing
+    #: that needs deltas): a receiver need not keep its replicas after mixing them
+    states: NotRequired[bool]
 
 
 class DeltaBody(TypedDict):

@@ -297,7 +297,7 @@ _REQUIRED: dict[MsgType, dict[str, _Check]] = {
 }
 #: the checker of each key a body may carry beyond its required ones
 _OPTIONAL: dict[MsgType, dict[str, _Check]] = {
-    MsgType.HELLO: {"answer": _flag, "origin": _origins},
+    MsgType.HELLO: {"answer": _flag, "origin": _origins, "states": _flag},
 }
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import networkx as nx
+if TYPE_CHECKING:
+    import networkx as nx
 
 from m3tgossip.errors import ConfigError
 from m3tgossip.topology.problems import describe_parts, reject_unknown
@@ -32,6 +33,8 @@ def generate(table: Any, source: str) -> nx.Graph:
     ConfigError naming the generator key at fault for an unknown kind, a missing, unknown or
     out-of-range parameter, or a seed that gives a disconnected graph.
     """
+    import networkx as nx
+
     if not isinstance(table, dict):
         raise ConfigError(source, "generator", "must be a table ([generator])")
     kind = table.get("kind")

@@ -21,12 +21,12 @@ def node_weights(topology: Topology, node_id: str, component: str) -> dict[str, 
     degrees come from the shared topology spec only. Raises KeyError if the node does not hold
     the component shared.
     """
-    graph = topology.component_graph(component)
-    if node_id not in graph:
-        raise KeyError(f'node "{node_id}" does not hold component "{component}" shared')
-    own_degree = graph.degree(node_id)
-    neighbours = sorted(graph.neighbors(node_id))
-    row = {j: 1.0 / (1.0 + max(own_degree, graph.degree(j))) for j in neighbours}
+    neighbours = topology.component_neighbours(node_id, component)
+    own_degree = len(neighbours)
+    row = {
+        j: 1.0 / (1.0 + max(own_degree, len(topology.component_neighbours(j, component))))
+        for j in neighbours
+    }
     return {node_id: 1.0 - sum(row.values()), **row}
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import networkx as nx
+if TYPE_CHECKING:
+    import networkx as nx
 
 from m3tgossip.errors import ConfigError
 
@@ -24,6 +25,8 @@ def reject_unknown(
 
 def describe_parts(graph: nx.Graph, order: list[str]) -> str:
     """The connected parts of `graph`, e.g. `2 parts: a, b | c` (nodes and parts in `order`)."""
+    import networkx as nx
+
     rank = {node: i for i, node in enumerate(order)}
     parts = sorted(
         (sorted(part, key=rank.__getitem__) for part in nx.connected_components(graph)),

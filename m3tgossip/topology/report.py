@@ -12,7 +12,6 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import networkx as nx
 import numpy as np
 
 from m3tgossip.consensus import metropolis_hastings, predicted_rounds, slem
@@ -41,6 +40,8 @@ def check_report(
     `warnings` lists what will not work as an operator might expect (split holder subgraphs,
     lone holders, tasks without their data).
     """
+    import networkx as nx
+
     if not target_error > 0.0:
         raise ValueError(f"target_error must be positive, got {target_error}")
     graph = topology.graph()

@@ -12,9 +12,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import networkx as nx
+if TYPE_CHECKING:
+    import networkx as nx
+
 
 MODALITIES = ("text", "image", "signal", "clickstream", "tabular")
 KNOWN_TASKS = ("at_risk", "engagement", "stress", "handwriting", "next_response")
@@ -118,12 +120,33 @@ class Topology:
     def neighbours(self, node_id: str) -> list[str]:
         """The node's neighbours in the full graph, sorted."""
         self.node(node_id)
-        return sorted(self.graph().neighbors(node_id))
+        return list(self._adjacency(None)[node_id])
+
+    def _adjacency(self, component: str | None) -> dict[str, list[str]]:
+        """Node -> sorted neighbours, in the whole graph or among `component`'s holders
+        (KeyError if no node holds it): what a daemon needs, without building a graph."""
+
+        def build() -> dict[str, list[str]]:
+            ids = self.ids() if component is None else self.holders(component)
+            if not ids:
+                raise KeyError(
+                    f'no node of topology "{self.name}" holds component "{component}" shared'
+                )
+            adjacency: dict[str, list[str]] = {i: [] for i in ids}
+            for u, v in self.edges:
+                if u in adjacency and v in adjacency:
+                    adjacency[u].append(v)
+                    adjacency[v].append(u)
+            return {i: sorted(nbrs) for i, nbrs in adjacency.items()}
+
+        return self._cached(f"adjacency:{component}", build)
 
     def graph(self) -> nx.Graph:
         """The whole graph (frozen, nodes in spec order)."""
 
         def build() -> nx.Graph:
+            import networkx as nx
+
             graph = nx.Graph()
             graph.add_nodes_from(self.ids())
             graph.add_edges_from(self.edges)
@@ -146,6 +169,8 @@ class Topology:
         """
 
         def build() -> nx.Graph:
+            import networkx as nx
+
             holders = self.holders(component)
             if not holders:
                 raise KeyError(
@@ -162,10 +187,10 @@ class Topology:
     def component_neighbours(self, node_id: str, component: str) -> list[str]:
         """The node's neighbours among the holders of `component`, sorted."""
         self.node(node_id)
-        graph = self.component_graph(component)
-        if node_id not in graph:
+        adjacency = self._adjacency(component)
+        if node_id not in adjacency:
             raise KeyError(f'node "{node_id}" does not hold component "{component}" shared')
-        return sorted(graph.neighbors(node_id))
+        return list(adjacency[node_id])
 
     def with_ports(self, ports: Mapping[str, int], host: str = "127.0.0.1") -> Topology:
         """A copy with these nodes bound to `host:port` (testbeds assign free ports)."""

@@ -6,12 +6,21 @@ initial state of every other holder, and so the exact network mean, without aski
 daemons average the vectors; the distance of each node to the exact mean checks the whole stack
 (transport, wire, replicas, mixing) with no training in the way. numpy only: no torch import.
 
-Each evaluation also records a `digest` per component: the projections of the node's vector on
-`DIGEST_DIMS` random directions that every node draws alike, so a reader of the metrics (the
-chaos harness) can measure how far the nodes are from one another without the vectors. The
-directions are kept dense: `DIGEST_DIMS` float64 values per element of the state, that is
-128 bytes per element (16 times a float64 state, 32 times a float32 one), and evaluating costs
-`DIGEST_DIMS` dot products over the state.
+The exact mean is computed when the workload is built, before the daemon listens, so no round
+waits for it: every holder's vector is drawn (uniform draws in the vectors' own dtype are cheap)
+and summed in float64. It is kept in the dtype of the vectors: the workload holds its vectors
+and one mean, nothing else that grows with the state.
+
+Each evaluation also records a `digest` per component: `DIGEST_DIMS` random projections of the
+node's vector that every node computes alike, so a reader of the metrics (the chaos harness)
+can measure how far the nodes are from one another without the vectors. The projection is
+`G @ sum_b s_b x_b`: the vector cut into blocks `x_b` of `DIGEST_BLOCK` elements, a seeded
+random sign `s_b` per block and one seeded Gaussian matrix `G` (`DIGEST_DIMS` x
+`DIGEST_BLOCK`, entries of variance 1 / DIGEST_DIMS) for all blocks and components. It is
+linear (the digest of the mean is the mean of the digests) and keeps squared norms in
+expectation, like a dense random projection, but costs one pass over the state and
+`DIGEST_DIMS * DIGEST_BLOCK` float64 of memory (512 KiB) whatever the state's size, plus one
+sign per block.
 
 Options (`[workload]` table of the node config):
 
@@ -28,25 +37,68 @@ from typing import Any
 
 import numpy as np
 
+from m3tgossip.consensus import squared_distance
 from m3tgossip.topology import Topology
 
 #: elements of each component's vector unless the `sizes` option says otherwise
 DEFAULT_SIZE = 4096
 #: random projections of the state recorded each round (`digest`), per component
 DIGEST_DIMS = 16
+#: elements per block of the digest (the width of its Gaussian matrix)
+DIGEST_BLOCK = 4096
+#: blocks the digest reads at a time: bounds its float64 scratch (512 KiB)
+CHUNK_BLOCKS = 16
+#: half the width of the initial values' uniform distribution (unit variance)
+SQRT3 = float(np.sqrt(3.0))
 #: the options this workload reads from the `[workload]` table
 OPTIONS = ("size", "sizes", "dtype")
+#: seed words of the digest's Gaussian matrix and of its block signs
+_DIRECTIONS_KEY = 0xD16E57
+_SIGNS_KEY = 0xD16E58
 
 
 def initial_vector(seed: int, node_id: str, component: str, size: int, dtype: str) -> np.ndarray:
     """The seeded initial state of `component` on `node_id` (the same on every machine).
 
-    Drawn in float64 and then cast to `dtype`, so a float32 federation starts from the rounded
-    float64 draws.
+    Uniform on [-sqrt(3), sqrt(3)) (mean 0, variance 1), drawn in `dtype` itself: uniform
+    draws cost a fraction of normal ones, and every node draws every holder's vector to know
+    the exact mean.
     """
     key = [seed & 0xFFFFFFFF, zlib.crc32(node_id.encode()), zlib.crc32(component.encode())]
     rng = np.random.default_rng(key)
-    return rng.standard_normal(size, dtype=np.float64).astype(dtype, copy=False)
+    x = rng.random(size, dtype=np.dtype(dtype).type)
+    x *= 2.0 * SQRT3
+    x -= SQRT3
+    return x
+
+
+def digest_matrix(seed: int) -> np.ndarray:
+    """The digest's [DIGEST_DIMS, DIGEST_BLOCK] Gaussian matrix of the federation `seed`."""
+    rng = np.random.default_rng([seed & 0xFFFFFFFF, _DIRECTIONS_KEY])
+    return rng.standard_normal((DIGEST_DIMS, DIGEST_BLOCK)) / np.sqrt(DIGEST_DIMS)
+
+
+def digest_signs(seed: int, component: str, size: int) -> np.ndarray:
+    """The digest's random sign (+1.0 or -1.0) of every block of `component`'s vector."""
+    rng = np.random.default_rng([seed & 0xFFFFFFFF, zlib.crc32(component.encode()), _SIGNS_KEY])
+    blocks = -(-size // DIGEST_BLOCK)
+    return rng.integers(0, 2, blocks).astype(np.float64) * 2.0 - 1.0
+
+
+def fold(x: np.ndarray, signs: np.ndarray) -> np.ndarray:
+    """`sum_b signs[b] * x_b` over the DIGEST_BLOCK-element blocks of `x` (the last one
+    zero-padded), in float64, reading `x` once in chunks of CHUNK_BLOCKS blocks."""
+    flat = x.reshape(-1)
+    full = flat.size // DIGEST_BLOCK
+    out = np.zeros(DIGEST_BLOCK, dtype=np.float64)
+    for start in range(0, full, CHUNK_BLOCKS):
+        stop = min(full, start + CHUNK_BLOCKS)
+        chunk = flat[start * DIGEST_BLOCK : stop * DIGEST_BLOCK].reshape(stop - start, -1)
+        out += signs[start:stop] @ chunk
+    tail = flat[full * DIGEST_BLOCK :]
+    if tail.size:
+        out[: tail.size] += signs[full] * tail
+    return out
 
 
 class ConsensusWorkload:
@@ -90,31 +142,36 @@ class ConsensusWorkload:
         self._shared: dict[str, np.ndarray] = {
             c: initial_vector(seed, node_id, c, n, self.dtype) for c, n in self.sizes.items()
         }
+        self._matrix = digest_matrix(seed)
+        self._signs = {c: digest_signs(seed, c, n) for c, n in self.sizes.items()}
         self._mean = self._exact_mean()
         self._mean_norm = float(np.sqrt(sum(float(m @ m) for m in self._mean.values())))
         #: `error_to_mean` before any mixing
         self.initial_error = self.error_to_mean()
-        # Fixed random directions, the same on every node: projections of the state onto them
-        # let a reader compare nodes' states (consensus among nodes) without the states.
-        # Dense [DIGEST_DIMS, n] float64 per component (see the module docstring for the cost).
-        self._directions: dict[str, np.ndarray] = {
-            c: np.random.default_rng(
-                [seed & 0xFFFFFFFF, zlib.crc32(c.encode()), 0xD16E57]
-            ).standard_normal((DIGEST_DIMS, n))
-            / np.sqrt(DIGEST_DIMS)
-            for c, n in self.sizes.items()
-        }
 
     def _exact_mean(self) -> dict[str, np.ndarray]:
-        """Component -> the float64 mean of the initial vectors of all its holders."""
+        """Component -> the mean of the initial vectors of all its holders (in the vectors'
+        dtype, summed in float64)."""
         out: dict[str, np.ndarray] = {}
         for comp, size in self.sizes.items():
             holders = self.topology.holders(comp)
             acc = np.zeros(size, dtype=np.float64)
             for holder in holders:
                 acc += initial_vector(self.seed, holder, comp, size, self.dtype)
-            out[comp] = acc / len(holders)
+            acc /= len(holders)
+            out[comp] = acc.astype(self.dtype, copy=False)
         return out
+
+    def _relative(self, sq: float) -> float:
+        root = float(np.sqrt(sq))
+        return root / self._mean_norm if self._mean_norm > 0 else root
+
+    def exact_mean(self) -> dict[str, np.ndarray]:
+        """Component -> the mean of the initial vectors of all its holders (in the vectors'
+        dtype, averaged in float64)."""
+        return self._mean
+
+    # ------------------------------------------------------------------------- the daemon's side
 
     def model_id(self) -> str:
         """Seed, dtype and size layout: what every node of the federation must agree on."""
@@ -136,18 +193,20 @@ class ConsensusWorkload:
 
     def error_to_mean(self) -> float:
         """Relative distance ||x - mean|| / ||mean|| over all of this node's components."""
-        sq = 0.0
-        for comp, x in self._shared.items():
-            d = x - self._mean[comp]
-            sq += float(d @ d)
-        return float(np.sqrt(sq) / self._mean_norm) if self._mean_norm > 0 else float(np.sqrt(sq))
+        mean = self.exact_mean()
+        sq = sum(squared_distance(x, mean[c]) for c, x in self._shared.items())
+        return self._relative(sq)
+
+    def project(self, component: str, x: np.ndarray) -> list[float]:
+        """The digest of the values `x` of `component` (see the module docstring)."""
+        return (self._matrix @ fold(x, self._signs[component])).tolist()
 
     def evaluate(self, round_: int) -> dict[str, Any]:
-        """`error_to_mean`, `initial_error` and the per-component `digest` (every round)."""
+        """`error_to_mean`, `initial_error` and the per-component `digest`."""
         return {
             "error_to_mean": self.error_to_mean(),
             "initial_error": self.initial_error,
-            "digest": {c: (self._directions[c] @ x).tolist() for c, x in self._shared.items()},
+            "digest": {c: self.project(c, x) for c, x in self._shared.items()},
         }
 
     def state(self) -> dict[str, np.ndarray]:
