@@ -345,6 +345,7 @@ def test_large_mixing_matches_the_numpy_reference(dtype: type, kernel_path: str)
     np.testing.assert_allclose(plain, expected, **_tolerance(dtype))
 
 
+@pytest.mark.multiprocess
 def test_mixing_never_imports_torch() -> None:
     code = (
         "import sys, numpy as np\n"
