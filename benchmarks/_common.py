@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import statistics
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -82,6 +84,23 @@ def wait_for_load(threshold: float, max_wait_s: float, poll_s: float = 30.0) -> 
         print(f"  load {loadavg()} >= {threshold:g}: waiting {poll_s:g} s", flush=True)
         time.sleep(poll_s)
     return {"before": before, "after": loadavg(), "waited_s": round(time.monotonic() - start, 1)}
+
+
+#: two-sided 95% Student t quantiles by degrees of freedom (1.96 beyond the table)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def interval(xs: Iterable[float | None]) -> dict[str, Any]:
+    """Mean, 95% half-width (Student t over the values; None for one value) and the values;
+    None and non-finite values are left out."""
+    vals = [float(x) for x in xs if x is not None and math.isfinite(x)]
+    if not vals:
+        return {"mean": None, "ci95": None, "n": 0, "values": []}
+    half = None
+    if len(vals) > 1:
+        t = T95.get(len(vals) - 1, 1.96)
+        half = t * statistics.stdev(vals) / math.sqrt(len(vals))
+    return {"mean": statistics.fmean(vals), "ci95": half, "n": len(vals), "values": vals}
 
 
 def each_run(items: Iterable[T], desc: str) -> Iterator[T]:

@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import ROOT, each_run, loadavg, parser, save_png, setup, write_json
+from _common import ROOT, each_run, interval, loadavg, parser, save_png, setup, write_json
 
 from m3tgossip.daemon import checkpoint
 from m3tgossip.daemon.metrics import read_metrics
@@ -75,7 +75,6 @@ from m3tgossip.topology import Topology, load_topology
 STRICTNESS = ("gdpr", "ferpa", "open")
 MAIN_SETTINGS = ("profiles", "strictest", "open")
 #: two-sided 95% Student t quantiles by degrees of freedom
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -92,18 +91,6 @@ def fmt(x: float | None, spec: str = ".3f") -> str:
     if isinstance(x, float) and math.isinf(x):
         return "inf"
     return format(x, spec)
-
-
-def interval(xs: list[float | None]) -> dict[str, Any]:
-    """Mean, 95% half-width (Student t over the values) and the values themselves."""
-    vals = [float(x) for x in xs if x is not None and math.isfinite(x)]
-    if not vals:
-        return {"mean": None, "ci95": None, "n": 0, "values": []}
-    half = None
-    if len(vals) > 1:
-        t = T95.get(len(vals) - 1, 1.96)
-        half = t * float(np.std(vals, ddof=1)) / math.sqrt(len(vals))
-    return {"mean": float(np.mean(vals)), "ci95": half, "n": len(vals), "values": vals}
 
 
 def fmt_ci(c: dict[str, Any]) -> str:
@@ -299,7 +286,7 @@ def mia(
     members = record_losses(
         tr.model, tr.train_batch, {t: y.numpy() for t, y in tr.train_labels.items()}
     )
-    nonmembers = record_losses(tr.model, tr.test_batch, tr.test_labels)
+    nonmembers = record_losses(tr.model, tr.test_set.batch, tr.test_set.labels)
     result = loss_threshold_attack(members, nonmembers)
     result["round"] = meta.get("round")
     return result

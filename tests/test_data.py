@@ -24,7 +24,9 @@ from m3tgossip.edu.data import (
     node_data,
     node_records,
     pooled_data,
+    unseen_data,
 )
+from m3tgossip.edu.data.learners import _cell_prior
 from m3tgossip.topology import NodeSpec
 
 INSTITUTIONS = ("uni-a", "uni-b", "college-c", "school-d", "academy-e", "poly-f")
@@ -102,7 +104,7 @@ def test_records_scale_with_role() -> None:
         train, test = node_data(node, config)
         counts[role] = len(train) + len(test)
         assert counts[role] == node_records(node, config)
-    assert counts == {"institution": 160, "instructor": 80, "student": 40}
+    assert counts == {"institution": 160, "instructor": 80, "student": 8}
 
 
 def test_clickstream_sessions_are_well_formed() -> None:
@@ -365,3 +367,38 @@ def test_low_ability_shows_in_handwriting_and_risk(pooled) -> None:
     at_risk = train.labels["at_risk"] == 1
     correct = train.labels["handwriting"] == 1
     assert correct[at_risk].mean() + 0.1 < correct[~at_risk].mean()
+
+
+# ----------------------------------------------------------------------------- unseen learners
+
+
+def test_unseen_learners_are_the_institutions_not_the_nodes() -> None:
+    config = DataConfig(records=60, alpha=0.2, seed=3)
+    a = make_node("uni-a-1", modalities=("tabular", "clickstream"), tasks=("at_risk",))
+    b = make_node("uni-a-2", modalities=("tabular", "text"), tasks=("at_risk", "engagement"))
+    new_a, new_b = unseen_data(a, config, 200), unseen_data(b, config, 200)
+    # the same learners for every node of the institution, shown in each node's modalities
+    np.testing.assert_array_equal(new_a.labels["at_risk"], new_b.labels["at_risk"])
+    np.testing.assert_array_equal(new_a.groups["gender"], new_b.groups["gender"])
+    assert not new_a.present["text"].any() and new_b.present["text"].any()
+    assert (new_a.labels["engagement"] == -1).all() and (new_b.labels["engagement"] >= 0).all()
+    # deterministic, and not any node's own records
+    assert_same(new_a, unseen_data(a, config, 200))
+    own = both(a, config)
+    assert not np.isin(new_a.tabular.round(6), own.tabular.round(6)).all(axis=1).any()
+    # another institution has other learners
+    other = unseen_data(make_node("uni-b-1", institution="uni-b"), config, 200)
+    assert not np.array_equal(other.tabular, unseen_data(make_node("uni-a-9"), config, 200).tabular)
+
+
+def test_unseen_learners_follow_the_population_not_the_node_skew() -> None:
+    config = DataConfig(records=200, alpha=0.1, seed=0)
+    node = make_node("uni-a-1")
+    prior = _cell_prior("uni-a", config.seed)
+    new = unseen_data(node, config, 3000)
+    cells = new.labels["at_risk"] * 3 + new.labels["engagement"]
+    share = np.bincount(cells, minlength=6) / len(cells)
+    np.testing.assert_allclose(share, prior, atol=0.04)
+    own = both(node, config)
+    own_share = np.bincount(own.labels["at_risk"] * 3 + own.labels["engagement"], minlength=6)
+    assert np.abs(own_share / own_share.sum() - prior).max() > 0.1  # the node's own are skewed

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from m3tgossip.edu.data import UNSEEN_RECORDS
 from m3tgossip.edu.workload import EduWorkload
 from m3tgossip.topology import parse_topology
 
@@ -49,7 +50,7 @@ def topology():
 
 def outputs(w: EduWorkload) -> dict[str, torch.Tensor]:
     with torch.no_grad():
-        return w.model(w.trainer.test_batch)
+        return w.model(w.trainer.test_set.batch)
 
 
 def test_shared_arrays_follow_the_topology(topology):
@@ -80,12 +81,18 @@ def test_rounds_train_and_evaluate_on_schedule(topology):
     local = w.local_step(0)
     assert local["steps"] == 2 and set(local["loss"]) == set(topology.node("uni").tasks)
     assert all(not np.array_equal(before[c], x) for c, x in w.shared().items())
-    assert w.evaluate(0) == {}
-    report = w.evaluate(1)
-    json.dumps(report)
-    assert set(report["tasks"]) == set(topology.node("uni").tasks)
-    assert 0.0 <= report["mean_acc"] <= 1.0
-    assert set(report["groups"]) == {"gender", "first_generation", "language", "disability"}
+    assert w.evaluate(2) == {}  # eval_every 2: after the first round, then rounds 1, 3, ...
+    for round_ in (0, 1):
+        report = w.evaluate(round_)
+        json.dumps(report)
+        assert set(report["tasks"]) == set(topology.node("uni").tasks)
+        assert 0.0 <= report["mean_acc"] <= 1.0
+        assert set(report["groups"]) == {"gender", "first_generation", "language", "disability"}
+        # the institution's unseen learners, scored on the node's tasks as well
+        unseen = report["unseen"]
+        assert set(unseen["tasks"]) == set(topology.node("uni").tasks)
+        assert all(m["n"] == UNSEEN_RECORDS for m in unseen["tasks"].values())
+        assert 0.0 <= unseen["mean_acc"] <= 1.0
 
 
 def test_mixing_in_place_is_the_model_update(topology):

@@ -241,7 +241,7 @@ def test_predict_on_a_node_trained_on_built_in_records(tmp_path: Path) -> None:
     raw = read_folder(tmp_path / "data" / "lab")
     test_ids = {r for r, split in zip(raw.records, raw.split, strict=True) if split == 1}
     with torch.no_grad():
-        want = torch.softmax(w.model(w.trainer.test_batch)["at_risk"], dim=1).numpy()
+        want = torch.softmax(w.model(w.trainer.test_set.batch)["at_risk"], dim=1).numpy()
     got = [
         [float(r["p_0"]), float(r["p_1"])]
         for r in rows

@@ -23,7 +23,7 @@ from m3tgossip.edu.data.adapt import Adapter
 from m3tgossip.edu.model.lora import LoraSpec
 from m3tgossip.edu.model.node_model import NodeModel, build_node_model
 from m3tgossip.edu.model.pretrained import DEFAULT_CHECKPOINT
-from m3tgossip.edu.workload import _options as workload_options
+from m3tgossip.edu.workload import workload_options
 from m3tgossip.errors import ConfigError
 from m3tgossip.topology import NodeSpec, Topology
 from m3tgossip.topology.load import parse_topology

@@ -8,9 +8,10 @@ Inputs are prepared once per data set (the frozen text model never runs in a ste
 seeded permutation per epoch, so a trainer restored with `load_state` continues exactly where the
 saved one was.
 
-`evaluate` reports, on the held-out records, per-task accuracy and macro-F1, per-group accuracy
-for every value of each attribute in `GROUP_ATTRIBUTES`, and the gap between the best and worst
-group (groups with at least `MIN_GROUP` labelled records).
+`evaluate` reports, on the held-out records (and on unseen learners, when given), per-task
+accuracy and macro-F1, per-group accuracy for every value of each attribute in
+`GROUP_ATTRIBUTES`, and the gap between the best and worst group (groups with at least
+`MIN_GROUP` labelled records).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class Trainer:
         batch_size: int = 32,
         seed: int = 0,
         weight_decay: float = 0.01,
+        unseen: EduData | None = None,
     ) -> None:
         weights = dict(loss_weights or {})
         unknown = sorted(set(weights) - set(model.tasks))
@@ -75,10 +77,10 @@ class Trainer:
         self.batch_size = batch_size
         self.seed = seed
         self.train_batch = model.prepare(train)
-        self.test_batch = model.prepare(test)
         self.train_labels = {t: torch.from_numpy(train.labels[t]) for t in model.tasks}
-        self.test_labels = {t: test.labels[t] for t in model.tasks}
-        self.test_groups = {g: test.groups[g] for g in GROUP_ATTRIBUTES}
+        self.test_set = _EvalSet(model, test)
+        #: learners the node never saw, from its institution's population (None: not known)
+        self.unseen_set = _EvalSet(model, unseen) if unseen is not None else None
         labelled = np.zeros(len(train), dtype=bool)
         for t in model.tasks:
             labelled |= train.labels[t] >= 0
@@ -158,42 +160,13 @@ class Trainer:
 
         {"tasks": {task: {"acc", "f1", "n"}}, "groups": {attribute: {value: {task: acc}}},
          "gaps": {attribute: {task: best - worst group acc}}, "worst_group_gap": float | None,
-         "mean_acc": float | None}
+         "mean_acc": float | None, "unseen": {the same on the unseen learners} (if known)}
         """
         self.model.eval()
-        logits = self.model(self.test_batch)
-        tasks: dict[str, dict[str, float | int]] = {}
-        groups: dict[str, dict[str, dict[str, float]]] = {g: {} for g in self.test_groups}
-        gaps: dict[str, dict[str, float]] = {g: {} for g in self.test_groups}
-        for t in self.model.tasks:
-            y = self.test_labels[t]
-            known = y >= 0
-            if not known.any():
-                continue
-            pred = logits[t].argmax(dim=1).numpy()
-            right = pred == y
-            tasks[t] = {
-                "acc": float(right[known].mean()),
-                "f1": macro_f1(y[known], pred[known]),
-                "n": int(known.sum()),
-            }
-            for g, values in self.test_groups.items():
-                accs = {}
-                for value in np.unique(values[known]):
-                    member = known & (values == value)
-                    groups[g].setdefault(str(value), {})[t] = float(right[member].mean())
-                    if member.sum() >= MIN_GROUP:
-                        accs[str(value)] = float(right[member].mean())
-                if len(accs) >= 2:
-                    gaps[g][t] = max(accs.values()) - min(accs.values())
-        all_gaps = [v for per_task in gaps.values() for v in per_task.values()]
-        return {
-            "tasks": tasks,
-            "groups": groups,
-            "gaps": gaps,
-            "worst_group_gap": max(all_gaps) if all_gaps else None,
-            "mean_acc": float(np.mean([m["acc"] for m in tasks.values()])) if tasks else None,
-        }
+        out = self.test_set.metrics(self.model)
+        if self.unseen_set is not None:
+            out["unseen"] = self.unseen_set.metrics(self.model)
+        return out
 
     def state(self) -> dict[str, np.ndarray]:
         """Step counter and AdamW moments, flat per component like the parameter vectors."""
@@ -231,3 +204,48 @@ class Trainer:
                         "exp_avg": m,
                         "exp_avg_sq": v,
                     }
+
+
+class _EvalSet:
+    """A prepared evaluation set: the model's inputs, labels of its tasks and group attributes."""
+
+    def __init__(self, model: NodeModel, data: EduData) -> None:
+        self.batch = model.prepare(data)
+        self.labels = {t: data.labels[t] for t in model.tasks}
+        self.groups = {g: data.groups[g] for g in GROUP_ATTRIBUTES}
+
+    def metrics(self, model: NodeModel) -> dict[str, Any]:
+        """Per-task accuracy and macro-F1, per-group accuracy and gaps, mean accuracy."""
+        logits = model(self.batch)
+        tasks: dict[str, dict[str, float | int]] = {}
+        groups: dict[str, dict[str, dict[str, float]]] = {g: {} for g in self.groups}
+        gaps: dict[str, dict[str, float]] = {g: {} for g in self.groups}
+        for t in model.tasks:
+            y = self.labels[t]
+            known = y >= 0
+            if not known.any():
+                continue
+            pred = logits[t].argmax(dim=1).numpy()
+            right = pred == y
+            tasks[t] = {
+                "acc": float(right[known].mean()),
+                "f1": macro_f1(y[known], pred[known]),
+                "n": int(known.sum()),
+            }
+            for g, values in self.groups.items():
+                accs = {}
+                for value in np.unique(values[known]):
+                    member = known & (values == value)
+                    groups[g].setdefault(str(value), {})[t] = float(right[member].mean())
+                    if member.sum() >= MIN_GROUP:
+                        accs[str(value)] = float(right[member].mean())
+                if len(accs) >= 2:
+                    gaps[g][t] = max(accs.values()) - min(accs.values())
+        all_gaps = [v for per_task in gaps.values() for v in per_task.values()]
+        return {
+            "tasks": tasks,
+            "groups": groups,
+            "gaps": gaps,
+            "worst_group_gap": max(all_gaps) if all_gaps else None,
+            "mean_acc": float(np.mean([m["acc"] for m in tasks.values()])) if tasks else None,
+        }

@@ -249,6 +249,7 @@ def _eval_summary(
         per_node[nid] = {
             "rounds": [r for r, _ in evals],
             "mean_acc": [rec.get("mean_acc") for _, rec in evals],
+            "unseen_acc": [rec.get("unseen", {}).get("mean_acc") for _, rec in evals],
             "tasks": {
                 task: [rec["tasks"].get(task) for _, rec in evals]
                 for task in (evals[-1][1]["tasks"] if evals else {})
@@ -271,9 +272,16 @@ def _eval_table(s: Summary) -> list[str]:
     short = {t: t[:11] for t in tasks}
     lines = [
         "",
-        "held-out accuracy per task (last evaluation); mean accuracy first -> last evaluation",
+        "held-out accuracy per task (last evaluation); mean accuracy first -> last evaluation,"
+        " on the node's held-out records and on unseen learners of its institution",
     ]
-    lines.append(f"{'node':<14}" + "".join(f"{short[t]:>12}" for t in tasks) + f"{'mean':>16}")
+    unseen = any(a is not None for v in per_node.values() for a in v.get("unseen_acc", []))
+    lines.append(
+        f"{'node':<14}"
+        + "".join(f"{short[t]:>12}" for t in tasks)
+        + f"{'mean':>16}"
+        + (f"{'unseen learners':>22}" if unseen else "")
+    )
     for nid in s.nodes:
         v = per_node.get(nid, {})
         if not v or not v["final"]:
@@ -283,9 +291,21 @@ def _eval_table(s: Summary) -> list[str]:
             f"{v['final'][t]['acc']:>12.3f}" if t in v["final"] else f"{'-':>12}" for t in tasks
         )
         accs = v["mean_acc"]
-        lines.append(f"{nid:<14}{cells}{accs[0]:>8.3f} -> {accs[-1]:.3f}")
+        line = f"{nid:<14}{cells}{accs[0]:>8.3f} -> {accs[-1]:.3f}"
+        new = v.get("unseen_acc") or []
+        if unseen and new and new[0] is not None and new[-1] is not None:
+            line += f"{new[0]:>13.3f} -> {new[-1]:.3f}"
+        lines.append(line)
     if s.final_mean_acc is not None:
         lines.append(f"mean over nodes of final mean accuracy: {s.final_mean_acc:.3f}")
+    ends = [
+        (v["unseen_acc"][0], v["unseen_acc"][-1])
+        for v in per_node.values()
+        if v.get("unseen_acc") and None not in (v["unseen_acc"][0], v["unseen_acc"][-1])
+    ]
+    if ends:
+        first, last = (sum(e[i] for e in ends) / len(ends) for i in (0, 1))
+        lines.append(f"mean over nodes on unseen learners: {first:.3f} -> {last:.3f}")
     per_round = [b for b in s.bytes_per_round_per_node if b is not None]
     if per_round:
         lines.append(

@@ -6,7 +6,8 @@
 - `schema`: modalities, tasks, shapes, the clickstream vocabulary, group attributes;
 - `records`: `EduData`, the container every source fills;
 - `config`: `DataConfig`, how many built-in records a node makes and how skewed they are;
-- `federation`: `node_data`, `node_records`, `pooled_data`, the records of each node;
+- `federation`: `node_data`, `node_records`, `pooled_data`, the records of each node, and
+  `unseen_data`, learners of its institution that no node trains on;
 - `institutions`, `learners`: the population an institution draws and the learners' latents;
 - `text`, `clickstream`, `tabular`, `signals`, `handwriting`: one generator per modality;
 - `draws`: the seeded streams and link function the generators share;
@@ -23,7 +24,13 @@ A node's own data folder (format: `m3tgossip/docs/data.md`):
 """
 
 from m3tgossip.edu.data.config import DataConfig
-from m3tgossip.edu.data.federation import node_data, node_records, pooled_data
+from m3tgossip.edu.data.federation import (
+    UNSEEN_RECORDS,
+    node_data,
+    node_records,
+    pooled_data,
+    unseen_data,
+)
 from m3tgossip.edu.data.institutions import institution_profile
 from m3tgossip.edu.data.oulad import load_oulad
 from m3tgossip.edu.data.records import EduData
@@ -64,6 +71,8 @@ __all__ = [
     "institution_profile",
     "load_oulad",
     "node_data",
+    "unseen_data",
+    "UNSEEN_RECORDS",
     "node_records",
     "pooled_data",
 ]

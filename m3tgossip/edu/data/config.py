@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 #: records per node = DataConfig.records x this factor of the node's role
-ROLE_SCALE = {"institution": 2.0, "instructor": 1.0, "student": 0.5}
+ROLE_SCALE = {"institution": 2.0, "instructor": 1.0, "student": 0.1}
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """How much built-in data each node generates and how skewed it is."""
 
-    #: records per node (train + test), scaled by role: institution x2, instructor x1, student x0.5
+    #: records per node (train + test), scaled by role: institution x2, instructor x1, student x0.1
     records: int = 240
     #: fraction of a node's records held out for evaluation
     test_fraction: float = 0.3

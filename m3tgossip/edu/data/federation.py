@@ -24,12 +24,15 @@ from m3tgossip.edu.data.config import ROLE_SCALE, DataConfig
 from m3tgossip.edu.data.draws import entropy
 from m3tgossip.edu.data.handwriting import handwritten_answers
 from m3tgossip.edu.data.institutions import Institution, institution_profile
-from m3tgossip.edu.data.learners import skewed_learners
+from m3tgossip.edu.data.learners import draw_learners, skewed_learners
 from m3tgossip.edu.data.records import EduData
 from m3tgossip.edu.data.schema import MODALITIES, TASKS
 from m3tgossip.edu.data.signals import signal_windows
 from m3tgossip.edu.data.tabular import tabular_features
 from m3tgossip.edu.data.text import reflections
+
+#: unseen learners per institution that every node is also tested on (`unseen_data`)
+UNSEEN_RECORDS = 300
 
 if TYPE_CHECKING:
     from m3tgossip.topology import Topology
@@ -74,11 +77,7 @@ def _presence(
 
 def node_data(node: NodeLike, config: DataConfig) -> tuple[EduData, EduData]:
     """The node's own (train, test) records, from its topology entry and the federation seed."""
-    unknown = [m for m in node.modalities if m not in MODALITIES]
-    unknown += [t for t in node.tasks if t not in TASKS]
-    if unknown:
-        names = ", ".join(map(repr, unknown))
-        raise ValueError(f'node "{node.id}": the built-in education data has no {names}')
+    _check_node(node)
     n = node_records(node, config)
     n_test = min(max(1, round(n * config.test_fraction)), n - 1)
     inst = institution_profile(node.institution or node.id, config.seed)
@@ -86,8 +85,48 @@ def node_data(node: NodeLike, config: DataConfig) -> tuple[EduData, EduData]:
     people = skewed_learners(inst, config, rng, n)
     is_test = np.zeros(n, bool)
     is_test[rng.permutation(n)[:n_test]] = True
-    present = _presence(node, inst, rng, n)
+    data = _render(node, inst, people, is_test, rng)
+    return data.subset(~is_test), data.subset(is_test)
 
+
+def unseen_data(node: NodeLike, config: DataConfig, n: int = UNSEEN_RECORDS) -> EduData:
+    """n records of learners the node never saw, drawn from its institution's population.
+
+    They follow the institution's own label proportions (no node skew) and the node's
+    modalities and tasks, and every node of one institution gets the same learners: the test
+    of how well a node's model serves its institution's next cohort, which neither the node
+    nor any neighbour trained on. Handwritten answers use the held-out digit images.
+    """
+    _check_node(node)
+    name = node.institution or node.id
+    inst = institution_profile(name, config.seed)
+    rng = np.random.default_rng(np.random.SeedSequence(entropy(config.seed, "unseen", name)))
+    people = draw_learners(inst, rng, n)
+    # presence and rendering follow the node's modalities, from the node's own stream
+    node_rng = np.random.default_rng(
+        np.random.SeedSequence(entropy(config.seed, "unseen-node", node.id))
+    )
+    return _render(node, inst, people, np.ones(n, bool), node_rng)
+
+
+def _check_node(node: NodeLike) -> None:
+    unknown = [m for m in node.modalities if m not in MODALITIES]
+    unknown += [t for t in node.tasks if t not in TASKS]
+    if unknown:
+        names = ", ".join(map(repr, unknown))
+        raise ValueError(f'node "{node.id}": the built-in education data has no {names}')
+
+
+def _render(
+    node: NodeLike,
+    inst: Institution,
+    people: dict[str, np.ndarray],
+    is_test: np.ndarray,
+    rng: np.random.Generator,
+) -> EduData:
+    """The records of `people` in the node's modalities, with labels of the node's tasks."""
+    n = len(is_test)
+    present = _presence(node, inst, rng, n)
     clickstream, next_response = sessions(inst, people, rng)
     image, handwriting = handwritten_answers(inst, people, is_test, rng)
     text = [
@@ -108,7 +147,7 @@ def node_data(node: NodeLike, config: DataConfig) -> tuple[EduData, EduData]:
         "handwriting": handwriting,
         "next_response": next_response,
     }
-    data = EduData(
+    return EduData(
         text=text,
         **arrays,
         present=present,
@@ -120,7 +159,6 @@ def node_data(node: NodeLike, config: DataConfig) -> tuple[EduData, EduData]:
             "disability": np.where(people["disability"], "yes", "no").astype("<U16"),
         },
     )
-    return data.subset(~is_test), data.subset(is_test)
 
 
 def pooled_data(topology: Topology, config: DataConfig) -> tuple[EduData, EduData]:
