@@ -95,6 +95,7 @@ def testbed_arm(
         mode=mode,
         options=dict(parse_assignment(o) for o in args.option),
         settings={"privacy.profile": args.privacy},
+        deadline=args.deadline,
         quiet=True,
     )
     done = folder / "bench-run.json"
@@ -354,6 +355,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="edu workload option for every run (and the pooled reference)",
     )
+    p.add_argument(
+        "--deadline",
+        type=float,
+        default=60.0,
+        help="round deadline (s): long, so a loaded machine does not drop neighbours' updates",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads of the pooled arm")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -439,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "seeds": seeds,
         "privacy": args.privacy,
+        "deadline_s": args.deadline,
         "options": args.option,
         "workload": o,
         "checkpoint": str(DEFAULT_CHECKPOINT.name),
