@@ -28,6 +28,7 @@ from m3tgossip.topology.spec import (
     NODE_ID,
     PRIVACY_PROFILES,
     ROLES,
+    SINGLE_LEARNER,
     Z85_CHARS,
     NodeSpec,
     Topology,
@@ -48,6 +49,7 @@ _NODE_KEYS = (
     "privacy",
     "public_key",
     "local",
+    "single_learner",
 )
 #: attributes that must be set per node, never in [defaults]
 _PER_NODE_KEYS = ("id", "port", "public_key")
@@ -62,6 +64,7 @@ _BUILTIN_DEFAULTS: dict[str, Any] = {
     "privacy": "open",
     "public_key": None,
     "local": [],
+    "single_learner": None,
 }
 
 
@@ -306,6 +309,9 @@ def _parse_node(
         raise fail("port", f"{port} is outside 1..65535")
     compute = choice("compute", COMPUTE_TIERS)
     privacy = choice("privacy", PRIVACY_PROFILES)
+    single_learner = attrs["single_learner"]
+    if single_learner is not None:
+        single_learner = choice("single_learner", SINGLE_LEARNER)
     public_key = attrs["public_key"]
     if public_key is not None and (
         not isinstance(public_key, str) or len(public_key) != 40 or not set(public_key) <= Z85_CHARS
@@ -324,6 +330,7 @@ def _parse_node(
         privacy=privacy,
         public_key=public_key,
         local=(),
+        single_learner=single_learner,
     )
     held = node.components
 
