@@ -230,20 +230,35 @@ def test_a_neighbour_that_would_not_cancel_the_masks_is_refused(
     )
 
 
-def test_a_node_with_one_neighbour_cannot_cancel(tmp_path: Path) -> None:
-    path = tmp_path / "line.toml"
+def test_a_component_with_fewer_than_two_neighbours_holding_it_stays_local(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "chain.toml"
+    image = 'modalities = ["image", "tabular"]\ntasks = ["at_risk", "handwriting"]\n'
     path.write_text(
-        'name = "line"\nedges = [["a", "b"], ["b", "c"]]\n'
-        '[[nodes]]\nid = "a"\nsingle_learner = "cancel"\n[[nodes]]\nid = "b"\n[[nodes]]\nid = "c"\n'
+        'name = "chain"\nedges = [["a", "b"], ["a", "c"], ["b", "d"], ["c", "d"]]\n'
+        f'[[nodes]]\nid = "a"\nsingle_learner = "cancel"\n{image}'
+        f'[[nodes]]\nid = "b"\nsingle_learner = "cancel"\n{image}'
+        f'[[nodes]]\nid = "c"\n{image}'
+        '[[nodes]]\nid = "d"\nmodalities = ["tabular"]\n'
     )
     topo = load_topology(path)
-    with pytest.raises(ConfigError, match=r'node "a" single_learner = "cancel".*at least two'):
-        Node(
-            node_config(topo, "a", tmp_path),
-            topology=topo,
-            workload=ConsensusWorkload(topo, "a", options={"size": 8}),
-            transport=FakeNetwork().transport("a"),
-        )
+    # b has one neighbour with an image encoder (a), so it keeps it; then a has one (c) too
+    for nid in ("a", "b"):
+        node = topo.node(nid)
+        assert "encoder.image" in node.local and "head.handwriting" in node.local
+        assert "encoder.tabular" in node.shared_components
+    assert topo.holders("encoder.image") == ["c"]
+    assert load_topology_text(tmp_path, topo.to_toml()).nodes == topo.nodes
+    # a mask set for one neighbour is refused outright
+    with pytest.raises(ValueError, match="at least two"):
+        CancellingNoise("a", {"encoder.image": {"c": 0.5}})
+
+
+def load_topology_text(tmp_path: Path, text: str) -> Topology:
+    path = tmp_path / "again.toml"
+    path.write_text(text)
+    return load_topology(path)
 
 
 def test_bad_values_are_refused(tmp_path: Path) -> None:

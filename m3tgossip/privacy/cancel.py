@@ -23,8 +23,9 @@ How they are drawn. For each edge a standard normal g_j from that edge's stream;
 is projected onto the plane w . n = 0 and scaled by s, n = s (g - w (w . g) / (w . w)), so
 n_j is Gaussian with std s sqrt(1 - w_j^2 / |w|^2); s is chosen so that the smallest of these
 is the configured `std`, and each message declares its own edge's std (wire `noise` field).
-With equal weights every edge gets `std`; a node needs two or more neighbours holding the
-component (with one, the only zero-sum mask is zero).
+With equal weights every edge gets `std`. A component needs two or more neighbours holding
+it (with one, the only zero-sum mask is zero, and that neighbour would see the raw value): the
+topology loader keeps the others local on a cancelling node (`m3tgossip.topology.load`).
 
 Seeds. Each edge's stream is seeded with a keyed hash (BLAKE2b) of the node's secret, the
 edge and the component. The secret is 32 bytes of operating-system entropy drawn when the

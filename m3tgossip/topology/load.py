@@ -134,6 +134,8 @@ def parse_topology(data: Mapping[str, Any], source: str) -> Topology:
                 "a time-varying topology needs every node to share the same components",
             )
         edges = dynamic_links(ids, dynamics)
+    else:
+        nodes = _cancel_needs_two(nodes, edges)
     if not _connected(ids, edges):
         import networkx as nx  # only to say which parts the graph falls into
 
@@ -151,6 +153,33 @@ def parse_topology(data: Mapping[str, Any], source: str) -> Topology:
         dynamics=dynamics,
         sample=sample,
     )
+
+
+def _cancel_needs_two(nodes: list[NodeSpec], edges: Any) -> list[NodeSpec]:
+    """A node with `single_learner = "cancel"` shares a component only with two or more
+    neighbours that share it too (one neighbour could take its cancelling noise off): the
+    others join its `local` ones. Repeated until nothing changes, since a component one
+    cancelling node keeps can leave a cancelling neighbour of it with one holder less."""
+    by_id = {n.id: n for n in nodes}
+    adjacency: dict[str, list[str]] = {n.id: [] for n in nodes}
+    for u, v in edges:
+        adjacency[u].append(v)
+        adjacency[v].append(u)
+    changed = True
+    while changed:
+        changed = False
+        for node in list(by_id.values()):
+            if node.single_learner != "cancel":
+                continue
+            alone = [
+                c
+                for c in node.shared_components
+                if sum(c in by_id[j].shared_components for j in adjacency[node.id]) < 2
+            ]
+            if alone:
+                by_id[node.id] = replace(node, local=tuple(sorted({*node.local, *alone})))
+                changed = True
+    return [by_id[n.id] for n in nodes]
 
 
 def _connected(ids: list[str], edges: Any) -> bool:
