@@ -18,7 +18,8 @@ setting and seed of `--seeds`:
 Utility is the held-out accuracy at a node's last evaluation (mean over its tasks), averaged
 over the student nodes, and separately over the other nodes (the masks reach their states
 too). Every run's load average before and after is recorded: the daemons share the machine.
-Writes DIR/single_learner.json; each run keeps its folder DIR/runs/NAME.
+Writes DIR/single_learner.json; each run keeps its folder DIR/runs/NAME, and running again
+into the same DIR reuses the runs that completed with the same command line.
 
     python benchmarks/single_learner.py --out runs/bench-single --seeds 0
     python benchmarks/single_learner.py --out runs/bench-single --seeds 0,1,2 --noise 0.01
@@ -27,6 +28,7 @@ Writes DIR/single_learner.json; each run keeps its folder DIR/runs/NAME.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 import time
@@ -36,7 +38,7 @@ from typing import Any
 from _common import ROOT, loadavg, parser, run_testbed, setup, write_json
 
 from m3tgossip.daemon.metrics import read_metrics
-from m3tgossip.harness import TestbedSpec
+from m3tgossip.harness import Summary, TestbedSpec
 from m3tgossip.harness.testbed_spec import parse_assignment
 from m3tgossip.topology import Topology, load_topology
 
@@ -77,6 +79,19 @@ def node_results(folder: Path, summary: Any, ids: list[str]) -> dict[str, Any]:
             "bytes_out": recs[-1].get("bytes_out") if recs else None,
         }
     return out
+
+
+def completed(folder: Path, spec: TestbedSpec) -> tuple[Summary, float, Any, Any] | None:
+    """A finished run of the same command line in `folder` (summary, wall, loads), else None."""
+    try:
+        record = json.loads((folder / "bench-run.json").read_text())
+        summary = Summary.read(folder / "summary.json")
+    except (OSError, ValueError, TypeError):
+        return None
+    if record.get("argv") != spec.argv() or summary.exit_code != 0:
+        return None
+    before, after = record.get("load", [None, None])
+    return summary, float(record.get("wall_s", summary.wall_seconds)), before, after
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,9 +154,17 @@ def main(argv: list[str] | None = None) -> int:
                 node_settings=node_settings,
             )
             before = loadavg()
-            print(f"[{name}] testbed {' '.join(spec.argv())}", flush=True)
-            summary, wall = run_testbed(spec)
-            after = loadavg()
+            done = completed(folder, spec)
+            if done is not None:
+                print(f"[{name}] reusing the completed run in {folder}", flush=True)
+                summary, wall, before, after = done
+            else:
+                print(f"[{name}] testbed {' '.join(spec.argv())}", flush=True)
+                summary, wall = run_testbed(spec)
+                after = loadavg()
+                if summary.exit_code == 0:
+                    record = {"argv": spec.argv(), "wall_s": wall, "load": [before, after]}
+                    (folder / "bench-run.json").write_text(json.dumps(record))
             nodes = node_results(folder, summary, students + others)
             run = {
                 "name": name,

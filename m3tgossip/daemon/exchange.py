@@ -205,7 +205,9 @@ class Exchange:
         self, peer: Peer, comps: list[str], values: dict[str, np.ndarray] | None = None
     ) -> None:
         """Full state of `comps` as the neighbours' replica has it (already public); `values`,
-        if given, is a copy of the published values to send (shared by several sends)."""
+        if given, is a copy of the published values to send (shared by several sends). With
+        cancelling noise, the published copy plus this neighbour's mask (nothing before its
+        first mask once anything was released)."""
         comps = [c for c in comps if c not in self.state.retired]
         if self.cancel is not None:
             comps = [c for c in comps if self.version[c] == 0 or peer.id in self.masks[c]]
