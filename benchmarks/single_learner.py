@@ -15,6 +15,8 @@ setting and seed of `--seeds`:
   local    every student node has `single_learner = "local"`: it shares nothing and trains
            alone.
 
+Each run also counts the node-rounds in which a live neighbour was not heard by the deadline:
+the cancellation is exact only in rounds where every neighbour's message is mixed.
 Utility is the held-out accuracy at a node's last evaluation (mean over its tasks), averaged
 over the student nodes, and separately over the other nodes (the masks reach their states
 too). Every run's load average before and after is recorded: the daemons share the machine.
@@ -92,6 +94,17 @@ def completed(folder: Path, spec: TestbedSpec) -> tuple[Summary, float, Any, Any
         return None
     before, after = record.get("load", [None, None])
     return summary, float(record.get("wall_s", summary.wall_seconds)), before, after
+
+
+def missed(folder: Path, ids: list[str]) -> dict[str, int]:
+    """Node-rounds in which a live neighbour was not heard by the deadline (a busy machine):
+    those rounds mix without its message, so its masks do not cancel in them."""
+    total = short = 0
+    for nid in ids:
+        for rec in read_metrics(folder / "nodes" / nid / "metrics.jsonl"):
+            total += 1
+            short += len(rec.get("heard", [])) < rec.get("neighbours", 0)
+    return {"node_rounds": total, "missing": short}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 "students_acc": mean([nodes[i]["final_acc"] for i in students]),
                 "others_acc": mean([nodes[i]["final_acc"] for i in others]),
                 "all_acc": summary.final_mean_acc,
+                "rounds_missing_a_neighbour": missed(folder, students + others),
                 "nodes": nodes,
             }
             runs.append(run)
