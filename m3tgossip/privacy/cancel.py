@@ -43,6 +43,10 @@ does NOT protect against:
   (sum_j w_j) x, the exact value; two of a node's three neighbours remove much of the noise;
 - one neighbour over many rounds: the value changes slowly, fresh masks average out, so
   m messages of a nearly constant value reveal it to about std / sqrt(m);
+- a neighbour that shares another neighbour with the node (a triangle, as a student, a
+  classmate and their instructor): the other neighbour mixes its own mask of the round
+  into its state and sends that state on in the next round, and by the zero sum that mask
+  is correlated with this neighbour's, so later messages tell it part of its own mask;
 - anyone who reads the links (plaintext `--insecure` links: all messages of a round together
   are the exact value);
 - what the node's value reveals once mixed: neighbours' values and the network mean carry
