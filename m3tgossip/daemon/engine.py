@@ -7,7 +7,9 @@
 profile that is not `open`), the round is charged there before any schedule can send
 anything: a privately trained workload's DP-SGD steps of the round (its release is
 post-processing and gets no noise of its own), or else every shared component's local update,
-clipped and noised, the node continuing from the released values. The gate's accounting is
+clipped and noised, the node continuing from the released values; a single-learner node with
+cancelling noise releases its values as they are and the gate draws the round's per-edge
+masks, without which the exchange sends nothing of them. The gate's accounting is
 then written to the release ledger (fsync'd), so a crash after sending cannot un-spend it.
 What leaves the node afterwards (deltas, full states, push-sum shares) is computed from
 released values and neighbours' messages only. The end of a round is written once, here.
@@ -27,6 +29,7 @@ from m3tgossip.daemon.prometheus import Exporter
 from m3tgossip.daemon.schedules import RoundParts, Schedule
 from m3tgossip.daemon.timings import Timings
 from m3tgossip.net import FaultyTransport
+from m3tgossip.privacy.cancel import PROTECTS
 
 
 class RoundEngine:
@@ -99,6 +102,9 @@ class RoundEngine:
             if not gate.can_share(comp):
                 self.parts.exchange.retire(comp, gate.node_epsilon())
                 continue
+            if gate.cancel is not None:
+                gate.privatize(comp, x - before[comp])  # the round's masks; the value as it is
+                continue
             if gate.components[comp].trained:
                 gate.privatize(comp, x - before[comp])  # post-processing: charged, unchanged
                 self.parts.exchange.noise_std[comp] = 0.0
@@ -151,7 +157,11 @@ class RoundEngine:
             "neighbours": len([p for p in node.peers.values() if p.components]),
             "deadline_s": self.parts.rounds.deadline(),
         }
-        if node.gate is not None:
+        if node.gate is not None and node.gate.cancel is not None:
+            record["privacy"] = self.cancel_record()
+        elif node.spec.single_learner == "local":
+            record["privacy"] = {"mechanism": "local", "dp": False, "node_epsilon": None}
+        elif node.gate is not None:
             record["privacy"] = {
                 "node_epsilon": node.gate.node_epsilon(),
                 "budget": node.gate.profile.epsilon,
@@ -173,3 +183,20 @@ class RoundEngine:
         self.metrics.write(record)
         if self.exporter is not None:
             self.exporter.observe(record, node)
+
+    def cancel_record(self) -> dict[str, Any]:
+        """What a node with cancelling noise says of its privacy: the mechanism and its noise,
+        no epsilon (it has none to claim)."""
+        gate = self.parts.state.gate
+        assert gate is not None and gate.cancel is not None
+        return {
+            "mechanism": "cancelling-noise",
+            "dp": False,
+            "node_epsilon": None,
+            "budget": None,
+            "protects": PROTECTS,
+            "noise_std": gate.cancel.std,
+            "edge_noise_std": self.parts.exchange.mask_std,
+            "releases": gate.released,
+            "retired": [],
+        }

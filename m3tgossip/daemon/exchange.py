@@ -5,6 +5,12 @@ neighbours' replicas it builds from what arrives.
 Everything sent from here is computed from the node's shared arrays after the round's release
 (`m3tgossip.daemon.engine`), from the published copy, or from neighbours' messages: never from
 a private value that did not pass the node's release gate.
+
+A single-learner node with cancelling noise (`m3tgossip.privacy.cancel`) keeps one replica
+chain per neighbour: neighbour j holds the published copy plus j's mask of the last round
+(`masks`), so its deltas are the published change plus the change of its mask, and a full
+state it is sent is masked with that same mask. What it sends is never the published copy
+itself once anything was released.
 """
 
 from __future__ import annotations
@@ -51,6 +57,11 @@ class Exchange:
         )
         #: declared DP noise std of this node's last release per component
         self.noise_std = {c: 0.0 for c in shared}
+        #: cancelling noise: per component, the mask each neighbour's replica of this node
+        #: holds and that edge's std (None: every neighbour holds the published copy)
+        self.cancel = node.gate.cancel if node.gate is not None else None
+        self.masks: dict[str, dict[str, np.ndarray]] = {c: {} for c in shared}
+        self.mask_std: dict[str, dict[str, float]] = {c: {} for c in shared}
         #: every codec is raw and nothing needs deltas (no release gate, no noise estimated
         #: from deltas, no attack): a round sends full states, which cost what raw deltas
         #: cost, and no replica outlives the mix it was received for (`drop_replicas`)
@@ -138,10 +149,22 @@ class Exchange:
             return
         deltas: dict[str, np.ndarray] = {}
         metas: dict[str, protocol.TensorMeta] = {}
+        #: cancelling noise: per component, each neighbour's change of mask this round
+        moved: dict[str, dict[str, np.ndarray]] = {}
         for comp, x in node.shared.items():
             if comp in node.retired:
                 continue
             delta = x - self.published[comp]  # a fresh array: safe to send without copying
+            if self.cancel is not None and node.gate is not None:
+                masks, self.mask_std[comp] = node.gate.edge_masks(comp)
+                old = self.masks[comp]
+                moved[comp] = {p: m - old[p] if p in old else m for p, m in masks.items()}
+                self.masks[comp] = masks
+                self.published[comp] += delta
+                x[...] = self.published[comp]  # goes on from what it released
+                self.version[comp] += 1
+                deltas[comp] = delta
+                continue
             payload, meta, decoded = self.codecs[comp].encode(
                 comp, delta, self.version[comp], self.noise_std[comp]
             )
@@ -160,12 +183,21 @@ class Exchange:
             rest = [c for c in live if c not in peer.need_state]
             if rest:
                 tensors = {c: deltas[c] for c in rest}
-                self.link.send(
-                    peer, MsgType.DELTA, {}, tensors=tensors, meta={c: metas[c] for c in rest}
-                )
+                meta = {c: metas[c] for c in rest if c not in moved}
+                for c in rest:
+                    if c in moved:  # this neighbour's chain: the published change, its mask's
+                        tensors[c] = deltas[c] + moved[c][peer.id]
+                        meta[c] = protocol.TensorMeta(
+                            c,
+                            str(tensors[c].dtype),
+                            tensors[c].shape,
+                            base=self.version[c] - 1,
+                            noise=self.mask_std[c][peer.id],
+                        )
+                self.link.send(peer, MsgType.DELTA, {}, tensors=tensors, meta=meta)
             if state:
                 for c in state:
-                    if c not in copies:
+                    if c not in copies and c not in moved:
                         copies[c] = self.published[c].copy()
                 self.send_state(peer, state, copies)
 
@@ -173,16 +205,30 @@ class Exchange:
         self, peer: Peer, comps: list[str], values: dict[str, np.ndarray] | None = None
     ) -> None:
         """Full state of `comps` as the neighbours' replica has it (already public); `values`,
-        if given, is a copy of the published values to send (shared by several sends)."""
+        if given, is a copy of the published values to send (shared by several sends). With
+        cancelling noise, the published copy plus this neighbour's mask (nothing before its
+        first mask once anything was released)."""
         comps = [c for c in comps if c not in self.state.retired]
+        if self.cancel is not None:
+            comps = [c for c in comps if self.version[c] == 0 or peer.id in self.masks[c]]
         if not comps:
             return
+        fresh = values is None  # the published arrays themselves, changed in place later
         if values is None:
-            values = {c: self.published[c].copy() for c in comps}
-        tensors = {c: values[c] for c in comps}
+            values = {c: self.published[c] for c in comps}
+        tensors: dict[str, np.ndarray] = {}
+        noise: dict[str, float] = {}
+        for c in comps:
+            mask = self.masks[c].get(peer.id) if self.cancel is not None else None
+            if mask is None:  # no mask: the published copy (public at version 0), a copy
+                tensors[c] = values[c].copy() if fresh else values[c]
+                noise[c] = self.noise_std[c]
+            else:  # what this neighbour's chain holds: the published copy and its mask
+                tensors[c] = self.published[c] + mask
+                noise[c] = self.mask_std[c][peer.id]
         meta = {
             c: protocol.TensorMeta(
-                c, str(t.dtype), t.shape, base=self.version[c] - 1, noise=self.noise_std[c]
+                c, str(t.dtype), t.shape, base=self.version[c] - 1, noise=noise[c]
             )
             for c, t in tensors.items()
         }
@@ -195,6 +241,8 @@ class Exchange:
         change every round, so there are no replica chains to keep), or every neighbour in
         rounds of full states."""
         node = self.state
+        if self.cancel is not None:  # refused at start (single_learner.check_settings)
+            raise RuntimeError(f"{node.id}: full states cannot carry cancelling noise")
         for comp, x in node.shared.items():
             # a new array every round, never written to: every send of the round shares it
             # (frames are sent without copying) and it is the published copy the mix reads
@@ -208,6 +256,8 @@ class Exchange:
     def send_attack(self) -> None:
         """Byzantine mode: claim a malicious full state every round instead of honest deltas."""
         node = self.state
+        if self.cancel is not None:  # refused at start (single_learner.check_settings)
+            raise RuntimeError(f"{node.id}: an attack cannot carry cancelling noise")
         f = node.config.faults
         values: dict[str, np.ndarray] = {}
         for comp, x in node.shared.items():

@@ -16,7 +16,7 @@ from typing import Any
 
 from m3tgossip import protocol
 from m3tgossip.consensus import make_mixer
-from m3tgossip.daemon import checkpoint, ledger
+from m3tgossip.daemon import checkpoint, ledger, single_learner
 from m3tgossip.daemon.config import NodeConfig
 from m3tgossip.daemon.engine import RoundEngine
 from m3tgossip.daemon.exchange import Exchange
@@ -73,7 +73,8 @@ class Node(NodeState):
             )
         except ValueError as exc:
             raise ConfigError(config.topology, f'node "{config.id}" [gossip]', str(exc)) from exc
-        gate = make_gate(config, topology.node(config.id), workload, shared)
+        single_learner.check_settings(config, topology, shared, time_varying)
+        gate = make_gate(config, topology, workload, shared)
         peers = make_peers(topology, config.id, set(shared))
         super().__init__(config, topology, workload, peers, gate, self.schedule.lag)
         self._resume()

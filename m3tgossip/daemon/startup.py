@@ -14,12 +14,13 @@ from m3tgossip.daemon.exchange import Exchange
 from m3tgossip.daemon.link import Link, TransportLike
 from m3tgossip.daemon.peers import Peer
 from m3tgossip.daemon.rounds import POLL_SLICE_MS
+from m3tgossip.daemon.single_learner import STD_KEY, cancel_gate
 from m3tgossip.daemon.state import NodeState
 from m3tgossip.errors import ConfigError
 from m3tgossip.log import get_logger
 from m3tgossip.net import FaultyTransport, Transport, for_node
 from m3tgossip.privacy import ReleaseGate, profile_for, training_noise
-from m3tgossip.topology import NodeSpec, Topology
+from m3tgossip.topology import Topology
 from m3tgossip.workloads import Workload
 
 log = get_logger(__name__)
@@ -37,20 +38,31 @@ HELLO_REFUSED_RETRY_S = 0.01
 
 
 def make_gate(
-    config: NodeConfig, spec: NodeSpec, workload: Workload, shared: dict[str, np.ndarray]
+    config: NodeConfig, topology: Topology, workload: Workload, shared: dict[str, np.ndarray]
 ) -> ReleaseGate | None:
     """The release gate of a node whose workload learns from private records under a profile
     that is not `open`; None otherwise. A workload that trains with DP-SGD
     (`private_training_plan()` not None) is given its calibrated noise
     (`use_private_training`) and the gate charges its steps instead of noising releases.
     `[privacy] profile` in the node config overrides the spec's profile (e.g. "open" for a run
-    on synthetic data); the other keys of that table are the `custom` profile's."""
-    table = {k: v for k, v in config.privacy.items() if k != "profile"}
+    on synthetic data); the other keys of that table are the `custom` profile's. A node whose
+    spec entry says `single_learner` gets the gate of `m3tgossip.daemon.single_learner`
+    (cancelling noise, whatever the workload and profile; none for "local") and no DP-SGD."""
+    spec = topology.node(config.id)
+    table = {k: v for k, v in config.privacy.items() if k not in ("profile", STD_KEY)}
     name = str(config.privacy.get("profile", spec.privacy))
     try:
         profile = profile_for(name, table or None)
     except ValueError as exc:
         raise ConfigError(config.topology, f'node "{config.id}" privacy', str(exc)) from exc
+    if spec.single_learner is not None:
+        return cancel_gate(config, topology, profile, shared)
+    if STD_KEY in config.privacy:
+        raise ConfigError(
+            config.topology,
+            f'node "{config.id}" privacy.{STD_KEY}',
+            'only for a node with single_learner = "cancel" in the topology',
+        )
     if not getattr(workload, "private_data", False) or profile.is_open:
         return None
     rounds = config.rounds or None

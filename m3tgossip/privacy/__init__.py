@@ -8,6 +8,7 @@ from m3tgossip.privacy.accountant import (
     rdp_to_epsilon,
     sampled_gaussian_rdp,
 )
+from m3tgossip.privacy.cancel import CancellingNoise
 from m3tgossip.privacy.gate import (
     NEIGHBOURING,
     ComponentPrivacy,
@@ -28,6 +29,7 @@ __all__ = [
     "MODALITY_ORDER",
     "NEIGHBOURING",
     "PROFILES",
+    "CancellingNoise",
     "ComponentPrivacy",
     "PrivacyBudgetExhausted",
     "PrivacyProfile",

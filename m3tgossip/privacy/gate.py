@@ -10,7 +10,7 @@ it: the node must stop sending. `charged` and `released` count what the gate cha
 test can check that every value a node sent went through it. `state` and `load` carry the
 accounting through checkpoints (and the daemon's release ledger).
 
-Two mechanisms, chosen by how the workload trains.
+Three mechanisms: two chosen by how the workload trains, one by the node's topology entry.
 
 Private training (`training`, a `TrainingNoise`: the workload trains with per-learner DP-SGD,
 `m3tgossip.privacy.training`). What the node releases is post-processing of its DP-SGD steps,
@@ -40,6 +40,13 @@ default (`neighbouring="replace"`) the accountant charges a Gaussian mechanism o
 user-level convention in which the whole node is present or absent and an absent node
 releases zero). DP-SGD is accounted add/remove per learner, its standard unit.
 
+Cancelling noise (`cancel`, a `CancellingNoise`: a node with `single_learner = "cancel"`,
+whatever its profile, `m3tgossip.privacy.cancel`). The node trains without DP-SGD and
+`privatize` leaves the value as it is; it draws the round's per-edge masks, which the exchange
+takes once (`edge_masks`) and adds edge by edge, and no send of the component happens without
+them. This is not differential privacy: nothing is charged, `spent` and `node_epsilon` are
+inf (no guarantee, never a number the node does not have) and `can_share` is always True.
+
 Noise must be unpredictable to the neighbours: use `seed=None` (operating-system entropy) in a
 deployment, never the federation seed every node knows; a fixed seed is for tests only.
 """
@@ -61,6 +68,7 @@ from m3tgossip.privacy.accountant import (
     rdp_to_epsilon,
     sampled_gaussian_rdp,
 )
+from m3tgossip.privacy.cancel import CancellingNoise
 from m3tgossip.privacy.profiles import PrivacyProfile, component_modality
 from m3tgossip.privacy.training import TrainingNoise, encoder_modality
 
@@ -126,6 +134,7 @@ class ReleaseGate:
         neighbouring: str = "replace",
         orders: Iterable[float] = DEFAULT_ORDERS,
         training: TrainingNoise | None = None,
+        cancel: CancellingNoise | None = None,
     ) -> None:
         if neighbouring not in NEIGHBOURING:
             raise ValueError(f"neighbouring must be one of {', '.join(NEIGHBOURING)}")
@@ -136,8 +145,12 @@ class ReleaseGate:
         self.sensitivity = NEIGHBOURING[neighbouring]  # in units of the clip norm
         self.orders = tuple(orders)
         self.rng = np.random.default_rng(seed)
+        #: the per-edge masks of a single-learner node (None: a DP mechanism or open)
+        self.cancel = cancel
         #: the DP-SGD noise of a privately trained workload (None: release noise)
-        self.training = None if profile.is_open else training
+        self.training = None if profile.is_open or cancel is not None else training
+        #: this round's masks per component, drawn by `privatize`, taken by `edge_masks`
+        self._masks: dict[str, dict[str, np.ndarray]] = {}
         modalities = tuple(node_modalities)
         self.components: dict[str, ComponentPrivacy] = {}
         self._accountants: dict[str, RDPAccountant] = {}
@@ -159,7 +172,7 @@ class ReleaseGate:
         weight = sum(factor.values())
         for name, size in sorted(components.items()):
             modality = mods[name]
-            if profile.is_open:
+            if profile.is_open or cancel is not None:
                 spec = ComponentPrivacy(name, modality, size, math.inf, 0.0, math.inf)
             elif self.training is not None:
                 share = factor[name] if encoder_modality(name) is not None else 1.0
@@ -208,7 +221,7 @@ class ReleaseGate:
         """False once the next release of `component` would exceed the node's budget (with
         private training: unless this round's charge still lets it out)."""
         spec = self._spec(component)
-        if self.profile.is_open:
+        if self.profile.is_open or self.cancel is not None:
             return True
         if self.training is not None:
             return component in self._open or (not self._open and self._fits(self._round_rdp()))
@@ -232,8 +245,11 @@ class ReleaseGate:
         return True
 
     def spent(self, component: str) -> float:
-        """Epsilon spent so far by `component`'s releases on their own (0 under open)."""
+        """Epsilon spent so far by `component`'s releases on their own (0 under open, inf
+        with cancelling noise: no guarantee)."""
         self._spec(component)
+        if self.cancel is not None:
+            return math.inf
         if self.profile.is_open:
             return 0.0
         return self._accountants[component].epsilon(self.profile.delta)
@@ -255,7 +271,9 @@ class ReleaseGate:
 
     def node_epsilon(self) -> float:
         """Epsilon of everything the node released, all components composed (they come from
-        the same learners); 0 under the open profile."""
+        the same learners); 0 under the open profile, inf with cancelling noise (not DP)."""
+        if self.cancel is not None:
+            return math.inf
         if self.profile.is_open:
             return 0.0
         return self._node.epsilon(self.profile.delta)
@@ -284,6 +302,13 @@ class ReleaseGate:
                 raise ValueError(f"{component}: out must be a float array of shape {delta.shape}")
             np.copyto(out, delta, casting="same_kind")
             target = out
+        if self.cancel is not None:
+            if not np.all(np.isfinite(target)):
+                raise ValueError(f"{component}: release has a non-finite value")
+            self._masks[component] = self.cancel.draw(component, target.size, target.dtype)
+            self._releases[component] += 1
+            self._charged[component] += 1
+            return target, 0.0
         if self.profile.is_open:
             self._releases[component] += 1
             self._charged[component] += 1
@@ -322,9 +347,24 @@ class ReleaseGate:
         self._charged[component] += 1
         return target, std
 
+    def edge_masks(self, component: str) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """Cancelling noise: this round's masks of `component` per neighbour and each edge's
+        std, once per release. Raises PrivacyBudgetExhausted if the round's release did not
+        draw them (or they were taken already): the component must not be sent."""
+        if self.cancel is None:
+            raise ValueError("edge_masks: this node does not send cancelling noise")
+        masks = self._masks.pop(component, None)
+        if masks is None:
+            raise PrivacyBudgetExhausted(
+                f"{component}: no cancelling masks drawn for this release (not released this "
+                "round, or sent already)"
+            )
+        return masks, self.cancel.edge_std[component]
+
     def report(self) -> dict[str, dict[str, Any]]:
         """Per component: modality, clip, sigma, noise_std, releases, epsilon_spent, budget,
-        trained, exhausted. JSON-able: infinite clip/budget (open profile) are None."""
+        trained, exhausted. JSON-able: infinite clip/budget (open profile) and the infinite
+        epsilon of cancelling noise are None."""
 
         def finite(x: float) -> float | None:
             return x if math.isfinite(x) else None
@@ -336,7 +376,7 @@ class ReleaseGate:
                 "sigma": spec.noise_multiplier,
                 "noise_std": spec.noise_std,
                 "releases": self._releases[name],
-                "epsilon_spent": self.spent(name),
+                "epsilon_spent": finite(self.spent(name)),
                 "budget": finite(spec.budget),
                 "trained": spec.trained,
                 "exhausted": not self.can_share(name),

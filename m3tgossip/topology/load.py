@@ -28,6 +28,7 @@ from m3tgossip.topology.spec import (
     NODE_ID,
     PRIVACY_PROFILES,
     ROLES,
+    SINGLE_LEARNER,
     Z85_CHARS,
     NodeSpec,
     Topology,
@@ -48,6 +49,7 @@ _NODE_KEYS = (
     "privacy",
     "public_key",
     "local",
+    "single_learner",
 )
 #: attributes that must be set per node, never in [defaults]
 _PER_NODE_KEYS = ("id", "port", "public_key")
@@ -62,6 +64,7 @@ _BUILTIN_DEFAULTS: dict[str, Any] = {
     "privacy": "open",
     "public_key": None,
     "local": [],
+    "single_learner": None,
 }
 
 
@@ -131,6 +134,8 @@ def parse_topology(data: Mapping[str, Any], source: str) -> Topology:
                 "a time-varying topology needs every node to share the same components",
             )
         edges = dynamic_links(ids, dynamics)
+    else:
+        nodes = _cancel_needs_two(nodes, edges)
     if not _connected(ids, edges):
         import networkx as nx  # only to say which parts the graph falls into
 
@@ -148,6 +153,33 @@ def parse_topology(data: Mapping[str, Any], source: str) -> Topology:
         dynamics=dynamics,
         sample=sample,
     )
+
+
+def _cancel_needs_two(nodes: list[NodeSpec], edges: Any) -> list[NodeSpec]:
+    """A node with `single_learner = "cancel"` shares a component only with two or more
+    neighbours that share it too (one neighbour could take its cancelling noise off): the
+    others join its `local` ones. Repeated until nothing changes, since a component one
+    cancelling node keeps can leave a cancelling neighbour of it with one holder less."""
+    by_id = {n.id: n for n in nodes}
+    adjacency: dict[str, list[str]] = {n.id: [] for n in nodes}
+    for u, v in edges:
+        adjacency[u].append(v)
+        adjacency[v].append(u)
+    changed = True
+    while changed:
+        changed = False
+        for node in list(by_id.values()):
+            if node.single_learner != "cancel":
+                continue
+            alone = [
+                c
+                for c in node.shared_components
+                if sum(c in by_id[j].shared_components for j in adjacency[node.id]) < 2
+            ]
+            if alone:
+                by_id[node.id] = replace(node, local=tuple(sorted({*node.local, *alone})))
+                changed = True
+    return [by_id[n.id] for n in nodes]
 
 
 def _connected(ids: list[str], edges: Any) -> bool:
@@ -306,6 +338,9 @@ def _parse_node(
         raise fail("port", f"{port} is outside 1..65535")
     compute = choice("compute", COMPUTE_TIERS)
     privacy = choice("privacy", PRIVACY_PROFILES)
+    single_learner = attrs["single_learner"]
+    if single_learner is not None:
+        single_learner = choice("single_learner", SINGLE_LEARNER)
     public_key = attrs["public_key"]
     if public_key is not None and (
         not isinstance(public_key, str) or len(public_key) != 40 or not set(public_key) <= Z85_CHARS
@@ -324,6 +359,7 @@ def _parse_node(
         privacy=privacy,
         public_key=public_key,
         local=(),
+        single_learner=single_learner,
     )
     held = node.components
 

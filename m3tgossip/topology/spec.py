@@ -25,6 +25,10 @@ TASK_NEEDS = {"stress": "signal", "handwriting": "image", "next_response": "clic
 ROLES = ("institution", "instructor", "student")
 COMPUTE_TIERS = ("full", "lite")
 PRIVACY_PROFILES = ("open", "ferpa", "gdpr", "custom")
+#: what a node that holds one learner does instead of per-learner DP-SGD (`single_learner`):
+#: send every neighbour a value masked by per-edge noise that cancels in the mix, or keep
+#: every component local (`m3tgossip.privacy.cancel`)
+SINGLE_LEARNER = ("cancel", "local")
 #: how the communication graph changes from round to round
 DYNAMICS = ("static", "one-peer-exponential", "s-out")
 #: largest node count a spec may have
@@ -53,6 +57,8 @@ class NodeSpec:
     privacy: str
     public_key: str | None
     local: tuple[str, ...]
+    #: None (a node of many learners), "cancel" or "local" (see SINGLE_LEARNER)
+    single_learner: str | None = None
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -67,8 +73,11 @@ class NodeSpec:
         """The components the node gossips with the other holders, sorted.
 
         All but `local` ones; a `lite` node trains only heads and prompts, so it shares only
-        those (it runs the base encoders, fusion and backbone as they are).
+        those (it runs the base encoders, fusion and backbone as they are). A node with
+        `single_learner = "local"` shares none: every component it trains stays on it.
         """
+        if self.single_learner == "local":
+            return ()
         return tuple(
             c
             for c in self.components
@@ -250,6 +259,8 @@ class Topology:
             if n.public_key is not None:
                 lines.append(f"public_key = {_toml_str(n.public_key)}")
             lines.append(f"local = {_toml_list(n.local)}")
+            if n.single_learner is not None:
+                lines.append(f"single_learner = {_toml_str(n.single_learner)}")
         return "\n".join(lines) + "\n"
 
     def _cached(self, key: str, build: Callable[[], Any]) -> Any:

@@ -244,7 +244,9 @@ def build_node_model(
         "text_model": folder_digest(Path(text_model)) if text_model else minilm_release(),
         "seed": seed,
     }
-    return NodeModel(net, local=node.local, text_encoder=text_encoder, identity=identity)
+    # a single-learner node that keeps everything local shares nothing it trains
+    local = node.components if getattr(node, "single_learner", None) == "local" else node.local
+    return NodeModel(net, local=local, text_encoder=text_encoder, identity=identity)
 
 
 def load_base_weights(model: M3TModel, ckpt: Checkpoint, backbone: dict[str, Any] | None) -> None:
