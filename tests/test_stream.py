@@ -109,12 +109,17 @@ def test_summing_states_as_they_arrive_mixes_what_the_buffered_replicas_mix(
         assert s.round == b.round == 5
         for comp, x in s.shared.items():
             np.testing.assert_allclose(x, b.shared[comp], rtol=0, atol=ATOL)
+            if schedule == "time-varying":  # one state a round, mixed as before: bit for bit
+                np.testing.assert_array_equal(x, b.shared[comp])
     # every neighbour was heard in every round, and none of their replicas was held for it
     neighbours = len(streamed[0].peers) * len(streamed[0].shared)
     assert all(c == 0 for counts in held_streaming for c in counts)
     if schedule != "time-varying":  # one in-peer per round there
         assert any(c == neighbours for counts in held_buffered for c in counts)
     assert all(not n.rounds.sums.terms for n in streamed)  # closed after the last mix
+    # one in-peer per time-varying round: its state is mixed as it arrived, no sum is made
+    made = {bool(n.rounds.sums.totals) for n in streamed}
+    assert made == {schedule != "time-varying"}
 
 
 @pytest.mark.parametrize(

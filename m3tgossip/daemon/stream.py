@@ -7,7 +7,9 @@ before the round: the node's Metropolis-Hastings row, or this round's row of a t
 topology. Renormalising the row over the neighbours heard keeps every heard neighbour's weight
 (what the others would have had goes to the node itself, which has no term in the step), so
 each state's term is known the moment it arrives. The mix (`MixStep`) then takes one step from
-the sum and the number of weights in it.
+the sum and the sum of the weights in it. The first state of a round is kept as it arrived (a
+view of the message, no copy) and the sum made when a second one comes, so a round with one
+neighbour heard (a time-varying one-peer round) needs no sum and is mixed as before.
 
 Only full states whose replica would be dropped after the mix anyway are summed: those of a
 neighbour whose hello said it sends full states every round, and every state of a time-varying
@@ -60,9 +62,11 @@ class RoundSums:
         self.round = -1
         self.closed = -1
         #: per component: the sum (kept from round to round, the size of the component), the
-        #: weight of every neighbour in it, every neighbour heard, the largest squared distance
-        #: from a state heard to this node's published copy
+        #: first state while it is the only one, the weight of every neighbour in the sum,
+        #: every neighbour heard, the largest squared distance from a state heard to this
+        #: node's published copy
         self.totals: dict[str, np.ndarray] = {}
+        self.first: dict[str, np.ndarray] = {}
         self.terms: dict[str, Row] = {}
         self.heard: dict[str, set[str]] = {}
         self.dist_sq: dict[str, float] = {}
@@ -102,10 +106,8 @@ class RoundSums:
         if msg.round != node.mixing_round or msg.round == self.closed:
             return False
         if msg.round != self.round:
+            self._reset()
             self.round = msg.round
-            self.terms.clear()
-            self.heard.clear()
-            self.dist_sq.clear()
         taken = False
         for name, tensor in self.exchange.tensors(peer, msg):
             taken = True
@@ -127,16 +129,21 @@ class RoundSums:
 
     def _add_term(self, comp: str, pid: str, weight: float, value: np.ndarray) -> None:
         assert self.mixer is not None
-        coefficient = self.mixer.coefficient(weight)
         terms = self.terms.setdefault(comp, {})
+        if not terms:
+            self.first[comp] = value
+            terms[pid] = weight
+            return
         total = self.totals.get(comp)
         if total is None:
             own = self.state.shared[comp]
             total = self.totals[comp] = np.empty(own.shape, own.dtype)
-        if terms:
-            axpy_into(total, coefficient, value)
-        else:
-            np.multiply(value, coefficient, out=total, casting="same_kind")
+        first = self.first.pop(comp, None)
+        if first is not None:
+            (first_id,) = terms
+            coefficient = self.mixer.coefficient(terms[first_id])
+            np.multiply(first, coefficient, out=total, casting="same_kind")
+        axpy_into(total, self.mixer.coefficient(weight), value)
         terms[pid] = weight
 
     def summed(self, comp: str) -> set[str]:
@@ -163,10 +170,16 @@ class RoundSums:
         if not self.summed(comp) or not self.terms.get(comp):
             return False
         assert self.mixer is not None
+        terms = self.terms[comp]
+        first = self.first.get(comp)
+        if first is not None:  # one state summed: the mixer mixes it with the replicas
+            (first_id,) = terms
+            heard = {**replicas, first_id: first}
+            self.mixer.mix_into(x, published, heard, weights, self.state.id)
+            return True
         for pid in sorted(replicas):
             if pid in weights and pid != self.state.id:
                 self._add_term(comp, pid, weights[pid], replicas[pid])
-        terms = self.terms[comp]
         weight_sum = sum(weights[j] for j in sorted(terms))
         self.mixer.mix_sum_into(x, published, self.totals[comp], weight_sum)
         return True
@@ -174,7 +187,11 @@ class RoundSums:
     def close(self) -> None:
         """The round being mixed is mixed: what comes for it later is late."""
         self.closed = self.state.mixing_round
+        self._reset()
+
+    def _reset(self) -> None:
         self.round = -1
+        self.first.clear()
         self.terms.clear()
         self.heard.clear()
         self.dist_sq.clear()
