@@ -9,8 +9,8 @@ it runs torch's fused `add_(src, alpha=a)` on zero-copy views instead, but only 
 that has already imported torch (one that trains a model): this module never imports torch
 itself, so a consensus daemon does not pay torch's start-up time and memory. `mix_into` (plain
 weighted average) and `choco_mix_into` (the CHOCO step over replicas) are built on `axpy_into`;
-`choco_sum_into` is the same CHOCO step from a weighted sum of the replicas summed as they
-arrived (one replica at a time, none of them kept).
+`choco_sum_into` takes the same CHOCO step from the replicas' weighted sum, which a caller may
+add up one replica at a time as they arrive, keeping none of them.
 """
 
 from __future__ import annotations
