@@ -405,3 +405,25 @@ def test_a_consensus_daemon_path_loads_neither_torch_nor_networkx(tmp_path: Path
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         timeout=120,
     )
+
+
+@pytest.mark.multiprocess
+def test_a_daemon_without_a_metrics_endpoint_loads_neither_asyncio_nor_prometheus() -> None:
+    code = (
+        "import sys\n"
+        "from m3tgossip.daemon.node import Node\n"
+        "from m3tgossip.net import Transport\n"
+        "t = Transport('n0', 'tcp://127.0.0.1:*', {'n1': 'tcp://127.0.0.1:1'})\n"
+        "t.poll(50)\n"
+        "assert t.link_state['n1'] in ('dialling', 'waiting'), t.link_state\n"
+        "t.close(0)\n"
+        "loaded = {'asyncio', 'prometheus_client', 'http.server'} & set(sys.modules)\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )

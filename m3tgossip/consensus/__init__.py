@@ -6,6 +6,7 @@ from m3tgossip.consensus.kernels import (
     add_into,
     axpy_into,
     choco_mix_into,
+    choco_sum_into,
     mix_into,
     squared_distance,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "add_into",
     "axpy_into",
     "choco_mix_into",
+    "choco_sum_into",
     "clip_tau",
     "clipped_mix_into",
     "effective_noise_var",

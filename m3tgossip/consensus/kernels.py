@@ -8,7 +8,9 @@ it, so it reads and writes each array once, like a fused kernel. For arrays of a
 it runs torch's fused `add_(src, alpha=a)` on zero-copy views instead, but only in a process
 that has already imported torch (one that trains a model): this module never imports torch
 itself, so a consensus daemon does not pay torch's start-up time and memory. `mix_into` (plain
-weighted average) and `choco_mix_into` (the CHOCO step over replicas) are built on `axpy_into`.
+weighted average) and `choco_mix_into` (the CHOCO step over replicas) are built on `axpy_into`;
+`choco_sum_into` takes the same CHOCO step from the replicas' weighted sum, which a caller may
+add up one replica at a time as they arrive, keeping none of them.
 """
 
 from __future__ import annotations
@@ -172,3 +174,24 @@ def choco_mix_into(
     for j in terms:
         axpy_into(own, gamma * weights[j], replicas[j])
     axpy_into(own, -gamma * sum(weights[j] for j in terms), replica_self)
+
+
+def choco_sum_into(
+    own: np.ndarray,
+    replica_self: np.ndarray,
+    total: np.ndarray,
+    weight_sum: float,
+    gamma: float = 1.0,
+) -> None:
+    """CHOCO-gossip step from a sum: `own += total - gamma * weight_sum * replica_self`.
+
+    `total` is `sum_j gamma * w_ij * replicas[j]` over the replicas heard, summed elsewhere as
+    they arrived, and `weight_sum` is `sum_j w_ij` over the same replicas: the result is
+    `choco_mix_into`'s up to float rounding (the terms are added in another order).
+    """
+    if replica_self.shape != own.shape or total.shape != own.shape:
+        raise ValueError(
+            f"replica_self {replica_self.shape} and total {total.shape} must be {own.shape}"
+        )
+    add_into(own, total)
+    axpy_into(own, -gamma * weight_sum, replica_self)

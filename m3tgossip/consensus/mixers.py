@@ -8,6 +8,8 @@ neighbours heard this round and the round's weight row. Three exist:
 - `mean` (`ChocoMixer`): the CHOCO-gossip step over replicas, `kernels.choco_mix_into`. The
   only one that takes the step size `gamma` and the published copy, and so the only one that
   works with a lossy codec (fp16, int8, top-k), whose error feedback rests on that step.
+  It is linear in the replicas, so it can also run from their weighted sum (`mix_sum_into`),
+  which a node adds up as the replicas arrive instead of holding them all until the mix.
 - `clip` (`ClipMixer`): self-centred clipping (He, Karimireddy and Jaggi, 2022). Every
   neighbour's pull `x_j - x_i` is clipped to norm `tau` before the weighted sum, so one
   neighbour can move a node by at most `w_ij * tau` per round. `tau` adapts: by default the
@@ -28,7 +30,7 @@ from typing import Protocol
 
 import numpy as np
 
-from m3tgossip.consensus.kernels import choco_mix_into
+from m3tgossip.consensus.kernels import choco_mix_into, choco_sum_into
 
 #: the aggregator names `make_mixer` knows (`gossip.aggregator`)
 AGGREGATORS = ("mean", "clip", "trimmed")
@@ -82,6 +84,18 @@ class ChocoMixer:
         if self_id not in weights:
             raise ValueError(f'weights have no entry for self "{self_id}"')
         choco_mix_into(x, published, replicas, weights, gamma=self.gamma)
+
+    def coefficient(self, weight: float) -> float:
+        """The factor of a replica of weight `weight` in the step's sum: `gamma * weight`."""
+        return self.gamma * weight
+
+    def mix_sum_into(
+        self, x: np.ndarray, published: np.ndarray, total: np.ndarray, weight_sum: float
+    ) -> None:
+        """The CHOCO step from `total = sum_j coefficient(w_ij) * replicas[j]` over the
+        replicas heard and `weight_sum = sum_j w_ij` over the same: `mix_into`'s result up to
+        float rounding, without the replicas."""
+        choco_sum_into(x, published, total, weight_sum, gamma=self.gamma)
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,8 @@ class Exchange:
         #: what every neighbour holds of this node (the published copy), and its version
         self.published = {c: np.zeros_like(x) for c, x in shared.items()}
         self.version = {c: 0 for c in shared}
+        #: the round this node last sent (its published copy is that round's); -1 before
+        self.sent_round = -1
         #: the neighbours in the order this node sends to them: spec order from the one after
         #: this node, wrapping round, so that in a round every node is some sender's first
         #: receiver instead of all senders queueing for the same neighbours
@@ -133,6 +135,7 @@ class Exchange:
             self.send_states([p.id for p in self.send_order])
         else:
             self.send_round()
+        self.sent_round = self.state.round
 
     def drop_replicas(self, every: bool = False) -> None:
         """Forget what neighbours sent once it is mixed: from those whose hello said they send
@@ -248,6 +251,7 @@ class Exchange:
             # (frames are sent without copying) and it is the published copy the mix reads
             self.published[comp] = x.copy()
             self.version[comp] += 1
+        self.sent_round = node.round
         for pid in out_peers:
             peer = node.peers.get(pid)
             if peer is not None and peer.model_ok and peer.components:
@@ -264,6 +268,7 @@ class Exchange:
             seen = {p.id: p.replicas[comp] for p in node.peers.values() if comp in p.replicas}
             values[comp] = malicious_value(f.attack, f.attack_scale, x, seen)
             self.version[comp] += 1
+        self.sent_round = node.round
         for peer in node.peers.values():
             if not peer.components or not peer.model_ok:
                 continue
@@ -292,12 +297,11 @@ class Exchange:
 
     # ----------------------------------------------------------------------------- receiving
 
-    def apply(self, peer: Peer, msg: protocol.Message) -> bool:
-        """Apply a `delta` or `state` to `peer`'s replicas; True if a replica changed. A delta
-        for a replica version this node does not hold asks the neighbour for its state."""
+    def tensors(self, peer: Peer, msg: protocol.Message) -> list[tuple[str, np.ndarray]]:
+        """The tensors of a `delta` or `state` this node can take from `peer`: components
+        both share, in the shape of this node's; the others are logged and left out."""
         node = self.state
-        gaps: list[str] = []
-        changed = False
+        out = []
         for name, tensor in msg.tensors.items():
             if name not in peer.components:
                 log.warning(
@@ -318,6 +322,17 @@ class Exchange:
                     own.shape,
                 )
                 continue
+            out.append((name, tensor))
+        return out
+
+    def apply(self, peer: Peer, msg: protocol.Message) -> bool:
+        """Apply a `delta` or `state` to `peer`'s replicas; True if a replica changed. A delta
+        for a replica version this node does not hold asks the neighbour for its state."""
+        node = self.state
+        gaps: list[str] = []
+        changed = False
+        for name, tensor in self.tensors(peer, msg):
+            own = node.shared[name]
             base = msg.meta[name].base
             peer.noise[name] = msg.meta[name].noise
             if msg.type is MsgType.DELTA and node.config.gossip.noise_strength > 0:

@@ -1,6 +1,8 @@
 """The mix phase: each shared component moves towards the replicas heard this round, with the
 node's mixer and its mixing row (Metropolis-Hastings, noise-aware, or this round's row of a
-time-varying topology), renormalised over the neighbours actually heard."""
+time-varying topology), renormalised over the neighbours actually heard. Full states that were
+summed as they arrived (`m3tgossip.daemon.stream`) are mixed from their sum, with the replicas
+heard added to it; a component with nothing summed is mixed by the mixer from the replicas."""
 
 from __future__ import annotations
 
@@ -46,27 +48,33 @@ class MixStep:
         dist_sq = 0.0
         norm_sq = 0.0
         self.distances = {}
+        sums = self.rounds.sums
         for comp, x in node.shared.items():
             if comp in node.retired:
                 continue
-            heard = {
+            summed = sums.summed(comp)
+            held = {
                 p.id
                 for p in node.peers.values()
-                if comp in p.replicas and p.heard.get(comp) == mixing
+                if comp in p.replicas and p.heard.get(comp) == mixing and p.id not in summed
             }
+            heard = held | summed
             heard_any |= heard
             mine = self.exchange.published[comp]
-            replicas = {pid: node.peers[pid].replicas[comp] for pid in heard}
-            comp_sq = 0.0
+            replicas = {pid: node.peers[pid].replicas[comp] for pid in held}
+            comp_sq = sums.distance_sq(comp)
             for r in replicas.values():
                 comp_sq = max(comp_sq, squared_distance(r, mine))
             dist_sq = max(dist_sq, comp_sq)
             mine_sq = float(mine @ mine)
             norm_sq += mine_sq
-            if replicas:
+            if heard:
                 self.distances[comp] = math.sqrt(comp_sq / mine_sq if mine_sq > 0 else comp_sq)
             row = row_of_round if row_of_round is not None else self.noise_aware(comp)
-            self.mixer.mix_into(x, mine, replicas, renormalise(row, node.id, heard), node.id)
+            weights = renormalise(row, node.id, heard)
+            if not sums.mix_into(comp, x, mine, replicas, weights):
+                self.mixer.mix_into(x, mine, replicas, weights, node.id)
+        sums.close()
         distance = math.sqrt(dist_sq / norm_sq) if norm_sq > 0 else math.sqrt(dist_sq)
         return sorted(heard_any), distance
 

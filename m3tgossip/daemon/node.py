@@ -32,6 +32,7 @@ from m3tgossip.daemon.rounds import RoundCollector
 from m3tgossip.daemon.schedules import RoundParts, make_schedule
 from m3tgossip.daemon.startup import handshake, make_gate, open_transport
 from m3tgossip.daemon.state import NodeState
+from m3tgossip.daemon.stream import RoundSums
 from m3tgossip.errors import ConfigError
 from m3tgossip.log import get_logger
 from m3tgossip.topology import Topology, load_topology
@@ -81,7 +82,8 @@ class Node(NodeState):
         transport = transport or open_transport(config, topology, peers)
         self.link = Link(self.id, transport, lambda: self.round)
         self.exchange = Exchange(self, self.link)
-        self.rounds = RoundCollector(self, self.link, self.exchange, self.poll)
+        sums = RoundSums(self, self.exchange, mixer)
+        self.rounds = RoundCollector(self, self.link, self.exchange, self.poll, sums)
         self.mixstep = MixStep(self, self.exchange, self.rounds, mixer)
         self.parts = RoundParts(
             self, self.link, self.exchange, self.rounds, self.mixstep, self.poll

@@ -25,20 +25,24 @@ what `metrics.jsonl` holds:
     process_*                                                   CPU, memory, open files
 
 The HTTP server is prometheus_client's own, in a daemon thread; `close` stops it.
+prometheus_client (and the HTTP server, urllib and email modules it brings) is imported only
+when the endpoint starts, so a node without one does not hold it in memory.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from typing import Any
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, Info, ProcessCollector
-from prometheus_client.exposition import start_http_server
+from typing import TYPE_CHECKING, Any
 
 from m3tgossip.daemon.config import NodeConfig, prometheus_address
 from m3tgossip.daemon.state import NodeState
 from m3tgossip.log import get_logger
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from m3tgossip.daemon.prometheus_series import Series
 
 log = get_logger(__name__)
 #: seconds `close` waits for the server thread
@@ -55,114 +59,6 @@ def _number(value: Any) -> float | None:
         return None
 
 
-#: series without labels that only some nodes have (private ones, evaluated workloads): made
-#: when their first value arrives, so a node never shows a value it does not have
-OPTIONAL = {
-    "m3tgossip_privacy_epsilon": "Node-level differential-privacy epsilon spent",
-    "m3tgossip_privacy_retired_components": (
-        "Components whose budget is spent (trained locally, never sent again)"
-    ),
-    "m3tgossip_mean_accuracy": "Mean held-out accuracy over tasks",
-    "m3tgossip_worst_group_gap": "Largest group accuracy gap over tasks",
-    "m3tgossip_error_to_mean": "Consensus workload: relative distance to the exact network mean",
-}
-
-
-class _Series:
-    """Every series of one node, in one registry."""
-
-    def __init__(self, r: CollectorRegistry) -> None:
-        self.registry = r
-        self._optional: dict[str, Gauge] = {}
-        self.info = Info("m3tgossip_node", "The node answering this endpoint", registry=r)
-        self.round = Gauge("m3tgossip_round", "Last round this node completed", registry=r)
-        self.rounds = Counter(
-            "m3tgossip_rounds", "Rounds completed by this daemon process", registry=r
-        )
-        self.duration = Gauge(
-            "m3tgossip_round_duration_seconds", "Wall time of the last round", registry=r
-        )
-        self.phase = Gauge(
-            "m3tgossip_round_phase_seconds",
-            "Time of each phase of the last round",
-            ["phase"],
-            registry=r,
-        )
-        self.deadline = Gauge(
-            "m3tgossip_round_deadline_seconds", "Current adaptive round deadline", registry=r
-        )
-        self.distance = Gauge(
-            "m3tgossip_consensus_distance",
-            "Largest distance to a neighbour's value, relative to this node's (last round)",
-            registry=r,
-        )
-        self.comp_distance = Gauge(
-            "m3tgossip_component_consensus_distance",
-            "Largest relative distance to a neighbour's value of one component (last mix)",
-            ["component"],
-            registry=r,
-        )
-        self.bytes_in = Counter("m3tgossip_received_bytes", "Bytes received", registry=r)
-        self.bytes_out = Counter("m3tgossip_sent_bytes", "Bytes sent", registry=r)
-        self.neighbours = Gauge(
-            "m3tgossip_neighbours", "Neighbours sharing a component with this node", registry=r
-        )
-        self.heard = Gauge(
-            "m3tgossip_neighbours_heard", "Neighbours heard in the last round", registry=r
-        )
-        self.suspected = Gauge(
-            "m3tgossip_neighbours_suspected", "Neighbours not waited for now", registry=r
-        )
-        self.misses = Counter(
-            "m3tgossip_neighbour_deadline_misses",
-            "Rounds whose deadline passed without this neighbour's messages",
-            ["neighbour"],
-            registry=r,
-        )
-        self.missed = Gauge(
-            "m3tgossip_neighbour_missed_rounds",
-            "Consecutive rounds this neighbour missed",
-            ["neighbour"],
-            registry=r,
-        )
-        self.suspect = Gauge(
-            "m3tgossip_neighbour_suspected",
-            "1 if this neighbour missed suspect_after rounds and is not waited for",
-            ["neighbour"],
-            registry=r,
-        )
-        self.comp_epsilon = Gauge(
-            "m3tgossip_privacy_component_epsilon",
-            "Epsilon spent on one shared component",
-            ["component"],
-            registry=r,
-        )
-        self.accuracy = Gauge(
-            "m3tgossip_task_accuracy",
-            "Held-out accuracy per task (last evaluation)",
-            ["task"],
-            registry=r,
-        )
-        self.f1 = Gauge(
-            "m3tgossip_task_f1",
-            "Held-out macro F1 per task (last evaluation)",
-            ["task"],
-            registry=r,
-        )
-        self.gap = Gauge(
-            "m3tgossip_group_accuracy_gap",
-            "Best minus worst demographic group accuracy (last evaluation)",
-            ["attribute", "task"],
-            registry=r,
-        )
-
-    def optional(self, name: str) -> Gauge:
-        """The series `name` of OPTIONAL, registered on first use."""
-        if name not in self._optional:
-            self._optional[name] = Gauge(name, OPTIONAL[name], registry=self.registry)
-        return self._optional[name]
-
-
 class Exporter:
     """One node's Prometheus endpoint; every method does nothing when it is off."""
 
@@ -174,7 +70,7 @@ class Exporter:
         #: HOST:PORT the server listens on once started (a port of 0 resolved)
         self.bound: str | None = None
         self.registry: CollectorRegistry | None = None
-        self._series: _Series | None = None
+        self._series: Series | None = None
         self._server: Any = None
         self._thread: threading.Thread | None = None
         #: last cumulative values seen, to advance the counters by
@@ -189,9 +85,14 @@ class Exporter:
         """Create the series and serve them (OSError naming the address if it cannot)."""
         if not self.enabled or self._server is not None:
             return
+        from prometheus_client import CollectorRegistry, ProcessCollector
+        from prometheus_client.exposition import start_http_server
+
+        from m3tgossip.daemon.prometheus_series import Series
+
         host, port = prometheus_address(self.address, self.public)
         registry = CollectorRegistry()
-        series = _Series(registry)
+        series = Series(registry)
         ProcessCollector(registry=registry)
         series.info.info(
             {
@@ -232,7 +133,7 @@ class Exporter:
                 log.warning("%s: Prometheus series not updated: %r", self.node_id, exc)
                 self._warned = True
 
-    def _observe(self, s: _Series, record: dict[str, Any], state: NodeState) -> None:
+    def _observe(self, s: Series, record: dict[str, Any], state: NodeState) -> None:
         s.round.set(int(record["round"]))
         s.rounds.inc()
         timings = {k: v for k, v in record.get("timings", {}).items() if _number(v) is not None}
@@ -258,7 +159,7 @@ class Exporter:
             s.optional("m3tgossip_privacy_retired_components").set(len(privacy.get("retired", ())))
         self._evaluation(s, record)
 
-    def _neighbours(self, s: _Series, state: NodeState) -> None:
+    def _neighbours(self, s: Series, state: NodeState) -> None:
         suspect_after = state.config.gossip.suspect_after
         suspected = 0
         for peer in state.peers.values():
@@ -271,7 +172,7 @@ class Exporter:
             suspected += suspect
         s.suspected.set(suspected)
 
-    def _evaluation(self, s: _Series, record: dict[str, Any]) -> None:
+    def _evaluation(self, s: Series, record: dict[str, Any]) -> None:
         tasks = record.get("tasks")
         if isinstance(tasks, dict):
             for task, m in tasks.items():
@@ -287,7 +188,7 @@ class Exporter:
         self._optional(s, "m3tgossip_worst_group_gap", record.get("worst_group_gap"))
         self._optional(s, "m3tgossip_error_to_mean", record.get("error_to_mean"))
 
-    def _optional(self, s: _Series, name: str, value: Any) -> None:
+    def _optional(self, s: Series, name: str, value: Any) -> None:
         if _number(value) is not None:
             self._set(s.optional(name), value)
 

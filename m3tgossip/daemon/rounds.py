@@ -3,7 +3,9 @@ adaptive deadline from observed arrival delays, and a wait that never lasts fore
 
 Messages that arrive early (a neighbour already in the next round) wait in a bounded queue and
 are applied when this node reaches that round, so both ends of an edge always mix the same pair
-of replica versions and the network mean is preserved exactly.
+of replica versions and the network mean is preserved exactly. A full state that needs no
+replica is added to the round's sums as it arrives (`m3tgossip.daemon.stream`); everything
+else is applied to the neighbour's replicas.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from m3tgossip.daemon.exchange import Exchange
 from m3tgossip.daemon.link import Link
 from m3tgossip.daemon.peers import Peer
 from m3tgossip.daemon.state import NodeState
+from m3tgossip.daemon.stream import RoundSums
 from m3tgossip.log import get_logger
 
 log = get_logger(__name__)
@@ -38,11 +41,18 @@ class RoundCollector:
     """Waits for the messages of the round being mixed (`Node.mixing_round`)."""
 
     def __init__(
-        self, state: NodeState, link: Link, exchange: Exchange, poll: Callable[[int], None]
+        self,
+        state: NodeState,
+        link: Link,
+        exchange: Exchange,
+        poll: Callable[[int], None],
+        sums: RoundSums,
     ) -> None:
         self.state = state
         self.link = link
         self.exchange = exchange
+        #: the round's sums of the full states that need no replica
+        self.sums = sums
         #: handles whatever arrives within the given milliseconds (the node's handlers)
         self.poll = poll
         #: arrival delays (s) of neighbours' round messages after this node's round started
@@ -55,9 +65,11 @@ class RoundCollector:
         self.isolated: set[str] = set()
 
     def receive(self, peer: Peer, msg: protocol.Message) -> None:
-        """A `delta` or `state`: apply it if its round is due, else hold it."""
+        """A `delta` or `state`: apply it if its round is due, else hold it (also a state to
+        sum that came before this node sent its round: `RoundSums.early`)."""
         node = self.state
-        if msg.round > node.mixing_round:
+        early = not self.collecting and self.sums.early(peer, msg, self.row is not None)
+        if msg.round > node.mixing_round or early:
             if len(peer.pending) >= MAX_PENDING:
                 peer.pending.pop(0)
                 peer.replicas.clear()
@@ -76,7 +88,11 @@ class RoundCollector:
             and msg.round == node.mixing_round
             and not any(peer.heard.get(c) == msg.round for c in peer.components)
         )
-        if self.exchange.apply(peer, msg) and timed:
+        if self.sums.takes(peer, msg, self.row is not None):
+            changed = self.sums.add(peer, msg, self.row)
+        else:
+            changed = self.exchange.apply(peer, msg)
+        if changed and timed:
             self.latencies.append(time.monotonic() - self.started)
 
     def deadline(self) -> float:

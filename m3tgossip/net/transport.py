@@ -20,6 +20,7 @@ header's `sender` is the peer whose key the link authenticated.
 from __future__ import annotations
 
 import ipaddress
+import struct
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,6 @@ from typing import NamedTuple, Protocol
 from urllib.parse import urlsplit
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from m3tgossip.log import get_logger
 
@@ -139,6 +139,16 @@ LINK_STATES = {
 MONITORED = sum(LINK_STATES)
 
 
+def monitor_event(frames: Sequence[bytes]) -> int:
+    """The event of a ZeroMQ monitor message: a 16-bit event id and a 32-bit value in the first
+    frame, the endpoint in the second (pyzmq's `zmq.utils.monitor` reads the same, but imports
+    asyncio, whose memory a daemon would hold for nothing)."""
+    if len(frames) != 2 or len(frames[0]) != 6:
+        raise ValueError(f"not a monitor event message: {len(frames)} frames")
+    event, _value = struct.unpack("=HI", frames[0])
+    return int(event)
+
+
 def _common_options(sock: zmq.Socket, cfg: TransportConfig) -> None:
     sock.setsockopt(zmq.LINGER, cfg.linger_ms)
     sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes)
@@ -247,7 +257,7 @@ class Transport:
         came_up = False
         while True:
             try:
-                event = recv_monitor_message(monitor, flags=zmq.NOBLOCK)["event"]
+                event = monitor_event(monitor.recv_multipart(flags=zmq.NOBLOCK))
             except zmq.Again:
                 return came_up
             self.link_state[peer] = LINK_STATES.get(event, self.link_state[peer])
