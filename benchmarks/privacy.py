@@ -19,7 +19,8 @@ over the nodes, then over the seeds with a 95% confidence interval (Student t ov
 the unseen learners of each node's institution (`unseen` in the metrics: 300 learners no node
 trained on, without the node's label skew), the better test where a student holds few records.
 Every private node's node-level epsilon comes from its last metrics record
-(`privacy.node_epsilon`, everything it released, all components composed) and is checked against its profile's budget at its delta.
+(`privacy.node_epsilon`, everything it released, all components composed) and is checked
+against its profile's budget at its delta.
 Regulation-aware against strictest-for-all is the strict nodes' accuracy under `profiles`
 (their neighbours on their own, more lenient, profiles) against under `strictest`.
 
