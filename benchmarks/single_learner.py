@@ -19,7 +19,8 @@ Each run also counts the node-rounds in which a live neighbour was not heard by 
 the cancellation is exact only in rounds where every neighbour's message is mixed.
 Utility is the held-out accuracy at a node's last evaluation (mean over its tasks), averaged
 over the student nodes, and separately over the other nodes (the masks reach their states
-too). Every run's load average before and after is recorded: the daemons share the machine.
+too), on the node's own held-out records and on its institution's unseen learners. Every
+run's load average before and after is recorded: the daemons share the machine.
 Writes DIR/single_learner.json; each run keeps its folder DIR/runs/NAME, and running again
 into the same DIR reuses the runs that completed with the same command line.
 
@@ -72,8 +73,10 @@ def node_results(folder: Path, summary: Any, ids: list[str]) -> dict[str, Any]:
         priv = next((r["privacy"] for r in reversed(recs) if "privacy" in r), None)
         v = per_node.get(nid, {})
         accs = v.get("mean_acc", [])
+        new = [a for a in v.get("unseen_acc", []) if a is not None]
         out[nid] = {
             "final_acc": accs[-1] if accs else None,
+            "unseen_final_acc": new[-1] if new else None,
             "first_acc": accs[0] if accs else None,
             "tasks": {t: m["acc"] for t, m in v.get("final", {}).items()},
             "mechanism": priv.get("mechanism") if priv else None,
@@ -190,13 +193,17 @@ def main(argv: list[str] | None = None) -> int:
                 "students_acc": mean([nodes[i]["final_acc"] for i in students]),
                 "others_acc": mean([nodes[i]["final_acc"] for i in others]),
                 "all_acc": summary.final_mean_acc,
+                "students_unseen_acc": mean([nodes[i]["unseen_final_acc"] for i in students]),
+                "others_unseen_acc": mean([nodes[i]["unseen_final_acc"] for i in others]),
                 "rounds_missing_a_neighbour": missed(folder, students + others),
                 "nodes": nodes,
             }
             runs.append(run)
             print(
                 f"[{name}] exit {run['exit']}, {wall:.0f} s, load {before} -> {after}: "
-                f"students {fmt(run['students_acc'])}, others {fmt(run['others_acc'])}",
+                f"students {fmt(run['students_acc'])}, others {fmt(run['others_acc'])}; "
+                f"unseen learners: students {fmt(run['students_unseen_acc'])}, "
+                f"others {fmt(run['others_unseen_acc'])}",
                 flush=True,
             )
     table: dict[str, Any] = {}
@@ -206,14 +213,21 @@ def main(argv: list[str] | None = None) -> int:
             "students_acc": mean([r["students_acc"] for r in mine]),
             "others_acc": mean([r["others_acc"] for r in mine]),
             "per_seed_students": [r["students_acc"] for r in mine],
+            "students_unseen_acc": mean([r["students_unseen_acc"] for r in mine]),
+            "others_unseen_acc": mean([r["others_unseen_acc"] for r in mine]),
+            "per_seed_students_unseen": [r["students_unseen_acc"] for r in mine],
             "student_mechanisms": sorted(
                 {str(r["nodes"][i]["mechanism"]) for r in mine for i in students}
             ),
         }
-    print(f"\n{'setting':8} {'students':>9} {'others':>9}  student mechanisms")
+    print(
+        f"\n{'setting':8} {'students':>9} {'others':>9} {'unseen: students':>17} {'others':>9}"
+        "  student mechanisms"
+    )
     for setting, row in table.items():
         print(
-            f"{setting:8} {fmt(row['students_acc']):>9} {fmt(row['others_acc']):>9}  "
+            f"{setting:8} {fmt(row['students_acc']):>9} {fmt(row['others_acc']):>9} "
+            f"{fmt(row['students_unseen_acc']):>17} {fmt(row['others_unseen_acc']):>9}  "
             + ", ".join(row["student_mechanisms"])
         )
     path = write_json(
