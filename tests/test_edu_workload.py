@@ -93,6 +93,11 @@ def test_rounds_train_and_evaluate_on_schedule(topology):
         assert set(unseen["tasks"]) == set(topology.node("uni").tasks)
         assert all(m["n"] == UNSEEN_RECORDS for m in unseen["tasks"].values())
         assert 0.0 <= unseen["mean_acc"] <= 1.0
+        # group gaps of the binary tasks on the unseen learners (m3tgossip.edu.equity)
+        for task, per_attribute in unseen["equity"].items():
+            assert task in topology.node("uni").tasks and task != "engagement"
+            for gaps in per_attribute.values():
+                assert 0.0 <= gaps["abroca"] <= 1.0 and 0.0 < gaps["p_value"] <= 1.0
 
 
 def test_mixing_in_place_is_the_model_update(topology):

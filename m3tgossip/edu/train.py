@@ -11,7 +11,9 @@ saved one was.
 `evaluate` reports, on the held-out records (and on unseen learners, when given), per-task
 accuracy and macro-F1, per-group accuracy for every value of each attribute in
 `GROUP_ATTRIBUTES`, and the gap between the best and worst group (groups with at least
-`MIN_GROUP` labelled records).
+`MIN_GROUP` labelled records); on the unseen learners also, per binary task and attribute, the
+accuracy, true and false positive rate gaps, ABROCA and its randomization p-value
+(`m3tgossip.edu.equity`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from m3tgossip.edu.data.records import EduData
 from m3tgossip.edu.data.schema import GROUP_ATTRIBUTES
 from m3tgossip.edu.dpsgd import LearnerSGD, learners_of, sampling_rate
+from m3tgossip.edu.equity import group_gaps
 from m3tgossip.edu.model.node_model import NodeModel
 from m3tgossip.privacy import TrainingNoise
 
@@ -80,7 +83,7 @@ class Trainer:
         self.train_labels = {t: torch.from_numpy(train.labels[t]) for t in model.tasks}
         self.test_set = _EvalSet(model, test)
         #: learners the node never saw, from its institution's population (None: not known)
-        self.unseen_set = _EvalSet(model, unseen) if unseen is not None else None
+        self.unseen_set = _EvalSet(model, unseen, equity=True) if unseen is not None else None
         labelled = np.zeros(len(train), dtype=bool)
         for t in model.tasks:
             labelled |= train.labels[t] >= 0
@@ -209,7 +212,9 @@ class Trainer:
 class _EvalSet:
     """A prepared evaluation set: the model's inputs, labels of its tasks and group attributes."""
 
-    def __init__(self, model: NodeModel, data: EduData) -> None:
+    def __init__(self, model: NodeModel, data: EduData, *, equity: bool = False) -> None:
+        #: also report the group gaps of `m3tgossip.edu.equity` (TPR/FPR gaps, ABROCA, p-value)
+        self.equity = equity
         self.batch = model.prepare(data)
         self.labels = {t: data.labels[t] for t in model.tasks}
         self.groups = {g: data.groups[g] for g in GROUP_ATTRIBUTES}
@@ -242,10 +247,18 @@ class _EvalSet:
                 if len(accs) >= 2:
                     gaps[g][t] = max(accs.values()) - min(accs.values())
         all_gaps = [v for per_task in gaps.values() for v in per_task.values()]
-        return {
+        out: dict[str, Any] = {
             "tasks": tasks,
             "groups": groups,
             "gaps": gaps,
             "worst_group_gap": max(all_gaps) if all_gaps else None,
             "mean_acc": float(np.mean([m["acc"] for m in tasks.values()])) if tasks else None,
         }
+        if self.equity:
+            scores = {
+                t: torch.softmax(logits[t], dim=1)[:, 1].numpy()
+                for t in model.tasks
+                if logits[t].shape[1] == 2
+            }
+            out["equity"] = group_gaps(self.labels, scores, self.groups)
+        return out
