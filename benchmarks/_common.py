@@ -18,7 +18,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from m3tgossip.errors import ConfigError
 from m3tgossip.harness import Summary, Testbed, TestbedSpec, bar_iter
+from m3tgossip.harness.testbed_spec import parse_args as testbed_args
 
 T = TypeVar("T")
 
@@ -115,6 +117,27 @@ def run_testbed(spec: TestbedSpec) -> tuple[Summary, float]:
     t0 = time.monotonic()
     summary = Testbed(spec).run()
     return summary, time.monotonic() - t0
+
+
+def completed_run(folder: Path, spec: TestbedSpec) -> Summary | None:
+    """The summary of a finished, healthy run of `spec` in `folder` (its `bench-run.json`, if
+    there, holding the same testbed command line), else None: a benchmark reuses it."""
+    try:
+        summary = Summary.read(folder / "summary.json")
+    except (OSError, ValueError, TypeError):
+        return None
+    record = folder / "bench-run.json"
+    if record.exists():
+        try:
+            if testbed_args(json.loads(record.read_text()).get("argv")) != spec:
+                return None
+        except (SystemExit, ConfigError, TypeError, ValueError):
+            return None  # not a testbed command line
+    if summary.crashed or summary.hung or summary.rounds != spec.rounds:
+        return None
+    if summary.seed != spec.seed or min(summary.rounds_done.values(), default=0) < spec.rounds:
+        return None
+    return summary
 
 
 def write_json(out: Path, name: str, data: Any, **dumps: Any) -> Path:

@@ -45,7 +45,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import ROOT, interval, loadavg, machine, parser, pyplot, save_png, setup, write_json
+from _common import (
+    ROOT,
+    completed_run,
+    interval,
+    loadavg,
+    machine,
+    parser,
+    pyplot,
+    save_png,
+    setup,
+    write_json,
+)
 
 from m3tgossip.daemon.metrics import read_metrics
 from m3tgossip.edu.data import MODALITIES, TASKS, DataConfig, EduData, node_data, unseen_data
@@ -53,7 +64,7 @@ from m3tgossip.edu.model import DEFAULT_CHECKPOINT, LoraSpec, build_node_model
 from m3tgossip.edu.model.components import component_seed
 from m3tgossip.edu.train import Trainer
 from m3tgossip.edu.workload import workload_options
-from m3tgossip.harness import Summary, Testbed, TestbedSpec
+from m3tgossip.harness import Testbed, TestbedSpec
 from m3tgossip.harness.testbed_spec import parse_assignment
 from m3tgossip.privacy import TrainingPlan, profile_for
 from m3tgossip.privacy.training import training_noise
@@ -98,10 +109,8 @@ def testbed_arm(
         deadline=args.deadline,
         quiet=True,
     )
-    done = folder / "bench-run.json"
-    summary: Summary | None = None
-    if done.exists() and json.loads(done.read_text()).get("argv") == spec.argv():
-        summary = Summary.read(folder / "summary.json")
+    summary = completed_run(folder, spec)
+    if summary is not None:
         print(f"  {mode} seed {seed}: reusing the completed run in {folder}", flush=True)
         wall, code = summary.wall_seconds, 0
     else:
@@ -118,7 +127,7 @@ def testbed_arm(
         wall = time.monotonic() - t0
         print(f"  {mode} seed {seed}: exit {code}, {wall:.0f} s, load {before} -> {loadavg()}")
         if code == 0:
-            done.write_text(json.dumps({"argv": spec.argv()}))
+            (folder / "bench-run.json").write_text(json.dumps({"argv": spec.argv()}))
     evals: dict[str, list[dict[str, Any]]] = {}
     for nid in summary.nodes if summary else []:
         rows = [r for r in read_metrics(folder / "nodes" / nid / "metrics.jsonl") if "tasks" in r]
@@ -176,14 +185,10 @@ def pooled_arm(topo: Topology, o: dict[str, Any], seed: int, args: argparse.Name
         plan = TrainingPlan(trainer.private_sampling_rate(), o["local_steps"])
         noise = training_noise(profile, plan, args.rounds, model.vectors())
         trainer.use_private(noise)
-    scorers = {
-        n.id: (
-            n.tasks,
-            Trainer(model, parts[i][1], parts[i][1]),
-            Trainer(model, unseen_data(n, config), unseen_data(n, config)),
-        )
-        for i, n in enumerate(topo.nodes)
-    }
+    scorers = {}
+    for n, (_, own) in zip(topo.nodes, parts, strict=True):
+        new = unseen_data(n, config)
+        scorers[n.id] = (n.tasks, Trainer(model, own, own), Trainer(model, new, new))
     eval_rounds = [0] + [r for r in range(args.rounds) if r and (r + 1) % o["eval_every"] == 0]
     if args.rounds - 1 not in eval_rounds:
         eval_rounds.append(args.rounds - 1)

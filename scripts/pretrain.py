@@ -116,12 +116,7 @@ def split_views(batch: Batch, g: torch.Generator) -> tuple[Batch, Batch]:
 
 def representation(model: M3TModel, batch: Batch) -> torch.Tensor:
     """The task-agnostic record representation: the backbone's fused tokens, averaged [B, d]."""
-    tokens, keep = [], []
-    for m in model.modalities:
-        x = model.encoders[m](batch.inputs[m])
-        tokens.append(x)
-        keep.append(batch.present[m][:, None].expand(-1, x.shape[1]))
-    fused = model.fusion(torch.cat(tokens, dim=1), torch.cat(keep, dim=1))
+    fused = model.fuse(batch)
     n = fused.shape[1]
     return model.backbone(fused, torch.ones(n, n, dtype=torch.bool)).mean(dim=1)
 

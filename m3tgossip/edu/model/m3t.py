@@ -169,15 +169,19 @@ class M3TModel(nn.Module):
         mask = task_mask(len(self.tasks), config.prompt_tokens, config.fusion_latents)
         self.register_buffer("mask", mask, persistent=False)
 
-    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Logits per task, {task: [B, n_classes]}."""
-        b = len(batch)
+    def fuse(self, batch: Batch) -> torch.Tensor:
+        """The fused tokens [B, fusion_latents, d] of the modalities each record has."""
         tokens, keep = [], []
         for m in self.modalities:
             x = self.encoders[m](batch.inputs[m])
             tokens.append(x)
             keep.append(batch.present[m][:, None].expand(-1, x.shape[1]))
-        fused = self.fusion(torch.cat(tokens, dim=1), torch.cat(keep, dim=1))
+        return self.fusion(torch.cat(tokens, dim=1), torch.cat(keep, dim=1))
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Logits per task, {task: [B, n_classes]}."""
+        b = len(batch)
+        fused = self.fuse(batch)
         prompts = [self.prompts[t](b) for t in self.tasks]
         h = self.backbone(torch.cat([*prompts, fused], dim=1), self.mask)
         p = self.config.prompt_tokens
