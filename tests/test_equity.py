@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from m3tgossip.edu.equity import abroca, group_gaps, roc
+from m3tgossip.edu.equity import BINS, abroca, count_vector, gaps_from_counts, group_gaps, roc
 
 
 def _auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
@@ -67,3 +67,35 @@ def test_a_group_too_small_to_compare_is_left_out() -> None:
     values = np.array(["a"] * 96 + ["b"] * 4)
     out = group_gaps({"at_risk": y}, {"at_risk": np.linspace(0, 1, 100)}, {"g": values})
     assert out == {}
+
+
+def test_counts_give_the_gaps_of_the_binned_scores_and_add_up_across_nodes() -> None:
+    rng = np.random.default_rng(3)
+    n = 600
+    y = rng.integers(0, 2, n)
+    group = np.where(rng.random(n) < 0.3, "yes", "no").astype("<U16")
+    score = np.clip(
+        0.5 + 0.3 * (2 * y - 1) * np.where(group == "yes", 0.3, 1.0) + rng.normal(0, 0.15, n),
+        0,
+        0.999,
+    )
+    labels, groups = {"at_risk": y}, {"disability": group}
+    binned = (np.floor(score * BINS) + 0.5) / BINS
+    expected = group_gaps(labels, {"at_risk": binned}, groups, seed=5)
+    # two nodes' counts of halves of the records add up to the counts of all of them
+    half = np.arange(n) < n // 2
+    parts = [
+        count_vector({"at_risk": y[m]}, {"at_risk": score[m]}, {"disability": group[m]})
+        for m in (half, ~half)
+    ]
+    whole = count_vector(labels, {"at_risk": score}, groups)
+    np.testing.assert_array_equal(parts[0] + parts[1], whole)
+    assert whole.sum() == n  # one count per record for the one attribute the records have
+    # what consensus averaging gives every node, times the number of nodes
+    got = gaps_from_counts(np.mean(parts, axis=0) * 2, seed=5)
+    assert got["at_risk"]["disability"]["group"] == "yes"
+    for key in ("acc_gap", "tpr_gap", "fpr_gap", "abroca"):
+        assert got["at_risk"]["disability"][key] == pytest.approx(
+            expected["at_risk"]["disability"][key], abs=1e-12
+        )
+    assert got["at_risk"]["disability"]["acc_gap"] > 0.05

@@ -13,7 +13,8 @@ from tiny import TINY
 
 from m3tgossip.edu.data import GROUP_ATTRIBUTES, MODALITIES, DataConfig, node_data
 from m3tgossip.edu.model import build_node_model
-from m3tgossip.edu.train import Trainer, macro_f1, masked_cross_entropy
+from m3tgossip.edu.train import GroupWeights, Trainer, macro_f1, masked_cross_entropy
+from m3tgossip.edu.workload import workload_options
 
 
 @dataclass(frozen=True)
@@ -112,3 +113,54 @@ def test_restored_trainer_continues_identically():
     b.train_steps(3)
     for c, x in a.model.vectors().items():
         assert np.array_equal(b.model.vectors()[c], x), c
+
+
+def test_balanced_fairness_gives_every_group_of_an_attribute_the_same_total_weight():
+    groups = {
+        "disability": np.array(["no"] * 90 + ["yes"] * 10),
+        "language": np.array(["en"] * 100),  # one value: takes no part
+    }
+    fair = GroupWeights(groups, "balanced", 0.1)
+    w = fair.weights(np.arange(100))
+    assert set(fair.index) == {"disability"}
+    assert w[:90].sum() == pytest.approx(w[90:].sum())
+    assert w.mean() == pytest.approx(1.0)
+
+
+def test_group_dro_raises_the_weight_of_the_group_with_the_higher_loss():
+    groups = {"gender": np.array(["female"] * 50 + ["male"] * 50)}
+    fair = GroupWeights(groups, "dro", 0.5)
+    idx = np.arange(100)
+    assert np.allclose(fair.weights(idx), 1.0)
+    fair.update(idx, np.r_[np.full(50, 2.0), np.full(50, 0.5)])
+    w = fair.weights(idx)
+    assert w[0] > 1.0 > w[-1]
+    assert w.mean() == pytest.approx(1.0)
+    restored = GroupWeights(groups, "dro", 0.5)
+    restored.load_state(fair.state())
+    assert np.array_equal(restored.weights(idx), w)
+
+
+def test_a_fairness_option_trains_and_is_refused_under_differential_privacy():
+    plain = make(lr=1e-2, seed=3)
+    fair = make(lr=1e-2, seed=3, fairness="balanced")
+    plain.train_steps(3)
+    fair.train_steps(3)
+    differs = [
+        c
+        for c, x in fair.model.vectors().items()
+        if not np.array_equal(x, plain.model.vectors()[c])
+    ]
+    assert differs  # the weights changed the updates
+    with pytest.raises(ValueError, match="cannot run under differential privacy"):
+        fair.use_private(None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="fairness: one of"):
+        make(fairness="equal")
+
+
+def test_the_workload_checks_its_fairness_options():
+    assert workload_options({"fairness": "dro"})["fairness"] == "dro"
+    with pytest.raises(ValueError, match="workload option fairness"):
+        workload_options({"fairness": "fair"})
+    with pytest.raises(ValueError, match="fairness_eta"):
+        workload_options({"fairness_eta": 0})

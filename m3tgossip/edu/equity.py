@@ -135,3 +135,96 @@ def group_gaps(
             if worst is not None:
                 out.setdefault(task, {})[attribute] = worst
     return out
+
+
+# ------------------------------------------------------------------ federation-wide, from counts
+
+#: score bins of the counts; bin BINS // 2 starts at 0.5, so "bin >= BINS // 2" is the
+#: prediction at threshold 0.5 and the binned rates match the records' rates exactly
+BINS = 20
+#: the binary tasks and group values counted (a value not listed is counted as "other")
+COUNTED_TASKS = ("at_risk", "stress", "handwriting", "next_response")
+COUNTED_GROUPS: dict[str, tuple[str, ...]] = {
+    "gender": ("female", "male", "nonbinary"),
+    "first_generation": ("no", "yes"),
+    "language": ("en", "es", "fr"),
+    "disability": ("no", "yes"),
+}
+OTHER = "other"
+
+
+def count_keys() -> list[tuple[str, str, str]]:
+    """The (task, attribute, value) cells of a count vector, in its order; each cell holds
+    2 x BINS counts (label 0 then label 1, by score bin)."""
+    return [
+        (t, a, v) for t in COUNTED_TASKS for a, vs in COUNTED_GROUPS.items() for v in (*vs, OTHER)
+    ]
+
+
+def count_vector(
+    labels: Mapping[str, np.ndarray],
+    scores: Mapping[str, np.ndarray],
+    groups: Mapping[str, np.ndarray],
+) -> np.ndarray:
+    """A node's counts of labelled records per task, group value, label and score bin, as one
+    float64 vector in `count_keys` order (zeros for what the node does not have). Summing the
+    vectors of several nodes gives the counts of all their records together, which is what
+    consensus averaging (times the number of nodes) computes without moving a record."""
+    keys = count_keys()
+    out = np.zeros((len(keys), 2, BINS))
+    where = {k: i for i, k in enumerate(keys)}
+    for task in COUNTED_TASKS:
+        if task not in labels or task not in scores:
+            continue
+        y_all = np.asarray(labels[task])
+        known = y_all >= 0
+        if not known.any() or y_all[known].max() > 1:
+            continue
+        y = y_all[known].astype(np.int64)
+        b = np.clip((np.asarray(scores[task])[known] * BINS).astype(np.int64), 0, BINS - 1)
+        for attribute, listed in COUNTED_GROUPS.items():
+            if attribute not in groups:
+                continue
+            values = np.asarray(groups[attribute])[known]
+            for value in (*listed, OTHER):
+                member = ~np.isin(values, listed) if value == OTHER else values == value
+                cell = out[where[(task, attribute, value)]]
+                np.add.at(cell, (y[member], b[member]), 1.0)
+    return out.reshape(-1)
+
+
+def gaps_from_counts(
+    vector: np.ndarray, *, permutations: int = 100, seed: int = 0
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """`group_gaps` of the records a count vector describes, scored at their bins' centres:
+    the same figures (worst group per task and attribute, its gaps, ABROCA on the binned
+    scores and the randomization p-value), from counts alone. Counts are rounded to whole
+    records (an average times the number of nodes is a count up to rounding)."""
+    keys = count_keys()
+    cells = np.rint(np.asarray(vector, dtype=np.float64).reshape(len(keys), 2, BINS))
+    cells = np.clip(cells, 0, None).astype(np.int64)
+    centres = (np.arange(BINS) + 0.5) / BINS
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for task in COUNTED_TASKS:
+        for attribute, listed in COUNTED_GROUPS.items():
+            y_parts, s_parts, g_parts = [], [], []
+            for value in (*listed, OTHER):
+                cell = cells[keys.index((task, attribute, value))]
+                for label in (0, 1):
+                    n = cell[label]
+                    y_parts.append(np.full(int(n.sum()), label))
+                    s_parts.append(np.repeat(centres, n))
+                    g_parts.append(np.full(int(n.sum()), value, dtype="<U16"))
+            y = np.concatenate(y_parts)
+            if not len(y):
+                continue
+            found = group_gaps(
+                {task: y},
+                {task: np.concatenate(s_parts)},
+                {attribute: np.concatenate(g_parts)},
+                permutations=permutations,
+                seed=seed,
+            )
+            if task in found:
+                out.setdefault(task, {}).update(found[task])
+    return out

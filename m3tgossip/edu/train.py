@@ -34,6 +34,83 @@ from m3tgossip.privacy import TrainingNoise
 
 #: smallest group (labelled test records) that enters the worst-group gap
 MIN_GROUP = 5
+#: `Trainer(fairness=...)`: plain losses, group-balanced weights, or online group DRO
+FAIRNESS = ("none", "balanced", "dro")
+#: largest weight a record gets from the fairness option (a tiny group is not blown up)
+MAX_RECORD_WEIGHT = 10.0
+
+
+class GroupWeights:
+    """Per-record loss weights that favour the groups a node serves worst.
+
+    Every group attribute of the training records with at least two values takes part; a
+    record's weight is the mean over attributes of its group's weight there, and each
+    attribute's weights average 1 over the records, so the loss keeps its scale.
+
+    - `balanced`: each group of an attribute weighs as much as every other group of it in
+      total (weight 1 / (groups * share)), fixed from the training records' group counts.
+    - `dro`: online group DRO (Sagawa et al., 2020): each attribute keeps a distribution q over
+      its groups, multiplied after every step by exp(eta * the group's mean loss in the batch)
+      and renormalised, so the groups with the highest loss gain weight; a record of group g
+      weighs groups * q_g, and groups absent from a batch keep their q.
+
+    Weights are capped at `MAX_RECORD_WEIGHT`. Both read other learners' records (counts or
+    losses), so they are for training without differential privacy.
+    """
+
+    def __init__(self, groups: Mapping[str, np.ndarray], mode: str, eta: float) -> None:
+        if mode not in FAIRNESS[1:]:
+            raise ValueError(f"fairness: one of {', '.join(FAIRNESS)}, got {mode!r}")
+        self.mode = mode
+        self.eta = eta
+        #: attribute -> group index per record, and per attribute the group weights
+        self.index: dict[str, np.ndarray] = {}
+        self.q: dict[str, np.ndarray] = {}
+        self.share: dict[str, np.ndarray] = {}
+        for attribute, values in groups.items():
+            names, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+            if len(names) < 2:
+                continue
+            self.index[attribute] = inverse
+            self.share[attribute] = counts / counts.sum()
+            self.q[attribute] = np.full(len(names), 1.0 / len(names))
+
+    def weights(self, idx: np.ndarray) -> np.ndarray:
+        """The loss weights of records `idx` (ones when no attribute takes part)."""
+        if not self.index:
+            return np.ones(len(idx))
+        total = np.zeros(len(idx))
+        for attribute, inverse in self.index.items():
+            g = inverse[idx]
+            k = len(self.q[attribute])
+            if self.mode == "balanced":
+                total += 1.0 / (k * self.share[attribute][g])
+            else:
+                # q over groups -> per record, normalised so the records average 1 under the
+                # training group shares
+                w = self.q[attribute] / float(self.q[attribute] @ self.share[attribute])
+                total += w[g]
+        return np.minimum(total / len(self.index), MAX_RECORD_WEIGHT)
+
+    def update(self, idx: np.ndarray, losses: np.ndarray) -> None:
+        """Group DRO's step from the records' losses in the last batch (`balanced`: nothing)."""
+        if self.mode != "dro":
+            return
+        for attribute, inverse in self.index.items():
+            g = inverse[idx]
+            q = self.q[attribute]
+            for group in np.unique(g):
+                q[group] *= np.exp(self.eta * float(losses[g == group].mean()))
+            q /= q.sum()
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {f"fairness/{a}": q.copy() for a, q in self.q.items()}
+
+    def load_state(self, arrays: Mapping[str, np.ndarray]) -> None:
+        for a, q in self.q.items():
+            saved = arrays.get(f"fairness/{a}")
+            if saved is not None and saved.shape == q.shape:
+                q[...] = saved
 
 
 def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
@@ -70,6 +147,8 @@ class Trainer:
         seed: int = 0,
         weight_decay: float = 0.01,
         unseen: EduData | None = None,
+        fairness: str = "none",
+        fairness_eta: float = 0.1,
     ) -> None:
         weights = dict(loss_weights or {})
         unknown = sorted(set(weights) - set(model.tasks))
@@ -97,13 +176,28 @@ class Trainer:
         self.learners = learners_of(len(train), train.learner)
         #: per-learner DP-SGD, once `use_private` was called
         self.private: LearnerSGD | None = None
+        if fairness not in FAIRNESS:
+            raise ValueError(f"fairness: one of {', '.join(FAIRNESS)}, got {fairness!r}")
+        #: the fairness option's record weights (None: plain losses)
+        self.fairness = (
+            GroupWeights(train.groups, fairness, fairness_eta) if fairness != "none" else None
+        )
 
     def private_sampling_rate(self) -> float:
         """The Poisson rate of learners that gives `batch_size` learners a step on average."""
         return sampling_rate(self.batch_size, len(np.unique(self.learners[self.pool])))
 
     def use_private(self, noise: TrainingNoise, seed: int | None = None) -> None:
-        """Train with per-learner DP-SGD at `noise` from now on (`seed`: tests only)."""
+        """Train with per-learner DP-SGD at `noise` from now on (`seed`: tests only).
+
+        Refused with a fairness option: its weights read other learners' records, which
+        per-learner clipping does not account for."""
+        if self.fairness is not None:
+            raise ValueError(
+                f"fairness {self.fairness.mode!r} cannot run under differential privacy: its "
+                'weights depend on other learners\' records; use fairness = "none" or an '
+                "open privacy profile"
+            )
         self.private = LearnerSGD(
             self.model.net,
             self.train_batch,
@@ -142,14 +236,23 @@ class Trainer:
             idx = self._indices(self.step)
             logits = self.model(self.train_batch.take(idx))
             total = torch.zeros(())
+            fair = self.fairness
+            w = torch.from_numpy(fair.weights(idx.numpy())).float() if fair is not None else None
+            per_record = torch.zeros(len(idx))
             for t in self.model.tasks:
-                loss = masked_cross_entropy(logits[t], self.train_labels[t][idx])
-                if loss is None:
+                y = self.train_labels[t][idx]
+                known = y >= 0
+                if not bool(known.any()):
                     continue
-                sums[t] = sums.get(t, 0.0) + loss.item()
+                ce = F.cross_entropy(logits[t][known], y[known], reduction="none")
+                sums[t] = sums.get(t, 0.0) + ce.mean().item()
                 counts[t] = counts.get(t, 0) + 1
+                per_record[known] += ce.detach()
                 if self.weights[t]:
+                    loss = ce.mean() if w is None else (w[known] * ce).mean()
                     total = total + self.weights[t] * loss
+            if fair is not None:
+                fair.update(idx.numpy(), per_record.numpy())
             self.optimizer.zero_grad(set_to_none=True)
             if total.requires_grad:
                 total.backward()
@@ -174,6 +277,8 @@ class Trainer:
     def state(self) -> dict[str, np.ndarray]:
         """Step counter and AdamW moments, flat per component like the parameter vectors."""
         out = {"trainer/step": np.array(self.step, dtype=np.int64)}
+        if self.fairness is not None:
+            out.update(self.fairness.state())
         for c, flat in self.model.flat.items():
             states = [self.optimizer.state.get(p, {}) for p in flat.params]
             for key in ("exp_avg", "exp_avg_sq"):
@@ -195,6 +300,8 @@ class Trainer:
         if missing:
             raise ValueError(f"no optimiser state for {', '.join(missing[:4])}")
         self.step = int(arrays["trainer/step"])
+        if self.fairness is not None:
+            self.fairness.load_state(arrays)
         for c, flat in self.model.flat.items():
             avg = flat.unflatten(arrays[f"adam/{c}/exp_avg"])
             avg_sq = flat.unflatten(arrays[f"adam/{c}/exp_avg_sq"])

@@ -25,6 +25,11 @@ Options (`[workload]` table of the node config):
     backbone_layers how many of its layers (all)
     data          the node's own data folder (`m3tgossip/docs/data.md`) instead of built-in
                   records (`m3tgossip node --data DIR`); records and alpha then do nothing
+    fairness      "none" (plain losses), "balanced" (each group of every group attribute
+                  weighs the same in the loss) or "dro" (online group DRO: the groups with
+                  the highest loss gain weight); see `m3tgossip.edu.train.GroupWeights`.
+                  Training without differential privacy only: refused under a DP profile
+    fairness_eta  group DRO's step size (0.1)
 
 All nodes of a federation must use the same lora_rank, lora_alpha, lora_mode, checkpoint and
 backbone: `model_id` differs otherwise, and peers with another id are rejected.
@@ -47,7 +52,7 @@ from m3tgossip.edu.model.components import component_seed
 from m3tgossip.edu.model.lora import LoraSpec
 from m3tgossip.edu.model.node_model import build_node_model
 from m3tgossip.edu.model.pretrained import DEFAULT_CHECKPOINT
-from m3tgossip.edu.train import Trainer
+from m3tgossip.edu.train import FAIRNESS, Trainer
 from m3tgossip.log import get_logger
 from m3tgossip.privacy import TrainingNoise, TrainingPlan
 from m3tgossip.topology import Topology
@@ -69,6 +74,8 @@ DEFAULTS: dict[str, Any] = {
     "backbone_path": None,
     "backbone_layers": None,
     "data": None,
+    "fairness": "none",
+    "fairness_eta": 0.1,
 }
 OPTIONS = tuple(DEFAULTS)
 
@@ -83,7 +90,7 @@ def workload_options(raw: dict[str, Any] | None) -> dict[str, Any]:
         value = options[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"workload option {key}: a positive integer, got {value!r}")
-    for key in ("lr", "alpha"):
+    for key in ("lr", "alpha", "fairness_eta"):
         value = options[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ValueError(f"workload option {key}: a positive number, got {value!r}")
@@ -98,6 +105,10 @@ def workload_options(raw: dict[str, Any] | None) -> dict[str, Any]:
         not isinstance(options["data"], str) or not options["data"]
     ):
         raise ValueError(f"workload option data: a folder, got {options['data']!r}")
+    if options["fairness"] not in FAIRNESS:
+        raise ValueError(
+            f"workload option fairness: one of {', '.join(FAIRNESS)}, got {options['fairness']!r}"
+        )
     if options["lora_alpha"] is None:
         options["lora_alpha"] = 2.0 * options["lora_rank"]
     return options
@@ -151,6 +162,8 @@ class EduWorkload:
             batch_size=o["batch_size"],
             seed=component_seed(f"batches/{node_id}", seed),
             unseen=unseen,
+            fairness=o["fairness"],
+            fairness_eta=float(o["fairness_eta"]),
         )
         self._model_id = (
             "edu-"
