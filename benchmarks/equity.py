@@ -24,7 +24,10 @@ Headline figures per arm, over the seeds (mean and 95% Student-t interval):
                     labelled records), averaged over nodes
   mean_acc          mean accuracy on unseen learners over nodes
 
-and `fairness - plain` for each. Writes DIR/equity.json and DIR/equity.png; completed runs in
+and `fairness - plain` for each; `groups` holds, per task and group attribute, each arm's
+federation-wide acc_gap, tpr_gap, fpr_gap, abroca and p_value over the seeds.
+
+Writes DIR/equity.json and DIR/equity.png; completed runs in
 DIR/runs are reused.
 
     python benchmarks/equity.py --out runs/bench-equity
@@ -213,6 +216,18 @@ def main(argv: list[str] | None = None) -> int:
             for s in seeds_figs
             if s["fairness"][key] is not None and s["plain"][key] is not None
         )
+    # per task and group attribute, the federation-wide figures over the seeds
+    groups: dict[str, Any] = {}
+    for arm in ARMS:
+        cells = sorted(
+            {(t, a) for s in seeds_figs for t, per in s[arm]["federation"].items() for a in per}
+        )
+        for task, attribute in cells:
+            found = [s[arm]["federation"].get(task, {}).get(attribute) for s in seeds_figs]
+            groups.setdefault(task, {}).setdefault(attribute, {})[arm] = {
+                key: interval(f[key] for f in found if f is not None)
+                for key in ("acc_gap", "tpr_gap", "fpr_gap", "abroca", "p_value")
+            }
     ratio = interval(
         s["fairness"]["worst_gap_pts"] / s["plain"]["worst_gap_pts"]
         for s in seeds_figs
@@ -228,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "privacy": args.privacy,
         "fairness": args.fairness,
         "summary": summary,
+        "groups": groups,
         "worst_gap_ratio": ratio,
         "targets": {
             "worst_gap_halved": halved,
