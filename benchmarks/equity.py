@@ -6,8 +6,9 @@ For each seed, two campus testbeds (`--workload edu`, the same data, privacy and
   plain     the workload's defaults;
   fairness  the same with `fairness = --fairness` (group-balanced losses by default, or "dro").
 
-Every node is scored on the 300 unseen learners of its institution (`unseen_data`) with its
-final model (read back from its state folder). Per node, task and group attribute: the worst
+Every node is scored on `--unseen` (2000) unseen learners of its institution (`unseen_data`;
+more than the 300 the daemons score, so that group gaps are measured above their noise) with
+its final model (read back from its state folder). Per node, task and group attribute: the worst
 group's accuracy, true and false positive rate gaps against the majority, ABROCA and its
 randomization p-value (`m3tgossip.edu.equity.group_gaps`). Federation-wide: every node turns
 its scores into counts per task, group value, label and score bin (`count_vector`), the counts
@@ -19,7 +20,8 @@ the mean), and each node computes the same figures from its own copy times the n
 Headline figures per arm, over the seeds (mean and 95% Student-t interval):
 
   worst_gap_pts     the federation-wide worst group's accuracy gap (largest over tasks and
-                    attributes of the majority's accuracy minus the group's)
+                    attributes of the majority's accuracy minus the group's, over groups of
+                    at least `--min-group` records)
   node_worst_gap_pts  per node, the best minus the worst group accuracy (groups of >= 5
                     labelled records), averaged over nodes
   mean_acc          mean accuracy on unseen learners over nodes
@@ -80,13 +82,16 @@ def consensus_counts(topo: Topology, vectors: dict[str, np.ndarray], tol: float 
     return {"copies": dict(zip(ids, x, strict=True)), "rounds": rounds}
 
 
-def node_figures(folder: Path, topo: Topology, o: dict[str, Any], seed: int) -> dict[str, Any]:
-    """Per node: unseen accuracy, worst group gap, group gaps, and its count vector."""
+def node_figures(
+    folder: Path, topo: Topology, o: dict[str, Any], seed: int, unseen: int
+) -> dict[str, Any]:
+    """Per node: unseen accuracy, worst group gap, group gaps, and its count vector, on
+    `unseen` learners of its institution."""
     config = DataConfig(records=o["records"], alpha=o["alpha"], seed=seed)
     out = {}
     for n in topo.nodes:
         trained = load_trained_node(folder / "nodes" / n.id)
-        data = unseen_data(n, config)
+        data = unseen_data(n, config, n=unseen)
         evalset = _EvalSet(trained.model, data, equity=True)
         with torch.no_grad():
             metrics = evalset.metrics(trained.model)
@@ -105,24 +110,29 @@ def node_figures(folder: Path, topo: Topology, o: dict[str, Any], seed: int) -> 
     return out
 
 
-def worst_gap(figures: dict[str, dict[str, dict[str, Any]]]) -> tuple[float | None, Any]:
-    """The largest accuracy gap over tasks and attributes, and where it is."""
+def worst_gap(
+    figures: dict[str, dict[str, dict[str, Any]]], min_group: int
+) -> tuple[float | None, Any]:
+    """The largest accuracy gap over tasks and attributes whose group has at least
+    `min_group` records, and where it is."""
     best, where = None, None
     for task, per in figures.items():
         for attribute, g in per.items():
+            if g["n_group"] < min_group:
+                continue
             if best is None or g["acc_gap"] > best:
                 best, where = g["acc_gap"], {"task": task, "attribute": attribute, **g}
     return best, where
 
 
-def arm_figures(topo: Topology, nodes: dict[str, Any], seed: int) -> dict[str, Any]:
+def arm_figures(topo: Topology, nodes: dict[str, Any], seed: int, min_group: int) -> dict[str, Any]:
     n = len(topo.nodes)
     gossip = consensus_counts(topo, {i: v["counts"] for i, v in nodes.items()})
     per_copy = {i: gaps_from_counts(c * n, seed=seed) for i, c in gossip["copies"].items()}
     first = per_copy[topo.nodes[0].id]
     agree = all(p == first for p in per_copy.values())
     exact = gaps_from_counts(sum(v["counts"] for v in nodes.values()), seed=seed)
-    gap, where = worst_gap(first)
+    gap, where = worst_gap(first, min_group)
     accs = [v["mean_acc"] for v in nodes.values() if v["mean_acc"] is not None]
     node_gaps = [v["worst_group_gap"] for v in nodes.values() if v["worst_group_gap"] is not None]
     return {
@@ -171,6 +181,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--privacy", default="open", help="the profile both arms run under")
     p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--deadline", type=float, default=60.0, help="round deadline (s)")
+    p.add_argument(
+        "--unseen", type=int, default=2000, help="unseen learners each node is scored on"
+    )
+    p.add_argument(
+        "--min-group",
+        type=int,
+        default=100,
+        help="smallest federation-wide group (records) the headline worst gap considers",
+    )
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     torch.set_num_threads(1)
@@ -183,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out,
         f"topology {topo.name} ({len(topo.nodes)} nodes); rounds {args.rounds}; seeds {seeds}; "
         f"privacy {args.privacy}; fairness option {args.fairness!r}; options "
-        f"{args.option or 'defaults'}; scored on 300 unseen learners per node",
+        f"{args.option or 'defaults'}; scored on {args.unseen} unseen learners per node; "
+        f"headline gap over groups of >= {args.min_group} records",
     )
     seeds_figs, ok = [], True
     for seed in seeds:
@@ -197,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {arm} seed {seed}: the run failed", file=sys.stderr, flush=True)
                 ok = False
                 break
-            figs[arm] = arm_figures(topo, node_figures(folder, topo, o, seed), seed)
+            nodes = node_figures(folder, topo, o, seed, args.unseen)
+            figs[arm] = arm_figures(topo, nodes, seed, args.min_group)
             f = figs[arm]
             print(
                 f"  {arm} seed {seed}: worst gap {f['worst_gap_pts']:.1f} pts "
@@ -242,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "privacy": args.privacy,
         "fairness": args.fairness,
+        "unseen_per_node": args.unseen,
+        "min_group": args.min_group,
         "summary": summary,
         "groups": groups,
         "worst_gap_ratio": ratio,
