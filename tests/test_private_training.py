@@ -21,6 +21,7 @@ from m3tgossip.edu.model import build_node_model
 from m3tgossip.edu.model.components import component_of
 from m3tgossip.edu.train import Trainer
 from m3tgossip.edu.workload import EduWorkload
+from m3tgossip.errors import ConfigError
 from m3tgossip.privacy import (
     DEFAULT_ORDERS,
     PROFILES,
@@ -426,3 +427,11 @@ def test_edu_nodes_train_with_dp_sgd_and_report_their_node_epsilon(tmp_path):
         assert priv["node_epsilon"] <= gate.profile.epsilon * (1 + 1e-9)
         assert records[-1]["mean_acc"] is not None
         assert all(m.round < 2 for m in net.sent_by(node.id) if m.tensors)
+
+
+def test_a_fairness_option_under_a_dp_profile_stops_the_node_with_a_message(tmp_path):
+    topo = parse_topology(PAIR, str(tmp_path / "pair.toml"))
+    w = EduWorkload(topo, "a", 0, {"records": 40, "fairness": "balanced"})
+    cfg = node_config(topo, "a", tmp_path, rounds=2)
+    with pytest.raises(ConfigError, match=r'node "a" workload.*cannot run under differential'):
+        Node(cfg, topology=topo, workload=w, transport=FakeNetwork().transport("a")).run()

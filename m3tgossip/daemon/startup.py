@@ -74,7 +74,10 @@ def make_gate(
             training = training_noise(profile, plan, rounds, workload.trained_components())
         except ValueError as exc:
             raise ConfigError(config.topology, f'node "{config.id}" privacy', str(exc)) from exc
-        workload.use_private_training(training)
+        try:
+            workload.use_private_training(training)
+        except ValueError as exc:  # a workload setting that DP-SGD cannot honour
+            raise ConfigError(config.topology, f'node "{config.id}" workload', str(exc)) from exc
         if plan.sampling_rate >= 1.0:
             log.warning(
                 "%s: every learner is in every DP-SGD step (too few learners for the batch "
