@@ -15,6 +15,13 @@ sum_m phi_m = v(all) - v(empty), and the share of m is phi_m / sum phi. A total 
 `TINY_TOTAL` means the modalities together do not make the label more likely than the null
 token does: shares are then not given (`shares: null`, with a note).
 
+Masking measures a modality against its absence, and the null token is what absence looks
+like to the model. A node whose training records always have some modality never saw the
+coalitions without it, so their values are the model's extrapolation, and a modality can earn
+phi merely by making a record look like the records the node trained on (content-free
+presence). The permutation check keeps presence and changes content: where the two disagree,
+that is the likely reason.
+
 What is computed (`Explainer`, over one prepared batch):
 
 - `shapley`: phi, shares, v(all), v(empty) per task, on all records or a subset (a group);
