@@ -168,6 +168,7 @@ def test_shares_are_not_given_for_a_tiny_or_negative_total() -> None:
     assert small["shares"] is None
     fine = summarize(["a", "b"], np.array([0.0, 0.3, 0.1, 0.6]), 10, "label")
     assert fine["shares"] == pytest.approx({"a": 0.4 / 0.6, "b": 0.2 / 0.6})
+    assert fine["leave_one_out"] == pytest.approx({"a": 0.6 - 0.1, "b": 0.6 - 0.3})
 
 
 def test_a_coalition_is_the_batch_with_those_modalities_absent(
@@ -245,8 +246,11 @@ def test_component_contributions(trained: Trainer, explainer: Explainer) -> None
 def test_round_attribution_uses_the_held_out_records(
     trained: Trainer, explainer: Explainer
 ) -> None:
-    got = round_attribution(trained)
-    assert got == explainer.shapley()
+    assert round_attribution(trained, max_rows=None) == explainer.shapley()
+    # by default a seeded sample of 256 / 2^3 = 32 records, the same every time
+    sampled = round_attribution(trained)
+    assert sampled["at_risk"]["records"] == 32 and sampled == round_attribution(trained)
+    assert sum(sampled["at_risk"]["shares"].values()) == pytest.approx(1.0)
 
 
 def test_role_views(trained: Trainer, explainer: Explainer) -> None:

@@ -70,14 +70,16 @@ from m3tgossip.edu.restore import build_model, load_trained_node
 from m3tgossip.errors import ConfigError
 
 FORMAT = "m3tgossip.explain/1"
-#: records run through the model at a time
-CHUNK = 256
+#: rows run through the model at a time (records x the variants stacked for each)
+CHUNK = 1024
 #: most modalities a node may have for exact attribution (2^5 = 32 coalitions)
 MAX_MODALITIES = 5
 #: a Shapley total (nats) at or below this makes shares meaningless
 TINY_TOTAL = 1e-3
 #: shuffles per modality in the permutation check
 REPEATS = 3
+#: rows (records x 2^m coalitions) `round_attribution` runs by default
+ROUND_ROWS = 256
 #: most groups per attribute in a role view (the largest), most records explained per learner
 #: and most learners in a student view
 MAX_GROUPS = 50
@@ -141,11 +143,12 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def pooled_spearman(reports: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """Shapley phi against the permutation drop over explain reports of several nodes (each with
-    `tasks: {task: {phi, permutation: {drop}}}`): one Spearman over every (node, task,
-    modality) pair pooled (both are in nats of the same value, so they pool), and the mean of
-    the per-(node, task) correlations where defined."""
+def pooled_spearman(reports: Iterable[Mapping[str, Any]], key: str = "phi") -> dict[str, Any]:
+    """Shapley phi (or another per-modality entry of the task summaries, `key`) against the
+    permutation drop over explain reports of several nodes (each with `tasks: {task: {phi,
+    permutation: {drop}}}`): one Spearman over every (node, task, modality) pair pooled (both
+    are in nats of the same value, so they pool), and the mean of the per-(node, task)
+    correlations where defined."""
     xs: list[float] = []
     ys: list[float] = []
     per: list[float] = []
@@ -155,11 +158,11 @@ def pooled_spearman(reports: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
             drop = (summary.get("permutation") or {}).get("drop")
             if not drop:
                 continue
-            mods = [m for m in summary["phi"] if m in drop]
-            xs += [summary["phi"][m] for m in mods]
+            mods = [m for m in summary[key] if m in drop]
+            xs += [summary[key][m] for m in mods]
             ys += [drop[m] for m in mods]
             pairs += 1
-            rho = spearman([summary["phi"][m] for m in mods], [drop[m] for m in mods])
+            rho = spearman([summary[key][m] for m in mods], [drop[m] for m in mods])
             if rho is not None:
                 per.append(rho)
     return {
@@ -175,6 +178,7 @@ def summarize(modalities: Sequence[str], values: np.ndarray, n: int, kind: str) 
     """The JSON summary of one task's coalition values [2^m] on n records."""
     phi = shapley(values)
     total = float(phi.sum())
+    full = len(values) - 1
     out: dict[str, Any] = {
         "value": kind,
         "records": n,
@@ -184,6 +188,11 @@ def summarize(modalities: Sequence[str], values: np.ndarray, n: int, kind: str) 
         "total": total,
         "shares": None,
         "note": None,
+        # v(all) - v(all without m): what masking m alone costs (the permutation check's
+        # counterpart by masking; Shapley also credits m where the others are absent)
+        "leave_one_out": {
+            m: float(values[full] - values[full ^ 1 << k]) for k, m in enumerate(modalities)
+        },
     }
     if n == 0:
         out["note"] = "no records"
@@ -233,18 +242,19 @@ class Explainer:
         self.chunk = chunk
         self.full = (1 << len(self.modalities)) - 1
         self.passes = 0
-        model.eval()
+        if model.training:  # (toggling every module's mode costs as much as a small pass)
+            model.eval()
         self.tokens = self._encode()
-        per: dict[str, list[np.ndarray]] = {t: [] for t in self.tasks}
-        for mask in range(self.full + 1):
-            present = {
+        coalitions = [
+            {
                 m: batch.present[m] if mask >> k & 1 else torch.zeros_like(batch.present[m])
                 for k, m in enumerate(self.modalities)
             }
-            for t, lp in self._decode(self.tokens, present).items():
-                per[t].append(lp)
+            for mask in range(self.full + 1)
+        ]
+        passes = self._decode([(self.tokens, present) for present in coalitions])
         #: task -> log-probabilities [2^m, n, classes] (float64)
-        self.log_probs = {t: np.stack(p) for t, p in per.items()}
+        self.log_probs = {t: np.stack([lp[t] for lp in passes]) for t in self.tasks}
         self.targets = self._targets(labels)
 
     def __len__(self) -> int:
@@ -261,19 +271,27 @@ class Explainer:
 
     @torch.no_grad()
     def _decode(
-        self, tokens: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor]
-    ) -> dict[str, np.ndarray]:
-        """Log-probabilities per task [n, classes] of the fusion, backbone and heads."""
+        self,
+        variants: Sequence[tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]]],
+    ) -> list[dict[str, np.ndarray]]:
+        """Per variant (tokens, presence) of the records, the log-probabilities per task
+        [n, classes] of the fusion, backbone and heads. The variants of a chunk of records are
+        stacked into one batch (one pass of the model's layers, not one per variant)."""
         base = self.model.base
-        parts: dict[str, list[np.ndarray]] = {t: [] for t in self.tasks}
-        for start in range(0, len(self.batch), self.chunk):
-            sl = slice(start, start + self.chunk)
-            part = Batch({}, {m: p[sl] for m, p in present.items()})
-            logits = base.decode(base.fuse(part, {m: x[sl] for m, x in tokens.items()}))
+        k = len(variants)
+        step = max(1, self.chunk // k)
+        parts: list[dict[str, list[np.ndarray]]] = [{t: [] for t in self.tasks} for _ in variants]
+        for start in range(0, len(self.batch), step):
+            sl = slice(start, start + step)
+            tokens = {m: torch.cat([v[0][m][sl] for v in variants]) for m in self.modalities}
+            present = {m: torch.cat([v[1][m][sl] for v in variants]) for m in self.modalities}
+            logits = base.decode(base.fuse(Batch({}, present), tokens))
             for t, z in logits.items():
-                parts[t].append(torch.log_softmax(z.double(), dim=1).numpy())
-        self.passes += 1
-        return {t: np.concatenate(p) for t, p in parts.items()}
+                lp = torch.log_softmax(z.double(), dim=1).numpy()
+                for j, part in enumerate(np.split(lp, k)):
+                    parts[j][t].append(part)
+        self.passes += k
+        return [{t: np.concatenate(p[t]) for t in self.tasks} for p in parts]
 
     @torch.no_grad()
     def _forward(self) -> dict[str, np.ndarray]:
@@ -329,16 +347,23 @@ class Explainer:
         rng = np.random.default_rng(seed)
         present = {m: self.batch.present[m] for m in self.modalities}
         full = {t: self.values(t)[0][-1] for t in self.tasks}
+        shuffles = [
+            (m, torch.from_numpy(rng.permutation(len(self))))
+            for m in self.modalities
+            for _ in range(repeats)
+        ]
+        passes = self._decode(
+            [
+                ({**self.tokens, m: self.tokens[m][perm]}, {**present, m: present[m][perm]})
+                for m, perm in shuffles
+            ]
+        )
         drops: dict[str, dict[str, list[float]]] = {t: {} for t in self.tasks}
-        for m in self.modalities:
-            for _ in range(repeats):
-                perm = torch.from_numpy(rng.permutation(len(self)))
-                tokens = {**self.tokens, m: self.tokens[m][perm]}
-                shuffled = self._decode(tokens, {**present, m: present[m][perm]})
-                for t in self.tasks:
-                    use = self.targets.used[t]
-                    v = float(self._picked(t, shuffled[t])[use].mean()) if use.any() else 0.0
-                    drops[t].setdefault(m, []).append(float(full[t]) - v)
+        for (m, _), shuffled in zip(shuffles, passes, strict=True):
+            for t in self.tasks:
+                use = self.targets.used[t]
+                v = float(self._picked(t, shuffled[t])[use].mean()) if use.any() else 0.0
+                drops[t].setdefault(m, []).append(float(full[t]) - v)
         out = {}
         for t in self.tasks:
             phi = shapley(self.values(t)[0])
@@ -426,13 +451,24 @@ class Explainer:
         return out
 
 
-def round_attribution(trainer: Any) -> dict[str, dict[str, Any]]:
+def round_attribution(
+    trainer: Any, max_rows: int | None = ROUND_ROWS, seed: int = 0
+) -> dict[str, dict[str, Any]]:
     """Shapley shares per task on the held-out records a `train.Trainer` holds (its `test_set`),
-    cheap enough to run every round: one encoder pass and 2^m fusion passes. {} without any."""
+    made to run every round: one encoder pass, then the 2^m coalitions stacked into batches of
+    the fusion, backbone and heads, 2^m rows per record. With `max_rows` (None: every
+    held-out record) a seeded sample of max(1, max_rows // 2^m) records, the same every round,
+    bounds that work whatever the node's modalities. {} without held-out records."""
     held = trainer.test_set
-    if not len(held.batch):
+    batch, labels = held.batch, held.labels
+    if not len(batch):
         return {}
-    return Explainer(trainer.model, held.batch, held.labels).shapley()
+    n = len(batch) if max_rows is None else max(1, max_rows >> len(trainer.model.modalities))
+    if len(batch) > n:
+        idx = np.sort(np.random.default_rng(seed).choice(len(batch), n, replace=False))
+        batch = batch.take(torch.from_numpy(idx))
+        labels = {t: y[idx] for t, y in labels.items()}
+    return Explainer(trainer.model, batch, labels).shapley()
 
 
 def _by(view: str, group_names: Sequence[str], group_by: str | None) -> tuple[list[str], str]:
