@@ -247,9 +247,9 @@ def test_round_attribution_uses_the_held_out_records(
     trained: Trainer, explainer: Explainer
 ) -> None:
     assert round_attribution(trained, max_rows=None) == explainer.shapley()
-    # by default a seeded sample of 256 / 2^3 = 32 records, the same every time
+    # by default a seeded sample of 128 / 2^3 = 16 records, the same every time
     sampled = round_attribution(trained)
-    assert sampled["at_risk"]["records"] == 32 and sampled == round_attribution(trained)
+    assert sampled["at_risk"]["records"] == 16 and sampled == round_attribution(trained)
     assert sum(sampled["at_risk"]["shares"].values()) == pytest.approx(1.0)
 
 

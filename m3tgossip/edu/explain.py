@@ -3,8 +3,9 @@
 Attribution over the node's modalities (at most `MAX_MODALITIES`), exact, by coalitions: the
 fusion masks a modality a record lacks, so a record with only the modalities S marked present
 *is* the record as a coalition S sees it, and the empty coalition is the fusion's null token
-alone. The encoders run once over the records; the fusion, backbone and heads run once per
-coalition (2^m passes, all tasks at once).
+alone. The encoders run once over the records; the fusion, backbone and heads evaluate every
+coalition (2^m evaluations, all tasks at once, the coalitions of a chunk of records stacked
+into one batch).
 
 The value of a coalition S for a task is the mean log-probability (nats) of the record's
 label with only S present, over the records labelled for the task; for a task the data labels
@@ -19,8 +20,9 @@ Masking measures a modality against its absence, and the null token is what abse
 like to the model. A node whose training records always have some modality never saw the
 coalitions without it, so their values are the model's extrapolation, and a modality can earn
 phi merely by making a record look like the records the node trained on (content-free
-presence). The permutation check keeps presence and changes content: where the two disagree,
-that is the likely reason.
+presence). The permutation check keeps presence and changes content (`leave_one_out`,
+v(all) - v(all without m), is its counterpart by masking): where the two disagree, that, or
+modalities carrying the same information (Shapley splits it among them), is the likely reason.
 
 What is computed (`Explainer`, over one prepared batch):
 
@@ -44,7 +46,8 @@ student per learner (their own records, each with its prediction explained). The
 node's, from the topology in its state folder.
 
 `round_attribution(trainer)` is the cheap per-round form: Shapley shares on the held-out
-records the trainer holds already. `explain` writes OUT/explain.json (keys in
+records the trainer holds already, a fixed seeded sample of them within `ROUND_ROWS` rows
+(records x 2^m). `explain` writes OUT/explain.json (keys in
 `m3tgossip/docs/data.md`) and OUT/explain.png (stacked share bars per task; needs matplotlib,
 the `plot` extra).
 """
@@ -79,7 +82,7 @@ TINY_TOTAL = 1e-3
 #: shuffles per modality in the permutation check
 REPEATS = 3
 #: rows (records x 2^m coalitions) `round_attribution` runs by default
-ROUND_ROWS = 256
+ROUND_ROWS = 128
 #: most groups per attribute in a role view (the largest), most records explained per learner
 #: and most learners in a student view
 MAX_GROUPS = 50
