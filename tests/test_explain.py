@@ -386,6 +386,8 @@ def test_explain_errors_name_what_and_where(
 
     err = error("--state-dir", str(tmp_path / "nowhere"), "--data", str(data / "lab"))
     assert "nowhere/node.json" in err and "missing" in err
+    err = error("--state-dir", str(folder), "--data", str(tmp_path / "no-data"))
+    assert "no-data: not a folder" in err
     # uni's folder: clickstream and tabular overlap lab's, so make one with only images
     only_images = tmp_path / "images-only"
     (only_images / "images").mkdir(parents=True)

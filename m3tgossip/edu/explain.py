@@ -671,8 +671,11 @@ def explain(
     def class_names(t: str) -> Sequence[str]:  # the training folder's, else the same
         return trained.adapter.classes.get(t) or label_names(t)
 
-    explainer = Explainer(model, model.prepare(data.subset(idx)), labels)
-    coalition_s = time.perf_counter() - started
+    batch = model.prepare(data.subset(idx))
+    read_s = time.perf_counter() - started
+    t0 = time.perf_counter()
+    explainer = Explainer(model, batch, labels)
+    coalition_s = time.perf_counter() - t0
     report: dict[str, Any] = {
         "format": FORMAT,
         "node": node.id,
@@ -727,6 +730,7 @@ def explain(
     view_s = time.perf_counter() - t0
     report["forward_passes"] = explainer.passes
     report["seconds"] = {
+        "read": read_s,
         "coalitions": coalition_s,
         "permutation": permutation_s,
         "components": component_s,
