@@ -16,6 +16,7 @@ m3tgossip data example --topology FILE --out DIR
 m3tgossip data from-oulad OULAD_DIR --topology FILE --out DIR
 m3tgossip predict --state-dir DIR --data DIR2 --out FILE
 m3tgossip export --state-dir DIR --out DIR2
+m3tgossip explain --state-dir DIR --data DIR2 --out OUT [--record ID] [--max-records N]
 """
 
 from __future__ import annotations
@@ -465,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_keys_generate(args)
         if args.command in ("slurm", "kube"):
             return _cmd_engine(args)
-        if args.command in ("data", "predict", "export"):
+        if args.command in ("data", "predict", "export", "explain"):
             return _cmd_data(args)
         if args.command == "report":
             return _cmd_report(args)

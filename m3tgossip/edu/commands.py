@@ -1,10 +1,11 @@
-"""The `m3tgossip data`, `predict` and `export` subcommands (parsers and handlers).
+"""The `m3tgossip data`, `predict`, `export` and `explain` subcommands (parsers and handlers).
 
     m3tgossip data check DIR [--json]
     m3tgossip data example --topology FILE --out DIR [--seed 0] [--records 240] [--alpha 0.5]
     m3tgossip data from-oulad OULAD_DIR --topology FILE --out DIR [--seed 0] [--max-students N]
     m3tgossip predict --state-dir DIR --data DIR2 --out FILE
     m3tgossip export --state-dir DIR --out DIR2
+    m3tgossip explain --state-dir DIR --data DIR2 --out OUT [--record ID] [--max-records N]
 
 Nothing here imports torch until a command that needs it runs. Bad input raises ConfigError,
 which `m3tgossip.cli` prints without a traceback (exit code 2).
@@ -19,7 +20,7 @@ from m3tgossip.errors import ConfigError
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """The `data`, `predict` and `export` subcommands."""
+    """The `data`, `predict`, `export` and `explain` subcommands."""
     data = sub.add_parser("data", help="check and write node data folders (docs/data.md)")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     check = data_sub.add_parser("check", help="validate a data folder and count what it holds")
@@ -46,6 +47,32 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser("export", help="write a trained edu node's adapters (PEFT format)")
     export.add_argument("--state-dir", required=True, help="the node's state folder")
     export.add_argument("--out", required=True, metavar="DIR2", help="export folder")
+    explain = sub.add_parser(
+        "explain", help="modality attributions of a trained edu node (Shapley, JSON and PNG)"
+    )
+    explain.add_argument("--state-dir", required=True, help="the node's state folder")
+    explain.add_argument("--data", required=True, help="data folder of the records to explain")
+    explain.add_argument(
+        "--out", required=True, metavar="OUT", help="folder for explain.json and explain.png"
+    )
+    explain.add_argument("--record", metavar="ID", help="also explain this record's predictions")
+    explain.add_argument(
+        "--max-records", type=int, metavar="N", help="a seeded sample of N records (all)"
+    )
+    explain.add_argument(
+        "--view",
+        choices=("institution", "instructor", "student"),
+        help="the role view (default: the node's role)",
+    )
+    explain.add_argument(
+        "--group-by",
+        metavar="ATTR",
+        help="group the view by this attribute of learners.csv, `learner` or `node`",
+    )
+    explain.add_argument(
+        "--repeats", type=int, default=3, help="shuffles per modality in the permutation check"
+    )
+    explain.add_argument("--seed", type=int, default=0, help="sample and shuffle seed (0)")
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -106,8 +133,47 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    from m3tgossip.edu.explain import explain
+
+    result = explain(
+        args.state_dir,
+        args.data,
+        args.out,
+        record=args.record,
+        max_records=args.max_records,
+        view=args.view,
+        group_by=args.group_by,
+        repeats=args.repeats,
+        seed=args.seed,
+    )
+    report = result.report
+    print(
+        f"{report['node']}: {report['records']} records, {len(report['modalities'])} modalities, "
+        f"{report['coalitions']} coalitions -> {result.json_path}"
+        + (f", {result.png_path}" if result.png_path else "")
+    )
+    for task, summary in report["tasks"].items():
+        shares = summary["shares"]
+        text = (
+            ", ".join(f"{m} {s:.2f}" for m, s in shares.items())
+            if shares
+            else f"no shares ({summary['note']})"
+        )
+        rho = summary["permutation"]["spearman"]
+        print(
+            f"  {task}: {text}; total {summary['total']:.4f} nats"
+            + (f"; Spearman vs permutation {rho:.2f}" if rho is not None else "")
+        )
+    for note in result.notes:
+        print(f"note: {note}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run the parsed `data`, `predict` or `export` command; its exit code."""
+    """Run the parsed `data`, `predict`, `export` or `explain` command; its exit code."""
+    if args.command == "explain":
+        return _explain(args)
     if args.command == "predict":
         return _predict(args)
     if args.command == "export":

@@ -169,19 +169,24 @@ class M3TModel(nn.Module):
         mask = task_mask(len(self.tasks), config.prompt_tokens, config.fusion_latents)
         self.register_buffer("mask", mask, persistent=False)
 
-    def fuse(self, batch: Batch) -> torch.Tensor:
-        """The fused tokens [B, fusion_latents, d] of the modalities each record has."""
-        tokens, keep = [], []
-        for m in self.modalities:
-            x = self.encoders[m](batch.inputs[m])
-            tokens.append(x)
-            keep.append(batch.present[m][:, None].expand(-1, x.shape[1]))
-        return self.fusion(torch.cat(tokens, dim=1), torch.cat(keep, dim=1))
+    def encode(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Each held modality's tokens {modality: [B, modality_tokens, d]}, for every record
+        whether it has the modality or not (`fuse` masks the absent ones). An encoder sees one
+        record at a time, so these can be computed once and fused under many presence masks."""
+        return {m: self.encoders[m](batch.inputs[m]) for m in self.modalities}
 
-    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Logits per task, {task: [B, n_classes]}."""
-        b = len(batch)
-        fused = self.fuse(batch)
+    def fuse(self, batch: Batch, tokens: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The fused tokens [B, fusion_latents, d] of the modalities each record has
+        (`batch.present`); `tokens` are the batch's `encode` if already computed."""
+        tokens = self.encode(batch) if tokens is None else tokens
+        keep = [batch.present[m][:, None].expand(-1, tokens[m].shape[1]) for m in self.modalities]
+        return self.fusion(
+            torch.cat([tokens[m] for m in self.modalities], dim=1), torch.cat(keep, dim=1)
+        )
+
+    def decode(self, fused: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits per task, {task: [B, n_classes]}, from fused tokens [B, fusion_latents, d]."""
+        b = fused.shape[0]
         prompts = [self.prompts[t](b) for t in self.tasks]
         h = self.backbone(torch.cat([*prompts, fused], dim=1), self.mask)
         p = self.config.prompt_tokens
@@ -189,3 +194,7 @@ class M3TModel(nn.Module):
             t: self.heads[t](h[:, i * p : (i + 1) * p].mean(dim=1))
             for i, t in enumerate(self.tasks)
         }
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Logits per task, {task: [B, n_classes]}."""
+        return self.decode(self.fuse(batch))
