@@ -22,12 +22,12 @@ from m3tgossip.edu.explain import (
     TINY_TOTAL,
     Explainer,
     pooled_spearman,
-    role_view,
     round_attribution,
     shapley,
     spearman,
     summarize,
 )
+from m3tgossip.edu.explain_report import role_view
 from m3tgossip.edu.model import build_node_model
 from m3tgossip.edu.model.m3t import Batch
 from m3tgossip.edu.train import Trainer

@@ -134,7 +134,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from m3tgossip.edu.explain import explain
+    from m3tgossip.edu.explain_report import explain
 
     result = explain(
         args.state_dir,
