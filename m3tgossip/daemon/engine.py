@@ -190,6 +190,8 @@ class RoundEngine:
             }
         if self.parts.mixstep.distances:
             record["component_distance"] = dict(self.parts.mixstep.distances)
+        if self.parts.mixstep.loose:
+            record["loose"] = dict(self.parts.mixstep.loose)
         if self.parts.rounds.isolated:
             record["isolated"] = sorted(self.parts.rounds.isolated)
         if isinstance(self.parts.link.transport, FaultyTransport):

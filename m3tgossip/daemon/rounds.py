@@ -6,6 +6,14 @@ are applied when this node reaches that round, so both ends of an edge always mi
 of replica versions and the network mean is preserved exactly. A full state that needs no
 replica is added to the round's sums as it arrives (`m3tgossip.daemon.stream`); everything
 else is applied to the neighbour's replicas.
+
+A link to or from a straggler is **loose** (`loose`): a node declared slow in the topology
+(`speed` or `bandwidth` below 1) at either end, or, with `gossip.straggler_after`, a
+neighbour observed to be one. Rounds on a loose link are not kept in step: the neighbour is
+never waited for, whatever it sends is applied to its replica as it arrives, whatever its
+round (so queued rounds of a neighbour far ahead are skipped over: the replica holds its
+newest value), and the mix takes that replica once, in the first mix after it changed
+(`Peer.fresh`). See `m3tgossip/docs/protocol.md` (stragglers) for what this does to the mean.
 """
 
 from __future__ import annotations
@@ -64,10 +72,27 @@ class RoundCollector:
         self.row: dict[str, float] | None = None
         self.isolated: set[str] = set()
 
+    def loose(self, peer: Peer) -> bool:
+        """Rounds with `peer` are not kept in step: it or this node is declared a straggler in
+        the topology, or (`gossip.straggler_after` = N > 0) it missed N deadlines of this
+        node's rounds in its session, or the two are more than N rounds apart. Never on a
+        time-varying topology, whose rounds are the plan's."""
+        if self.row is not None:
+            return False
+        if peer.loose or peer.straggler:
+            return True
+        after = self.state.config.gossip.straggler_after
+        return after > 0 and peer.round >= 0 and abs(peer.round - self.state.round) > after
+
     def receive(self, peer: Peer, msg: protocol.Message) -> None:
         """A `delta` or `state`: apply it if its round is due, else hold it (also a state to
-        sum that came before this node sent its round: `RoundSums.early`)."""
+        sum that came before this node sent its round: `RoundSums.early`). On a loose link,
+        apply it at once, whatever its round."""
         node = self.state
+        if self.loose(peer):
+            peer.pending.append(msg)  # after what it queued before the link turned loose
+            self.take_latest(peer)
+            return
         early = not self.collecting and self.sums.early(peer, msg, self.row is not None)
         if msg.round > node.mixing_round or early:
             if len(peer.pending) >= MAX_PENDING:
@@ -113,7 +138,7 @@ class RoundCollector:
         return [
             p
             for p in self.state.peers.values()
-            if p.live and p.missed < suspect_after and self.in_round(p)
+            if p.live and p.missed < suspect_after and self.in_round(p) and not self.loose(p)
         ]
 
     def collect(self) -> bool:
@@ -122,6 +147,9 @@ class RoundCollector:
         g = node.config.gossip
         mixing = node.mixing_round
         for peer in node.peers.values():
+            if self.loose(peer):
+                self.take_latest(peer)
+                continue
             due = [m for m in peer.pending if m.round <= mixing]
             if due:
                 peer.pending = [m for m in peer.pending if m.round > mixing]
@@ -163,13 +191,34 @@ class RoundCollector:
         self.poll(0)
         return True
 
+    def take_latest(self, peer: Peer) -> None:
+        """A loose link: apply every message queued from `peer`, whatever its round, in the
+        order it came (deltas build on one another; a state replaces what came before). The
+        replica then holds the neighbour's newest value, and the mix takes that one once,
+        instead of one queued round after another."""
+        queued, peer.pending = peer.pending, []
+        for msg in queued:
+            self.exchange.apply(peer, msg)
+
     def _count_misses(self, mixing: int) -> None:
         g = self.state.config.gossip
         for peer in self.state.peers.values():
             if not self.in_round(peer) or not peer.components or peer.heard_round(mixing):
                 continue
+            if self.loose(peer):
+                continue  # not waited for: nothing missed
             peer.missed += 1
             peer.deadline_misses += 1
+            peer.session_misses += 1
+            if 0 < g.straggler_after <= peer.session_misses and not peer.left:
+                peer.straggler = True
+                log.warning(
+                    "%s: %s missed %d deadlines: a straggler, no longer waited for; its newest "
+                    "values are mixed as they come",
+                    self.state.id,
+                    peer.id,
+                    peer.session_misses,
+                )
             if peer.missed == g.suspect_after and not peer.left:
                 log.warning(
                     "%s: %s missed %d rounds; not waiting for it until it is heard again",
@@ -184,6 +233,7 @@ class RoundCollector:
             return  # a time-varying topology links other peers every round
         node = self.state
         alive = {p.id for p in self.expected()}
+        alive |= {p.id for p in node.peers.values() if p.live and self.loose(p)}
         for comp in node.shared:
             holders = [p.id for p in node.peers.values() if comp in p.components]
             cut = bool(holders) and not (alive & set(holders))
