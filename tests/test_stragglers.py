@@ -184,6 +184,35 @@ def test_a_straggler_mixes_the_newest_of_its_queued_rounds_once(tmp_path: Path) 
     np.testing.assert_array_equal(x, after)
 
 
+class TrickleTransport(CapturingTransport):
+    """Delivers what is in its inbox one message per poll (a busy socket gives a poll a few)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inbox: list[tuple[bytes, list[bytes], str | None]] = []
+
+    def poll(self, timeout_ms: int) -> list:
+        return [self.inbox.pop(0)] if self.inbox else []
+
+
+def test_a_straggler_handles_everything_queued_before_it_mixes(tmp_path: Path) -> None:
+    topo = pair(tmp_path)
+    transport = TrickleTransport()
+    a = Node(
+        node_config(topo, "a", tmp_path),
+        topology=topo,
+        workload=ConsensusWorkload(topo, "a", seed=3, options={"size": 8}),
+        transport=transport,
+    )
+    start = np.zeros(8)
+    for msg in rounds_of("b", start, 12):
+        transport.inbox.append((b"b", [bytes(f) for f in protocol.encode(msg)], None))
+    assert a.rounds.collect()
+    assert transport.inbox == []
+    np.testing.assert_array_equal(a.peers["b"].replicas["backbone"], start + 11)
+    assert a.mixstep.mix()[0] == ["b"] and a.mixstep.loose == {"b": 11}
+
+
 def test_a_late_value_of_a_declared_straggler_is_mixed_when_it_comes(tmp_path: Path) -> None:
     """A neighbour far behind: not waited for, and its value, of a round long past here, is
     mixed in the first mix after it arrived (lockstep would keep it and never mix it)."""

@@ -36,6 +36,10 @@ log = get_logger(__name__)
 MAX_PENDING = 64
 #: longest single poll, so signals and heartbeats are noticed promptly
 POLL_SLICE_MS = 50
+#: longest a node with loose links spends at the end of a round handling what already
+#: arrived (a straggler finds several rounds of its neighbours' messages queued, more than one
+#: poll takes), so that it mixes their newest values
+DRAIN_MAX_S = 2.0
 
 
 def _median(values: Iterable[float]) -> float:
@@ -188,8 +192,21 @@ class RoundCollector:
             self.collecting = False
         self._count_misses(mixing)
         self._check_isolation()
-        self.poll(0)
+        if any(self.loose(p) for p in node.peers.values()):
+            self.drain()
+        else:
+            self.poll(0)
         return True
+
+    def drain(self) -> None:
+        """Handle what has already arrived, poll after poll, until a poll brings nothing (at
+        most DRAIN_MAX_S): a loose link's replica then holds the neighbour's newest value."""
+        end = time.monotonic() + DRAIN_MAX_S
+        while True:
+            seen = (self.link.bytes_in, self.link.rejected)
+            self.poll(0)
+            if (self.link.bytes_in, self.link.rejected) == seen or time.monotonic() >= end:
+                return
 
     def take_latest(self, peer: Peer) -> None:
         """A loose link: apply every message queued from `peer`, whatever its round, in the
