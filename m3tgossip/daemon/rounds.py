@@ -9,11 +9,13 @@ else is applied to the neighbour's replicas.
 
 A link to or from a straggler is **loose** (`loose`): a node declared slow in the topology
 (`speed` or `bandwidth` below 1) at either end, or, with `gossip.straggler_after`, a
-neighbour observed to be one. Rounds on a loose link are not kept in step: the neighbour is
-never waited for, whatever it sends is applied to its replica as it arrives, whatever its
-round (so queued rounds of a neighbour far ahead are skipped over: the replica holds its
-newest value), and the mix takes that replica once, in the first mix after it changed
-(`Peer.fresh`). See `m3tgossip/docs/protocol.md` (stragglers) for what this does to the mean.
+neighbour observed to be one. Rounds on a loose link are not kept in step: no node waits
+for a straggler (a declared straggler waits, up to the deadline, for a new value of each
+neighbour, which a faster one has sent already), whatever arrives is applied to the replica
+as it comes, whatever its round (so queued rounds of a neighbour far ahead are skipped over:
+the replica holds its newest value), and the mix takes that replica once, in the first mix
+after it changed (`Peer.fresh`). See `m3tgossip/docs/protocol.md` (stragglers) for what this
+does to the mean.
 """
 
 from __future__ import annotations
@@ -138,12 +140,29 @@ class RoundCollector:
         return self.row is None or peer.id in self.row
 
     def expected(self) -> list[Peer]:
+        """The neighbours this round waits for: the live ones in step with this node that
+        are not suspected; on loose links, only a node declared a straggler waits (for a new
+        value of each neighbour, which a faster neighbour has sent already), never one that
+        is not."""
         suspect_after = self.state.config.gossip.suspect_after
+        straggler = self.state.spec.straggler
         return [
             p
             for p in self.state.peers.values()
-            if p.live and p.missed < suspect_after and self.in_round(p) and not self.loose(p)
+            if p.live
+            and p.missed < suspect_after
+            and self.in_round(p)
+            and (straggler or not self.loose(p))
         ]
+
+    def owed(self, peer: Peer, mixing: int) -> bool:
+        """What this round waits for has not come from `peer`: its messages of the round being
+        mixed (a neighbour already past that round will not send it any more: a message of a
+        link arrives in order, and a node at round R has sent every round before R, so what
+        is missing from it was lost), or, on a loose link, a new value of every component."""
+        if self.loose(peer):
+            return not all(c in peer.fresh for c in peer.components)
+        return not peer.heard_round(mixing) and peer.round <= mixing
 
     def collect(self) -> bool:
         """Wait for this round's messages. False if a stop signal arrived meanwhile."""
@@ -170,10 +189,7 @@ class RoundCollector:
                 if node.stop_reason is not None:
                     return False
                 expected = self.expected()
-                # A neighbour already past this round will not send it any more (a message
-                # of a link arrives in order, and a node at round R has sent every round before
-                # R): what is missing from it was lost.
-                waiting = [p for p in expected if not p.heard_round(mixing) and p.round <= mixing]
+                waiting = [p for p in expected if self.owed(p, mixing)]
                 if not waiting:
                     break
                 now = time.monotonic()
@@ -220,14 +236,16 @@ class RoundCollector:
     def _count_misses(self, mixing: int) -> None:
         g = self.state.config.gossip
         for peer in self.state.peers.values():
-            if not self.in_round(peer) or not peer.components or peer.heard_round(mixing):
+            if not self.in_round(peer) or not peer.components or not self.owed(peer, mixing):
                 continue
-            if self.loose(peer):
+            loose = self.loose(peer)
+            if loose and not (self.state.spec.straggler and peer.live):
                 continue  # not waited for: nothing missed
             peer.missed += 1
             peer.deadline_misses += 1
-            peer.session_misses += 1
-            if 0 < g.straggler_after <= peer.session_misses and not peer.left:
+            if not loose:
+                peer.session_misses += 1
+            if not loose and 0 < g.straggler_after <= peer.session_misses and not peer.left:
                 peer.straggler = True
                 log.warning(
                     "%s: %s missed %d deadlines: a straggler, no longer waited for; its newest "
