@@ -29,6 +29,10 @@ Per seed, then mean and 95% Student-t interval over the seeds:
                        is "not held back"; below 0.90 means the others got faster, e.g. from
                        the CPU the sleeping node leaves on a shared machine).
 
+Also reported: the slow node's accuracy at its last evaluation before its neighbours
+finished their rounds (`slow_acc_neighbours_done`, with the round it was in): the testbed
+runs every node for `--rounds`, so the straggler runs its last rounds alone.
+
 Writes DIR/stragglers.json and DIR/stragglers.png; each run keeps its folder
 DIR/runs/ARM-sSEED, and a completed run of the same command line there is reused. Exits
 non-zero if a run failed. The numbers mean something on an idle machine only: the daemons
@@ -151,6 +155,12 @@ def run_arm(
         nodes[nid] = {
             "rounds": len(recs),
             "unseen_acc": final_unseen(recs),
+            "end_time": recs[-1]["time"] if recs else None,
+            "evals": [
+                [r["round"], r["time"], r["unseen"]["mean_acc"]]
+                for r in recs
+                if (r.get("unseen") or {}).get("mean_acc") is not None
+            ],
             "median_round_s": statistics.median(secs) if secs else None,
             "loose_rounds": sum("loose" in r for r in recs),
             "steps": recs[-1].get("train", {}).get("steps") if recs else None,
@@ -177,6 +187,9 @@ def per_seed(runs: dict[str, dict[str, Any]], slow: str, neighbours: list[str]) 
 
     slow_acc = strag[slow]["unseen_acc"]
     others_acc = mean([strag[n]["unseen_acc"] for n in others])
+    # the slow node's last evaluation while a neighbour still ran (after that it trains alone)
+    ends = [strag[n]["end_time"] for n in neighbours if strag[n]["end_time"] is not None]
+    before = [e for e in strag[slow]["evals"] if ends and e[1] <= max(ends)]
     ratios = [
         strag[n]["median_round_s"] / full[n]["median_round_s"]
         for n in neighbours
@@ -189,6 +202,8 @@ def per_seed(runs: dict[str, dict[str, Any]], slow: str, neighbours: list[str]) 
         "others_acc_full": mean([full[n]["unseen_acc"] for n in others]),
         "slow_vs_own_pts": pts(slow_acc, full[slow]["unseen_acc"]),
         "slow_vs_others_pts": pts(slow_acc, others_acc),
+        "slow_acc_neighbours_done": before[-1][2] if before else None,
+        "slow_round_neighbours_done": before[-1][0] if before else None,
         "neighbour_round_s_full": mean([full[n]["median_round_s"] for n in neighbours]),
         "neighbour_round_s_straggler": mean([strag[n]["median_round_s"] for n in neighbours]),
         "slow_round_s_straggler": strag[slow]["median_round_s"],
@@ -334,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
             *TARGETS,
             "slow_acc_full",
             "slow_acc_straggler",
+            "slow_acc_neighbours_done",
+            "slow_round_neighbours_done",
             "others_acc_straggler",
             "neighbour_round_s_full",
             "neighbour_round_s_straggler",
@@ -344,6 +361,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n=== {len(figures)} seeds, mean and 95% interval")
     for key in TARGETS:
         print("  " + verdict(key, summary[key]))
+    done = summary["slow_acc_neighbours_done"]
+    if done["mean"] is not None:
+        print(
+            f"  {slow} accuracy when its neighbours were done (round "
+            f"{summary['slow_round_neighbours_done']['mean']:.1f} of {args.rounds}): "
+            f"{done['mean']:.4f}; at its end {summary['slow_acc_straggler']['mean']:.4f}"
+        )
     und = summary["undeclared_neighbour_ratio"]
     if und["mean"] is not None:
         print(f"  undeclared (neighbours wait for it): neighbour_ratio {und['mean']:.3f}")

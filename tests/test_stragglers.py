@@ -279,13 +279,18 @@ def test_a_neighbour_far_ahead_is_loose_and_its_queue_skipped(tmp_path: Path) ->
     assert a.rounds.collect() and a.mixstep.mix()[0] == ["b"] and a.mixstep.loose == {"b": 3}
 
 
-def test_a_node_of_low_bandwidth_sends_in_every_kth_round(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "gossip",
+    [{}, {"overlap": True}, {"mode": "push-sum", "push_interval_s": 0.01}],
+    ids=["lockstep", "overlapped", "push-sum"],
+)
+def test_a_node_of_low_bandwidth_sends_in_every_kth_round(tmp_path: Path, gossip: dict) -> None:
     topo = pair(tmp_path, extra="bandwidth = 0.34")
     assert topo.node("a").send_every == 3
     net = FakeNetwork()
     nodes = [
         Node(
-            node_config(topo, nid, tmp_path, rounds=7),
+            node_config(topo, nid, tmp_path, rounds=7, **gossip),
             topology=topo,
             workload=ConsensusWorkload(topo, nid, seed=3, options={"size": 8}),
             transport=net.transport(nid),
