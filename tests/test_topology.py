@@ -181,6 +181,10 @@ def test_speed_and_bandwidth_declare_a_straggler(tmp_path: Path) -> None:
     assert "speed = 0.1" in text and "bandwidth = 0.3" in text and text.count("speed") == 1
     again = load_topology(_write(tmp_path, "again.toml", text))
     assert _same_spec(topo, again)
+    report = check_report(topo)
+    assert [(n["speed"], n["bandwidth"]) for n in report["nodes"]] == [(1, 1), (0.1, 1), (1, 0.3)]
+    stragglers = [w for w in report["warnings"] if "straggler" in w]
+    assert len(stragglers) == 2 and "node b: declared a straggler (speed 0.1" in stragglers[0]
 
 
 # ----------------------------------------------------------------------------- the API
