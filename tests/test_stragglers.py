@@ -4,6 +4,7 @@ release gate still in front of everything a straggler sends."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,13 @@ def test_links_to_a_declared_straggler_are_loose_at_both_ends(tmp_path: Path) ->
     # nobody waits for the straggler; it waits for a new value of each neighbour (there
     # already when they are faster)
     assert a.rounds.expected() == [a.peers["b"]] and b.rounds.expected() == []
+    # two stragglers side by side wait for neither
+    both = pair(tmp_path / "both", slow="")
+    both = dataclasses.replace(
+        both, nodes=tuple(dataclasses.replace(n, speed=0.5) for n in both.nodes)
+    )
+    c = consensus_node(both, "a", tmp_path / "both")
+    assert c.rounds.loose(c.peers["b"]) and c.rounds.expected() == []
     plain = consensus_node(pair(tmp_path / "p", slow=""), "a", tmp_path / "p")
     assert not plain.rounds.loose(plain.peers["b"])
     assert plain.rounds.expected() == [plain.peers["b"]]

@@ -53,6 +53,8 @@ class Peer:
     #: the topology declares it or this node a straggler (speed or bandwidth below 1): rounds
     #: with it are not kept in step (`m3tgossip.daemon.rounds`, loose links)
     loose: bool = False
+    #: the topology declares it a straggler (speed or bandwidth below 1)
+    slow: bool = False
     #: observed to be a straggler in this session (`gossip.straggler_after` deadlines missed)
     straggler: bool = False
     #: rounds of this node whose deadline passed without its messages, in its session
@@ -100,4 +102,5 @@ def make_peers(topology: Topology, node_id: str, held: set[str]) -> dict[str, Pe
         peers[nid] = Peer(nid, spec.endpoint if spec.port else "", common)
         peers[nid].need_state = set(common)
         peers[nid].loose = slow or spec.straggler
+        peers[nid].slow = spec.straggler
     return peers

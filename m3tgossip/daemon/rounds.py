@@ -9,13 +9,13 @@ else is applied to the neighbour's replicas.
 
 A link to or from a straggler is **loose** (`loose`): a node declared slow in the topology
 (`speed` or `bandwidth` below 1) at either end, or, with `gossip.straggler_after`, a
-neighbour observed to be one. Rounds on a loose link are not kept in step: no node waits
-for a straggler (a declared straggler waits, up to the deadline, for a new value of each
-neighbour, which a faster one has sent already), whatever arrives is applied to the replica
-as it comes, whatever its round (so queued rounds of a neighbour far ahead are skipped over:
-the replica holds its newest value), and the mix takes that replica once, in the first mix
-after it changed (`Peer.fresh`). See `m3tgossip/docs/protocol.md` (stragglers) for what this
-does to the mean.
+neighbour observed to be one. Rounds on a loose link are not kept in step: no node waits for
+a straggler (a declared straggler waits, up to the deadline, for a new value of each
+full-speed neighbour, which a faster one has sent already), whatever arrives is applied to
+the replica as it comes, whatever its round (so queued rounds of a neighbour far ahead are
+skipped over: the replica holds its newest value), and the mix takes that replica once, in
+the first mix after it changed (`Peer.fresh`). See `m3tgossip/docs/protocol.md`
+(stragglers) for what this does to the mean.
 """
 
 from __future__ import annotations
@@ -141,19 +141,22 @@ class RoundCollector:
 
     def expected(self) -> list[Peer]:
         """The neighbours this round waits for: the live ones in step with this node that
-        are not suspected; on loose links, only a node declared a straggler waits (for a new
-        value of each neighbour, which a faster neighbour has sent already), never one that
-        is not."""
+        are not suspected, and, if this node is declared a straggler, its full-speed ones (for
+        a new value, which a faster neighbour has sent already). Nobody waits for a node
+        declared or observed a straggler."""
         suspect_after = self.state.config.gossip.suspect_after
-        straggler = self.state.spec.straggler
         return [
             p
             for p in self.state.peers.values()
-            if p.live
-            and p.missed < suspect_after
-            and self.in_round(p)
-            and (straggler or not self.loose(p))
+            if p.live and p.missed < suspect_after and self.in_round(p) and self.waits_for(p)
         ]
+
+    def waits_for(self, peer: Peer) -> bool:
+        """This node waits for `peer` in its rounds: a link in step, or a declared straggler's
+        link to a full-speed neighbour."""
+        if not self.loose(peer):
+            return True
+        return self.state.spec.straggler and not peer.slow and not peer.straggler
 
     def owed(self, peer: Peer, mixing: int) -> bool:
         """What this round waits for has not come from `peer`: its messages of the round being
@@ -239,7 +242,7 @@ class RoundCollector:
             if not self.in_round(peer) or not peer.components or not self.owed(peer, mixing):
                 continue
             loose = self.loose(peer)
-            if loose and not (self.state.spec.straggler and peer.live):
+            if loose and not (self.waits_for(peer) and peer.live):
                 continue  # not waited for: nothing missed
             peer.missed += 1
             peer.deadline_misses += 1
