@@ -162,9 +162,11 @@ class RoundCollector:
         """What this round waits for has not come from `peer`: its messages of the round being
         mixed (a neighbour already past that round will not send it any more: a message of a
         link arrives in order, and a node at round R has sent every round before R, so what
-        is missing from it was lost), or, on a loose link, a new value of every component."""
+        is missing from it was lost), or, on a loose link, a new value of every component this
+        node still shares."""
         if self.loose(peer):
-            return not all(c in peer.fresh for c in peer.components)
+            retired = self.state.retired
+            return not all(c in peer.fresh for c in peer.components if c not in retired)
         return not peer.heard_round(mixing) and peer.round <= mixing
 
     def collect(self) -> bool:
