@@ -133,3 +133,14 @@ def test_bad_options_are_rejected(topology):
         EduWorkload(topology, "student", options={"local_steps": 0})
     with pytest.raises(ValueError, match="lora mode"):
         EduWorkload(topology, "student", options={"lora_mode": "average"})
+
+
+@pytest.mark.parametrize(("speed", "steps"), [(1.0, 5), (0.5, 2), (0.3, 2), (0.1, 1), (0.01, 1)])
+def test_a_slow_node_trains_fewer_steps_a_round(speed: float, steps: int) -> None:
+    spec = {**SPEC, "nodes": [dict(n) for n in SPEC["nodes"]]}
+    spec["nodes"][2]["speed"] = speed
+    w = EduWorkload(parse_topology(spec, "test"), "student", seed=1, options={"records": 60})
+    assert w.steps == steps
+    assert w.local_step(0)["steps"] == steps
+    plan = w.private_training_plan()
+    assert plan is not None and plan.steps_per_round == steps

@@ -176,6 +176,7 @@ REFUSED = {
     "clip": ({"aggregator": "clip"}, '"clip"'),
     "lossy codec": ({"compression": "fp16"}, "lossy codec"),
     "noise-aware": ({"noise_strength": 1.0}, "noise_strength"),
+    "stragglers": ({"straggler_after": 2}, "gossip.straggler_after"),
 }
 
 
@@ -211,7 +212,8 @@ def test_an_attack_and_a_time_varying_topology_are_refused(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize(
-    "gossip", [{"aggregator": "trimmed"}, {"gamma": 0.5}, {"noise_strength": 2.0}]
+    "gossip",
+    [{"aggregator": "trimmed"}, {"gamma": 0.5}, {"noise_strength": 2.0}, {"straggler_after": 3}],
 )
 def test_a_neighbour_that_would_not_cancel_the_masks_is_refused(
     tmp_path: Path, gossip: dict

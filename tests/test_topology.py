@@ -170,6 +170,23 @@ tasks = ["handwriting"]
     assert again.node("a").public_key == KEY_A
 
 
+def test_speed_and_bandwidth_declare_a_straggler(tmp_path: Path) -> None:
+    text = _explicit(b="speed = 0.1") + "bandwidth = 0.3\n"
+    topo = load_topology(_write(tmp_path, "pace.toml", text))
+    a, b, c = (topo.node(i) for i in "abc")
+    assert (a.speed, a.bandwidth, a.straggler, a.send_every) == (1.0, 1.0, False, 1)
+    assert (b.speed, b.bandwidth, b.straggler, b.send_every) == (0.1, 1.0, True, 1)
+    assert (c.speed, c.bandwidth, c.straggler, c.send_every) == (1.0, 0.3, True, 4)
+    text = topo.to_toml()
+    assert "speed = 0.1" in text and "bandwidth = 0.3" in text and text.count("speed") == 1
+    again = load_topology(_write(tmp_path, "again.toml", text))
+    assert _same_spec(topo, again)
+    report = check_report(topo)
+    assert [(n["speed"], n["bandwidth"]) for n in report["nodes"]] == [(1, 1), (0.1, 1), (1, 0.3)]
+    stragglers = [w for w in report["warnings"] if "straggler" in w]
+    assert len(stragglers) == 2 and "node b: declared a straggler (speed 0.1" in stragglers[0]
+
+
 # ----------------------------------------------------------------------------- the API
 
 MINI = """
@@ -500,6 +517,39 @@ BAD_SPECS = [
         '"smell"',
     ),
     ("no-nodes", 'name = "t"\nedges = []\n', "nodes", "must list"),
+    ("speed-zero", _explicit(b="speed = 0"), '(id "b").speed', "outside (0, 1]"),
+    ("speed-high", _explicit(b="speed = 2"), '(id "b").speed', "outside (0, 1]"),
+    ("speed-nan", _explicit(b="speed = nan"), '(id "b").speed', "outside (0, 1]"),
+    ("speed-type", _explicit(b='speed = "slow"'), '(id "b").speed', "a number in (0, 1]"),
+    ("speed-bool", _explicit(b="speed = true"), '(id "b").speed', "a number in (0, 1]"),
+    ("bandwidth", _explicit(b="bandwidth = -0.5"), '(id "b").bandwidth', "outside (0, 1]"),
+    (
+        "defaults-speed",
+        _generated('kind = "cycle"\nn = 4', "[defaults]\nspeed = 1.5\n"),
+        'defaults.speed (for node "n0")',
+        "outside (0, 1]",
+    ),
+    (
+        "speed-dynamics",
+        _generated(
+            'kind = "cycle"\nn = 4',
+            '[[nodes]]\nid = "n2"\nspeed = 0.5\n[dynamics]\nkind = "one-peer-exponential"\n',
+        ),
+        'nodes[0] (id "n2").speed',
+        "static graph",
+    ),
+    (
+        "speed-cancel",
+        _explicit(b='single_learner = "cancel"\nspeed = 0.5'),
+        '(id "b").speed',
+        'single_learner = "cancel"',
+    ),
+    (
+        "cancel-beside-straggler",
+        _explicit(b='single_learner = "cancel"') + "bandwidth = 0.5\n",
+        'nodes[1] (id "b").single_learner',
+        "next to c, which is declared slow",
+    ),
 ]
 
 

@@ -87,6 +87,14 @@ class GossipConfig:
     startup_grace_s: float = 20.0
     #: consecutive missed rounds after which a silent neighbour is no longer waited for
     suspect_after: int = 2
+    #: observed stragglers (0: off, only the topology's declared ones): a neighbour that
+    #: missed this many round deadlines of this node in its session (for the rest of it), or
+    #: whose round is more than this many rounds from this node's (while it is), is on a
+    #: loose link, as a neighbour declared slow is: not waited for, its newest value mixed
+    #: once when it comes, and this node mixes the latest of a neighbour that far ahead
+    #: instead of its queued rounds. Such a link keeps no exact network mean
+    #: (`m3tgossip/docs/protocol.md`, stragglers)
+    straggler_after: int = 0
     #: seconds between heartbeats while a node waits
     heartbeat_s: float = 0.25
     #: a waiting node keeps waiting (up to max_wait_factor deadlines) for a neighbour that is
@@ -161,6 +169,9 @@ class GossipConfig:
             raise ValueError(f"overlap: true or false, got {self.overlap!r}")
         if not (isinstance(self.quorum, (int, float)) and 0.0 <= self.quorum <= 1.0):
             raise ValueError(f"quorum: must be between 0 and 1, got {self.quorum!r}")
+        value = self.straggler_after
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"straggler_after: an integer >= 0 (0 = off), got {value!r}")
         for name in ("suspect_after", "checkpoint_every", "eval_every", "late_join_rounds"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -31,6 +31,9 @@ from m3tgossip.daemon.timings import Timings
 from m3tgossip.net import FaultyTransport
 from m3tgossip.privacy.cancel import PROTECTS
 
+#: longest single sleep of a slowed-down local step (a stop request is noticed after it)
+SLOWDOWN_SLICE_S = 0.1
+
 
 class RoundEngine:
     """Runs the node's rounds with its schedule until they are done or the node stops."""
@@ -62,7 +65,7 @@ class RoundEngine:
             self.beat()
             t = Timings()
             before = self.snapshot()
-            local = node.workload.local_step(node.round)
+            local = self.local_step()
             self.release(before)
             self.beat()
             t.lap("local")
@@ -74,6 +77,21 @@ class RoundEngine:
             t.lap("mix")
             self.end_round(local, heard, distance, t)
         schedule.finish(self.parts)
+
+    def local_step(self) -> dict[str, Any]:
+        """The workload's local step of the round, slowed down as `faults.slowdown` and
+        `faults.slowdown_s` ask (a measurement aid: the loop does nothing else meanwhile, as
+        it would on a slower machine)."""
+        node = self.parts.state
+        faults = node.config.faults
+        start = time.monotonic()
+        local = node.workload.local_step(node.round)
+        if faults.slowed:
+            end = time.monotonic() + faults.pause_after(time.monotonic() - start)
+            while (left := end - time.monotonic()) > 0 and node.stop_reason is None:
+                time.sleep(min(left, SLOWDOWN_SLICE_S))
+                self.beat()
+        return local
 
     def snapshot(self) -> dict[str, np.ndarray] | None:
         """The shared values before training, where the release or the schedule needs them."""
@@ -172,6 +190,8 @@ class RoundEngine:
             }
         if self.parts.mixstep.distances:
             record["component_distance"] = dict(self.parts.mixstep.distances)
+        if self.parts.mixstep.loose:
+            record["loose"] = dict(self.parts.mixstep.loose)
         if self.parts.rounds.isolated:
             record["isolated"] = sorted(self.parts.rounds.isolated)
         if isinstance(self.parts.link.transport, FaultyTransport):

@@ -325,12 +325,13 @@ class Exchange:
             out.append((name, tensor))
         return out
 
-    def apply(self, peer: Peer, msg: protocol.Message) -> bool:
-        """Apply a `delta` or `state` to `peer`'s replicas; True if a replica changed. A delta
-        for a replica version this node does not hold asks the neighbour for its state."""
+    def apply(self, peer: Peer, msg: protocol.Message) -> list[str]:
+        """Apply a `delta` or `state` to `peer`'s replicas; the components whose replica
+        changed (each is then `fresh`). A delta for a replica version this node does not hold
+        asks the neighbour for its state."""
         node = self.state
         gaps: list[str] = []
-        changed = False
+        changed: list[str] = []
         for name, tensor in self.tensors(peer, msg):
             own = node.shared[name]
             base = msg.meta[name].base
@@ -353,8 +354,9 @@ class Exchange:
                 peer.replicas.pop(name, None)
                 peer.versions.pop(name, None)
                 continue
-            changed = True
+            changed.append(name)
             peer.heard[name] = msg.round
+            peer.fresh.add(name)
         if gaps:
             self.ask_resync(
                 peer, f"delta for a replica version this node does not have ({', '.join(gaps)})"

@@ -2,7 +2,10 @@
 node's mixer and its mixing row (Metropolis-Hastings, noise-aware, or this round's row of a
 time-varying topology), renormalised over the neighbours actually heard. Full states that were
 summed as they arrived (`m3tgossip.daemon.stream`) are mixed from their sum, with the replicas
-heard added to it; a component with nothing summed is mixed by the mixer from the replicas."""
+heard added to it; a component with nothing summed is mixed by the mixer from the replicas.
+On a loose link (a straggler at either end, `RoundCollector.loose`) the neighbour's replica is
+mixed if it took a new value since it was last mixed, whatever round that value is from, and
+then not again until it changes."""
 
 from __future__ import annotations
 
@@ -38,6 +41,9 @@ class MixStep:
         #: per component mixed in the last round: the largest distance to a heard replica,
         #: relative to the norm of this node's published value
         self.distances: dict[str, float] = {}
+        #: per neighbour on a loose link in the last mix: the newest round of its values that
+        #: the mix took (None: nothing new of it was mixed)
+        self.loose: dict[str, int | None] = {}
 
     def mix(self) -> tuple[list[str], float]:
         """Mix over the replicas heard this round; returns (heard ids, consensus distance)."""
@@ -49,6 +55,8 @@ class MixStep:
         norm_sq = 0.0
         self.distances = {}
         sums = self.rounds.sums
+        loose = {p.id for p in node.peers.values() if p.components and self.rounds.loose(p)}
+        self.loose = dict.fromkeys(sorted(loose))
         for comp, x in node.shared.items():
             if comp in node.retired:
                 continue
@@ -56,8 +64,15 @@ class MixStep:
             held = {
                 p.id
                 for p in node.peers.values()
-                if comp in p.replicas and p.heard.get(comp) == mixing and p.id not in summed
+                if comp in p.replicas
+                and p.id not in summed
+                and (comp in p.fresh if p.id in loose else p.heard.get(comp) == mixing)
             }
+            for pid in held:
+                peer = node.peers[pid]
+                peer.fresh.discard(comp)  # mixed: a loose link takes it again once it changes
+                if pid in loose:
+                    self.loose[pid] = max(self.loose[pid] or -1, peer.heard.get(comp, -1))
             heard = held | summed
             heard_any |= heard
             mine = self.exchange.published[comp]

@@ -235,6 +235,7 @@ class Node(NodeState):
                     "left": p.left,
                     "model_ok": p.model_ok,
                     "missed_rounds": p.missed,
+                    "loose": self.rounds.loose(p),
                     "heard_s_ago": round(now - p.last_heard, 3) if p.last_heard else None,
                     "bytes_in": p.bytes_in,
                     "bytes_out": p.bytes_out,

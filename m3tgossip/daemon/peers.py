@@ -50,6 +50,17 @@ class Peer:
     push_sent: dict[str, np.ndarray] = field(default_factory=dict)
     push_sent_w: dict[str, float] = field(default_factory=dict)
     push_recv_w: dict[str, float] = field(default_factory=dict)
+    #: the topology declares it or this node a straggler (speed or bandwidth below 1): rounds
+    #: with it are not kept in step (`m3tgossip.daemon.rounds`, loose links)
+    loose: bool = False
+    #: the topology declares it a straggler (speed or bandwidth below 1)
+    slow: bool = False
+    #: observed to be a straggler in this session (`gossip.straggler_after` deadlines missed)
+    straggler: bool = False
+    #: rounds of this node whose deadline passed without its messages, in its session
+    session_misses: int = 0
+    #: components whose replica took a new value since this node last mixed it
+    fresh: set[str] = field(default_factory=set)
 
     def reset(self, session: str | None) -> None:
         """A new incarnation of the neighbour: forget its replicas, send it full state."""
@@ -66,6 +77,9 @@ class Peer:
         self.push_sent.clear()
         self.push_sent_w.clear()
         self.push_recv_w.clear()
+        self.straggler = False
+        self.session_misses = 0
+        self.fresh.clear()
 
     @property
     def live(self) -> bool:
@@ -78,11 +92,15 @@ class Peer:
 
 
 def make_peers(topology: Topology, node_id: str, held: set[str]) -> dict[str, Peer]:
-    """One `Peer` per topology neighbour, with the components both ends hold shared."""
+    """One `Peer` per topology neighbour, with the components both ends hold shared; the link
+    is loose if either end is declared a straggler."""
     peers = {}
+    slow = topology.node(node_id).straggler
     for nid in topology.neighbours(node_id):
         spec = topology.node(nid)
         common = tuple(sorted(held & set(spec.shared_components)))
         peers[nid] = Peer(nid, spec.endpoint if spec.port else "", common)
         peers[nid].need_state = set(common)
+        peers[nid].loose = slow or spec.straggler
+        peers[nid].slow = spec.straggler
     return peers

@@ -6,6 +6,16 @@ are applied when this node reaches that round, so both ends of an edge always mi
 of replica versions and the network mean is preserved exactly. A full state that needs no
 replica is added to the round's sums as it arrives (`m3tgossip.daemon.stream`); everything
 else is applied to the neighbour's replicas.
+
+A link to or from a straggler is **loose** (`loose`): a node declared slow in the topology
+(`speed` or `bandwidth` below 1) at either end, or, with `gossip.straggler_after`, a
+neighbour observed to be one. Rounds on a loose link are not kept in step: no node waits for
+a straggler (a declared straggler waits, up to the deadline, for a new value of each
+full-speed neighbour, which a faster one has sent already), whatever arrives is applied to
+the replica as it comes, whatever its round (so queued rounds of a neighbour far ahead are
+skipped over: the replica holds its newest value), and the mix takes that replica once, in
+the first mix after it changed (`Peer.fresh`). See `m3tgossip/docs/protocol.md`
+(stragglers) for what this does to the mean.
 """
 
 from __future__ import annotations
@@ -28,6 +38,10 @@ log = get_logger(__name__)
 MAX_PENDING = 64
 #: longest single poll, so signals and heartbeats are noticed promptly
 POLL_SLICE_MS = 50
+#: longest a node with loose links spends at the end of a round handling what already
+#: arrived (a straggler finds several rounds of its neighbours' messages queued, more than one
+#: poll takes), so that it mixes their newest values
+DRAIN_MAX_S = 2.0
 
 
 def _median(values: Iterable[float]) -> float:
@@ -64,10 +78,27 @@ class RoundCollector:
         self.row: dict[str, float] | None = None
         self.isolated: set[str] = set()
 
+    def loose(self, peer: Peer) -> bool:
+        """Rounds with `peer` are not kept in step: it or this node is declared a straggler in
+        the topology, or (`gossip.straggler_after` = N > 0) it missed N deadlines of this
+        node's rounds in its session, or the two are more than N rounds apart. Never on a
+        time-varying topology, whose rounds are the plan's."""
+        if self.row is not None:
+            return False
+        if peer.loose or peer.straggler:
+            return True
+        after = self.state.config.gossip.straggler_after
+        return after > 0 and peer.round >= 0 and abs(peer.round - self.state.round) > after
+
     def receive(self, peer: Peer, msg: protocol.Message) -> None:
         """A `delta` or `state`: apply it if its round is due, else hold it (also a state to
-        sum that came before this node sent its round: `RoundSums.early`)."""
+        sum that came before this node sent its round: `RoundSums.early`). On a loose link,
+        apply it at once, whatever its round."""
         node = self.state
+        if self.loose(peer):
+            peer.pending.append(msg)  # after what it queued before the link turned loose
+            self.take_latest(peer)
+            return
         early = not self.collecting and self.sums.early(peer, msg, self.row is not None)
         if msg.round > node.mixing_round or early:
             if len(peer.pending) >= MAX_PENDING:
@@ -109,12 +140,34 @@ class RoundCollector:
         return self.row is None or peer.id in self.row
 
     def expected(self) -> list[Peer]:
+        """The neighbours this round waits for: the live ones in step with this node that
+        are not suspected, and, if this node is declared a straggler, its full-speed ones (for
+        a new value, which a faster neighbour has sent already). Nobody waits for a node
+        declared or observed a straggler."""
         suspect_after = self.state.config.gossip.suspect_after
         return [
             p
             for p in self.state.peers.values()
-            if p.live and p.missed < suspect_after and self.in_round(p)
+            if p.live and p.missed < suspect_after and self.in_round(p) and self.waits_for(p)
         ]
+
+    def waits_for(self, peer: Peer) -> bool:
+        """This node waits for `peer` in its rounds: a link in step, or a declared straggler's
+        link to a full-speed neighbour."""
+        if not self.loose(peer):
+            return True
+        return self.state.spec.straggler and not peer.slow and not peer.straggler
+
+    def owed(self, peer: Peer, mixing: int) -> bool:
+        """What this round waits for has not come from `peer`: its messages of the round being
+        mixed (a neighbour already past that round will not send it any more: a message of a
+        link arrives in order, and a node at round R has sent every round before R, so what
+        is missing from it was lost), or, on a loose link, a new value of every component this
+        node still shares."""
+        if self.loose(peer):
+            retired = self.state.retired
+            return not all(c in peer.fresh for c in peer.components if c not in retired)
+        return not peer.heard_round(mixing) and peer.round <= mixing
 
     def collect(self) -> bool:
         """Wait for this round's messages. False if a stop signal arrived meanwhile."""
@@ -122,6 +175,9 @@ class RoundCollector:
         g = node.config.gossip
         mixing = node.mixing_round
         for peer in node.peers.values():
+            if self.loose(peer):
+                self.take_latest(peer)
+                continue
             due = [m for m in peer.pending if m.round <= mixing]
             if due:
                 peer.pending = [m for m in peer.pending if m.round > mixing]
@@ -138,10 +194,7 @@ class RoundCollector:
                 if node.stop_reason is not None:
                     return False
                 expected = self.expected()
-                # A neighbour already past this round will not send it any more (a message
-                # of a link arrives in order, and a node at round R has sent every round before
-                # R): what is missing from it was lost.
-                waiting = [p for p in expected if not p.heard_round(mixing) and p.round <= mixing]
+                waiting = [p for p in expected if self.owed(p, mixing)]
                 if not waiting:
                     break
                 now = time.monotonic()
@@ -160,16 +213,52 @@ class RoundCollector:
             self.collecting = False
         self._count_misses(mixing)
         self._check_isolation()
-        self.poll(0)
+        if any(self.loose(p) for p in node.peers.values()):
+            self.drain()
+        else:
+            self.poll(0)
         return True
+
+    def drain(self) -> None:
+        """Handle what has already arrived, poll after poll, until a poll brings nothing (at
+        most DRAIN_MAX_S): a loose link's replica then holds the neighbour's newest value."""
+        end = time.monotonic() + DRAIN_MAX_S
+        while True:
+            seen = (self.link.bytes_in, self.link.rejected)
+            self.poll(0)
+            if (self.link.bytes_in, self.link.rejected) == seen or time.monotonic() >= end:
+                return
+
+    def take_latest(self, peer: Peer) -> None:
+        """A loose link: apply every message queued from `peer`, whatever its round, in the
+        order it came (deltas build on one another; a state replaces what came before). The
+        replica then holds the neighbour's newest value, and the mix takes that one once,
+        instead of one queued round after another."""
+        queued, peer.pending = peer.pending, []
+        for msg in queued:
+            self.exchange.apply(peer, msg)
 
     def _count_misses(self, mixing: int) -> None:
         g = self.state.config.gossip
         for peer in self.state.peers.values():
-            if not self.in_round(peer) or not peer.components or peer.heard_round(mixing):
+            if not self.in_round(peer) or not peer.components or not self.owed(peer, mixing):
                 continue
+            loose = self.loose(peer)
+            if loose and not (self.waits_for(peer) and peer.live):
+                continue  # not waited for: nothing missed
             peer.missed += 1
             peer.deadline_misses += 1
+            if not loose:
+                peer.session_misses += 1
+            if not loose and 0 < g.straggler_after <= peer.session_misses and not peer.left:
+                peer.straggler = True
+                log.warning(
+                    "%s: %s missed %d deadlines: a straggler, no longer waited for; its newest "
+                    "values are mixed as they come",
+                    self.state.id,
+                    peer.id,
+                    peer.session_misses,
+                )
             if peer.missed == g.suspect_after and not peer.left:
                 log.warning(
                     "%s: %s missed %d rounds; not waiting for it until it is heard again",
@@ -184,6 +273,7 @@ class RoundCollector:
             return  # a time-varying topology links other peers every round
         node = self.state
         alive = {p.id for p in self.expected()}
+        alive |= {p.id for p in node.peers.values() if p.live and self.loose(p)}
         for comp in node.shared:
             holders = [p.id for p in node.peers.values() if comp in p.components]
             cut = bool(holders) and not (alive & set(holders))

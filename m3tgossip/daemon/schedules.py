@@ -9,7 +9,9 @@
 - `PushSumTicks` (`gossip.mode = "push-sum"`): keep a share, push running sums, absorb.
 
 Every schedule runs after the engine's release phase, so none of them sees a private value
-that did not pass the node's release gate.
+that did not pass the node's release gate. A node whose topology entry declares a `bandwidth`
+below 1 sends (pushes) in one round of every `NodeSpec.send_every` only; its links are loose
+(`m3tgossip.daemon.rounds`), so no neighbour waits for the rounds it does not send.
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ class Lockstep(Schedule):
 
     def exchange(self, n: RoundParts, before: Values | None, t: Timings) -> Outcome:
         n.rounds.started = time.monotonic()
-        n.exchange.send()
+        if n.state.sends_this_round:
+            n.exchange.send()
         t.lap("send")
         if not n.rounds.collect():
             return None
@@ -101,7 +104,8 @@ class Overlapped(Schedule):
         n.exchange.drop_replicas()
         t.lap("mix")
         n.rounds.started = time.monotonic()
-        n.exchange.send()
+        if n.state.sends_this_round:
+            n.exchange.send()
         t.lap("send")
         return outcome
 
@@ -170,7 +174,8 @@ class PushSumTicks(Schedule):
         for comp, x in n.state.shared.items():
             ps = self.ps[comp]
             ps.absorb((x - before[comp]) * ps.w, 0.0)  # local progress moves the estimate
-        self._push(n)
+        if n.state.sends_this_round:
+            self._push(n)
         t.lap("send")
         end = time.monotonic() + n.state.config.gossip.push_interval_s
         while n.state.stop_reason is None and time.monotonic() < end:

@@ -102,6 +102,11 @@ def check_settings(
             (g.aggregator != "mean", f'gossip.aggregator = "{g.aggregator}"', "not linear"),
             (g.noise_strength > 0, "gossip.noise_strength", "the weights are no longer the spec's"),
             (bool(config.faults.attack), "faults.attack", "an attacker sends no masks"),
+            (
+                g.straggler_after > 0,
+                f"gossip.straggler_after = {g.straggler_after}",
+                "a loose link mixes out of step",
+            ),
         ]
         codecs = {str(g.compress.get(c, g.compression)) for c in shared}
         bad.append((codecs != {"raw"} and bool(shared), "a lossy codec", "masks must go raw"))
@@ -127,6 +132,7 @@ def check_settings(
         (g.gamma != 1.0, f"gossip.gamma = {g.gamma}"),
         (g.mode == "push-sum", 'gossip.mode = "push-sum"'),
         (g.overlap, "gossip.overlap = true"),
+        (g.straggler_after > 0, f"gossip.straggler_after = {g.straggler_after}"),
     ]
     for broken, setting in mine:
         if broken:

@@ -135,6 +135,13 @@ def open_transport(config: NodeConfig, topology: Topology, peers: dict[str, Peer
         transport = FaultyTransport(transport, config.faults)
     if config.faults.attack:
         log.warning("%s: running as a Byzantine node (attack %r)", config.id, config.faults.attack)
+    if config.faults.slowed:
+        log.warning(
+            "%s: local steps slowed down %gx plus %g s (faults.slowdown, a measurement aid)",
+            config.id,
+            config.faults.slowdown,
+            config.faults.slowdown_s,
+        )
     return transport
 
 

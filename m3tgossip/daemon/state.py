@@ -52,5 +52,12 @@ class NodeState:
         """The round whose messages this node collects and mixes now."""
         return self.round - self.lag
 
+    @property
+    def sends_this_round(self) -> bool:
+        """This node sends its values in this round: in every round, or in one of every
+        `send_every` if its topology entry declares a `bandwidth` below 1 (what it does not
+        send waits in the gap to its published copy and goes with the next send)."""
+        return self.round % self.spec.send_every == 0
+
     def done(self) -> bool:
         return self.stop_reason is not None or (0 < self.config.rounds <= self.round)

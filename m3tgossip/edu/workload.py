@@ -2,13 +2,16 @@
 
 The node builds the model of its topology entry (modalities, tasks, compute tier, local
 components) from the shipped base checkpoint, generates its own records (`node_data`, from its
-entry and the federation seed alone) and trains `local_steps` steps per round. The arrays of
+entry and the federation seed alone) and trains `local_steps` steps per round, scaled by the
+`speed` its entry declares (`max(1, round(local_steps * speed))`: a slow machine does less
+work a round instead of holding its neighbours up). The arrays of
 `shared()` are views of the model's parameters, so the daemon's in-place mixing is the model
 update; `after_mix` has nothing to copy.
 
 Options (`[workload]` table of the node config):
 
-    local_steps   optimiser steps per round (5)
+    local_steps   optimiser steps per round of a full-speed node (5); a node whose topology
+                  entry declares `speed` < 1 trains max(1, round(local_steps * speed))
     eval_every    evaluate on the held-out records after the first round and every this many
                   rounds (5); built-in data is also scored on 300 unseen learners of the node's
                   institution (`unseen` in the metrics: learners no node trained on)
@@ -129,6 +132,8 @@ class EduWorkload:
         o = self.options
         node = topology.node(node_id)
         self.node_id = node_id
+        #: optimiser steps a round: `local_steps` scaled by the node's declared speed
+        self.steps = max(1, round(o["local_steps"] * node.speed))
         self.model = build_node_model(
             node,
             seed=seed,
@@ -180,10 +185,10 @@ class EduWorkload:
         )
 
     def private_training_plan(self) -> TrainingPlan | None:
-        """Per-learner DP-SGD: `batch_size` learners a step on average, `local_steps` a round."""
+        """Per-learner DP-SGD: `batch_size` learners a step on average, `steps` a round."""
         if not self.trainer.params or not len(self.trainer.pool):
             return None
-        return TrainingPlan(self.trainer.private_sampling_rate(), self.options["local_steps"])
+        return TrainingPlan(self.trainer.private_sampling_rate(), self.steps)
 
     def trained_components(self) -> list[str]:
         """Every component this node trains (shared and local)."""
@@ -201,8 +206,7 @@ class EduWorkload:
         return self.model.shared_vectors()
 
     def local_step(self, round_: int) -> dict[str, Any]:
-        k = self.options["local_steps"]
-        return {"loss": self.trainer.train_steps(k), "steps": k}
+        return {"loss": self.trainer.train_steps(self.steps), "steps": self.steps}
 
     def after_mix(self, round_: int) -> None:
         """Nothing to do: the mixed arrays are the model's parameters."""

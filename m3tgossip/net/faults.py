@@ -8,6 +8,12 @@ sockets and nothing blocks.
 
 `Attack` turns a node into a Byzantine neighbour: it replaces the values the node sends with
 a malicious vector. Attackers never affect their own model; they only lie to their neighbours.
+
+`slowdown` and `slowdown_s` are a measurement aid, not a fault of the network: they make the
+node's machine slower (every local step takes `slowdown` times as long, plus `slowdown_s`
+seconds), so that a run can show what a straggler does to its neighbours. The round engine
+applies them (`m3tgossip.daemon.engine`); the node's transport is not wrapped for them. What
+a node declares of its pace is the topology's `speed` and `bandwidth`, not this.
 """
 
 from __future__ import annotations
@@ -41,6 +47,12 @@ class FaultConfig:
     attack: str = ""
     #: strength of the attack (scale of huge/dissensus, z of ALIE, epsilon of IPM)
     attack_scale: float = 0.0
+    #: measurement aid: every local step takes this many times as long (the node sleeps
+    #: `slowdown - 1` times the step's measured time after it); 1 = as fast as it runs
+    slowdown: float = 1.0
+    #: measurement aid: seconds every local step takes on top (a workload whose steps take no
+    #: time, such as consensus, is slowed with this)
+    slowdown_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("drop", "delay", "duplicate"):
@@ -53,6 +65,22 @@ class FaultConfig:
             and self.delay_s >= 0
         ):
             raise ValueError(f"delay_s: a non-negative number of seconds, got {self.delay_s!r}")
+        if not (
+            isinstance(self.slowdown, (int, float))
+            and not isinstance(self.slowdown, bool)
+            and math.isfinite(self.slowdown)
+            and self.slowdown >= 1
+        ):
+            raise ValueError(f"slowdown: a factor >= 1 (1 = full speed), got {self.slowdown!r}")
+        if not (
+            isinstance(self.slowdown_s, (int, float))
+            and not isinstance(self.slowdown_s, bool)
+            and math.isfinite(self.slowdown_s)
+            and self.slowdown_s >= 0
+        ):
+            raise ValueError(
+                f"slowdown_s: a non-negative number of seconds, got {self.slowdown_s!r}"
+            )
         if self.attack not in ATTACKS:
             raise ValueError(
                 f"attack: one of {', '.join(a for a in ATTACKS if a)}, got {self.attack!r}"
@@ -60,7 +88,17 @@ class FaultConfig:
 
     @property
     def active(self) -> bool:
+        """Faults of the transport (the node's messages are wrapped for them)."""
         return bool(self.drop or self.delay or self.duplicate)
+
+    @property
+    def slowed(self) -> bool:
+        """The node's local steps are slowed down (`slowdown`, `slowdown_s`)."""
+        return self.slowdown > 1 or self.slowdown_s > 0
+
+    def pause_after(self, step_s: float) -> float:
+        """Seconds to sleep after a local step that took `step_s`."""
+        return (self.slowdown - 1.0) * max(0.0, step_s) + self.slowdown_s
 
 
 class FaultyTransport:

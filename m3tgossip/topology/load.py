@@ -26,6 +26,7 @@ from m3tgossip.topology.spec import (
     MAX_NODES,
     MODALITIES,
     NODE_ID,
+    PACE_KEYS,
     PRIVACY_PROFILES,
     ROLES,
     SINGLE_LEARNER,
@@ -50,6 +51,8 @@ _NODE_KEYS = (
     "public_key",
     "local",
     "single_learner",
+    "speed",
+    "bandwidth",
 )
 #: attributes that must be set per node, never in [defaults]
 _PER_NODE_KEYS = ("id", "port", "public_key")
@@ -65,6 +68,8 @@ _BUILTIN_DEFAULTS: dict[str, Any] = {
     "public_key": None,
     "local": [],
     "single_learner": None,
+    "speed": 1.0,
+    "bandwidth": 1.0,
 }
 
 
@@ -133,8 +138,19 @@ def parse_topology(data: Mapping[str, Any], source: str) -> Topology:
                 "dynamics",
                 "a time-varying topology needs every node to share the same components",
             )
+        slow = [n for n in nodes if n.straggler]
+        if slow:
+            entry = _given_entry(slow[0].id, given)
+            key = "speed" if slow[0].speed < 1.0 else "bandwidth"
+            raise ConfigError(
+                source,
+                f"{entry}.{key}",
+                "a time-varying topology ([dynamics]) runs every node in the round plan's "
+                "lockstep; a node declared slow needs a static graph",
+            )
         edges = dynamic_links(ids, dynamics)
     else:
+        _cancel_beside_straggler(nodes, edges, given, source)
         nodes = _cancel_needs_two(nodes, edges)
     if not _connected(ids, edges):
         import networkx as nx  # only to say which parts the graph falls into
@@ -153,6 +169,29 @@ def parse_topology(data: Mapping[str, Any], source: str) -> Topology:
         dynamics=dynamics,
         sample=sample,
     )
+
+
+def _cancel_beside_straggler(
+    nodes: list[NodeSpec],
+    edges: Any,
+    given: dict[str, tuple[int, dict[str, Any]]],
+    source: str,
+) -> None:
+    """A node with `single_learner = "cancel"` next to a node declared slow: refused, since
+    its masks cancel only if every neighbour mixes the same round of them, and no round is kept
+    in step with a straggler."""
+    by_id = {n.id: n for n in nodes}
+    for u, v in edges:
+        for me, other in ((by_id[u], by_id[v]), (by_id[v], by_id[u])):
+            if me.single_learner == "cancel" and other.straggler:
+                entry = _given_entry(me.id, given)
+                raise ConfigError(
+                    source,
+                    f"{entry}.single_learner",
+                    f'"cancel" next to {other.id}, which is declared slow (speed or bandwidth '
+                    "below 1): the masks cancel only in lockstep rounds, and no neighbour "
+                    "keeps lockstep with a straggler",
+                )
 
 
 def _cancel_needs_two(nodes: list[NodeSpec], edges: Any) -> list[NodeSpec]:
@@ -219,6 +258,11 @@ def _node_entry(node_id: str, position: int | None) -> str:
     if position is None:
         return f'node "{node_id}"'
     return f'nodes[{position}] (id "{node_id}")'
+
+
+def _given_entry(node_id: str, given: dict[str, tuple[int, dict[str, Any]]]) -> str:
+    """How errors name a node of the spec, its [[nodes]] table known or not."""
+    return _node_entry(node_id, given[node_id][0] if node_id in given else None)
 
 
 def _parse_defaults(table: Any, source: str) -> dict[str, Any]:
@@ -305,6 +349,14 @@ def _parse_node(
             raise fail(key, f"{value!r} is not one of {', '.join(allowed)}")
         return value
 
+    def fraction(key: str) -> float:
+        value = attrs[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail(key, f"must be a number in (0, 1] (1 = full speed), got {value!r}")
+        if not 0.0 < value <= 1.0:  # NaN fails too
+            raise fail(key, f"{value!r} is outside (0, 1] (a fraction of full speed; 1 = full)")
+        return float(value)
+
     def names(key: str, check: Callable[[str], str | None]) -> tuple[str, ...]:
         value = attrs[key]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -341,6 +393,14 @@ def _parse_node(
     single_learner = attrs["single_learner"]
     if single_learner is not None:
         single_learner = choice("single_learner", SINGLE_LEARNER)
+    pace = {key: fraction(key) for key in PACE_KEYS}
+    if single_learner == "cancel" and any(v < 1.0 for v in pace.values()):
+        key = next(k for k in PACE_KEYS if pace[k] < 1.0)
+        raise fail(
+            key,
+            f'{key} = {pace[key]:g} with single_learner = "cancel": its noise cancels only in '
+            "lockstep rounds, and no neighbour keeps lockstep with a node declared slow",
+        )
     public_key = attrs["public_key"]
     if public_key is not None and (
         not isinstance(public_key, str) or len(public_key) != 40 or not set(public_key) <= Z85_CHARS
@@ -360,6 +420,7 @@ def _parse_node(
         public_key=public_key,
         local=(),
         single_learner=single_learner,
+        **pace,
     )
     held = node.components
 

@@ -82,6 +82,12 @@ def check_report(
             needed = TASK_NEEDS.get(task)
             if needed is not None and needed not in node.modalities:
                 warnings.append(f"node {node.id}: task {task} needs {needed} data, which it lacks")
+        if node.straggler:
+            warnings.append(
+                f"node {node.id}: declared a straggler (speed {node.speed:g}, bandwidth "
+                f"{node.bandwidth:g}): its links are loose, nobody waits for it, and the network "
+                "mean is kept only approximately (m3tgossip/docs/protocol.md, stragglers)"
+            )
     mh_slem: float | None = None
     if dynamics is None:
         mh_slem = slem(metropolis_hastings(graph))
@@ -98,6 +104,8 @@ def check_report(
                 "role": n.role,
                 "institution": n.institution,
                 "compute": n.compute,
+                "speed": n.speed,
+                "bandwidth": n.bandwidth,
                 "privacy": n.privacy,
                 "modalities": list(n.modalities),
                 "tasks": list(n.tasks),

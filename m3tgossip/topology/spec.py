@@ -1,7 +1,8 @@
 """The topology model: the node and topology types every node builds from the shared spec.
 
 A `Topology` is the shared picture every node has of the federation: the nodes with their
-attributes (role, modalities, tasks, compute tier, privacy profile, endpoint, key), the edges,
+attributes (role, modalities, tasks, compute tier, privacy profile, endpoint, key, declared
+speed and bandwidth), the edges,
 which components each node holds and shares, and the per-component holder subgraphs that mixing
 runs on. `m3tgossip.topology.load` builds one from a TOML file; the format is documented in
 `m3tgossip/docs/topology.md`.
@@ -9,6 +10,7 @@ runs on. `m3tgossip.topology.load` builds one from a TOML file; the format is do
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -24,6 +26,9 @@ KNOWN_TASKS = ("at_risk", "engagement", "stress", "handwriting", "next_response"
 TASK_NEEDS = {"stress": "signal", "handwriting": "image", "next_response": "clickstream"}
 ROLES = ("institution", "instructor", "student")
 COMPUTE_TIERS = ("full", "lite")
+#: the node attributes a node declares its pace with (`speed`, `bandwidth`): a number in (0, 1]
+#: relative to a full-speed node; below 1 the node is a straggler (see `NodeSpec.straggler`)
+PACE_KEYS = ("speed", "bandwidth")
 PRIVACY_PROFILES = ("open", "ferpa", "gdpr", "custom")
 #: what a node that holds one learner does instead of per-learner DP-SGD (`single_learner`):
 #: send every neighbour a value masked by per-edge noise that cancels in the mix, or keep
@@ -59,6 +64,24 @@ class NodeSpec:
     local: tuple[str, ...]
     #: None (a node of many learners), "cancel" or "local" (see SINGLE_LEARNER)
     single_learner: str | None = None
+    #: the node's compute relative to a full-speed node, in (0, 1]: its workload trains that
+    #: fraction of the local steps of a round (at least one)
+    speed: float = 1.0
+    #: the node's uplink relative to a full-speed node, in (0, 1]: it sends in one round of
+    #: every `send_every`
+    bandwidth: float = 1.0
+
+    @property
+    def straggler(self) -> bool:
+        """Declared slower than full speed (`speed` or `bandwidth` below 1): no neighbour waits
+        for its rounds, and it mixes its neighbours' latest values instead of each round's
+        (the loose links of `m3tgossip.daemon.rounds`)."""
+        return self.speed < 1.0 or self.bandwidth < 1.0
+
+    @property
+    def send_every(self) -> int:
+        """The node sends its values in one round of this many: ceil(1 / bandwidth)."""
+        return max(1, math.ceil(1.0 / self.bandwidth - 1e-9))
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -261,6 +284,9 @@ class Topology:
             lines.append(f"local = {_toml_list(n.local)}")
             if n.single_learner is not None:
                 lines.append(f"single_learner = {_toml_str(n.single_learner)}")
+            for key in PACE_KEYS:
+                if getattr(n, key) != 1.0:
+                    lines.append(f"{key} = {getattr(n, key)!r}")
         return "\n".join(lines) + "\n"
 
     def _cached(self, key: str, build: Callable[[], Any]) -> Any:
