@@ -43,7 +43,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import networkx as nx
 import numpy as np
 import torch
 from _common import ROOT, interval, parser, pyplot, save_png, setup, write_json
@@ -67,11 +66,8 @@ MAX_ACC_COST_PTS = 1.0
 def consensus_counts(topo: Topology, vectors: dict[str, np.ndarray], tol: float = 1e-9) -> dict:
     """Every node's copy after averaging `vectors` over the spec's graph (Metropolis-Hastings
     rounds until the copies agree within `tol` of the mean's scale), and the rounds taken."""
-    ids = [n.id for n in topo.nodes]
-    graph = nx.Graph()
-    graph.add_nodes_from(ids)
-    graph.add_edges_from(topo.edges)
-    w = metropolis_hastings(graph, ids)
+    ids = topo.ids()
+    w = metropolis_hastings(topo.graph(), ids)
     x = np.stack([vectors[i] for i in ids])
     mean = x.mean(axis=0)
     scale = max(float(np.abs(mean).max()), 1.0)
