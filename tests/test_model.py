@@ -6,7 +6,6 @@ import itertools
 from dataclasses import dataclass
 
 import numpy as np
-import pytest
 import torch
 from peft import PeftModel
 from tiny import TINY
@@ -133,23 +132,53 @@ def test_local_components_are_trained_but_not_shared():
     assert not np.array_equal(model.vectors()["head.at_risk"], before)
 
 
-def test_lite_node_trains_and_exposes_only_prompts_and_heads():
+def test_lite_node_trains_prompts_and_heads_and_follows_the_adapters():
     spec = Spec(
         modalities=("tabular", "signal"),
         tasks=("at_risk", "stress"),
         compute="lite",
-        local=("head.stress",),
+        local=("head.stress", "encoder.signal"),
     )
     model = tiny_model(spec)
-    assert set(model.shared_vectors()) == {"head.at_risk", "prompt.at_risk", "prompt.stress"}
-    assert not lora_layers(model.net)
     policies = {c.name: c.policy for c in model.components()}
-    assert policies["backbone"] == policies["fusion"] == policies["encoder.signal"] == "frozen"
-    with pytest.raises(KeyError):
-        model.load_shared_vectors({"backbone": np.zeros(3, np.float32)})
-    # heads and prompts have one layout on lite and full nodes, so they mix together
+    assert policies["backbone"] == policies["fusion"] == policies["encoder.tabular"] == "followed"
+    # a local component a lite node does not train never moves: it stays at its initial adapters
+    assert policies["encoder.signal"] == "frozen"
+    assert set(model.shared_vectors()) == {
+        "backbone",
+        "fusion",
+        "encoder.tabular",
+        "head.at_risk",
+        "prompt.at_risk",
+        "prompt.stress",
+    }
+    assert set(model.trained_flat()) == {
+        "head.at_risk",
+        "head.stress",
+        "prompt.at_risk",
+        "prompt.stress",
+    }
+    trained = {id(p) for p in model.trainable_parameters()}
+    for c in ("backbone", "fusion", "encoder.tabular"):
+        assert not any(id(p) in trained or p.requires_grad for p in model.flat[c].params)
+    # training leaves the followed adapters alone and moves heads and prompts
+    before = {c: x.copy() for c, x in model.vectors().items()}
+    train, test = data_of(spec)
+    Trainer(model, train, test, lr=1e-2).train_steps(3)
+    after = model.vectors()
+    for c in ("backbone", "fusion", "encoder.tabular"):
+        assert np.array_equal(after[c], before[c])
+    assert not np.array_equal(after["head.at_risk"], before["head.at_risk"])
+    # a mixed value loaded into a followed component changes what the model computes
+    batch = model.prepare(test)
+    model.eval()
+    with torch.no_grad():
+        out = model(batch)["at_risk"].clone()
+        model.load_shared_vectors({"backbone": before["backbone"] + 0.05})
+        assert not torch.allclose(model(batch)["at_risk"], out)
+    # every shared component has one layout on lite and full nodes, so they mix together
     full = tiny_model(Spec(modalities=spec.modalities, tasks=spec.tasks))
-    for c, x in model.shared_vectors().items():
+    for c, x in tiny_model(spec).shared_vectors().items():
         assert np.array_equal(full.shared_vectors()[c], x)
 
 

@@ -160,6 +160,28 @@ def test_a_data_example_federation_trains_predicts_and_exports(tmp_path: Path, c
         want, got = trained.model(batch), peft(batch)
     for task in info["tasks"]:
         torch.testing.assert_close(got[task], want[task])
+    # the lite student exports the adapters it mixed (not trained) with the heads it trained
+    exported = tmp_path / "export-stu"
+    assert main(["export", "--state-dir", str(nodes / "stu"), "--out", str(exported)]) == 0
+    card = (exported / "README.md").read_text()
+    assert "| `backbone` | followed |" in card and "(mixed here, not trained)" in card
+    info = json.loads((exported / "m3t.json").read_text())
+    base = M3TModel(
+        M3TConfig.from_dict(info["config"]),
+        info["modalities"],
+        {t: len(c) for t, c in info["tasks"].items()},
+        seed=info["seed"],
+    )
+    load_base_weights(base, load_checkpoint(DEFAULT_CHECKPOINT), None)
+    peft = PeftModel.from_pretrained(base, str(exported)).eval()
+    trained = load_trained_node(nodes / "stu")
+    assert any(b.abs().sum() > 0 for b in trained.model.delta_weights().values())
+    data_stu, _ = trained.adapter.apply(read_folder(data / "stu"))
+    batch = trained.model.prepare(data_stu)
+    with torch.no_grad():
+        want, got = trained.model(batch), peft(batch)
+    for task in info["tasks"]:
+        torch.testing.assert_close(got[task], want[task])
     capsys.readouterr()
 
 

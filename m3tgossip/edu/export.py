@@ -3,8 +3,8 @@
 DIR2 receives:
 
 - `adapter_config.json`, `adapter_model.safetensors`: the LoRA adapters in PEFT's own format,
-  with the task heads and prompts as PEFT `modules_to_save` (a `full` node; a `lite` node,
-  which has no adapters, writes its heads and prompts to `heads_prompts.safetensors`);
+  with the task heads and prompts as PEFT `modules_to_save` (a `lite` node's adapters are the
+  ones it mixed with their holders without training them);
 - `m3t.json`: what the base model is (M3T config, modalities, tasks and their class names, the
   base checkpoint's digest, LoRA settings), enough to rebuild it and load the adapters;
 - `preprocessing.json`: how records are adapted to the model's inputs (`adapt.Adapter`);
@@ -18,9 +18,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
-
-from peft import PeftModel
-from safetensors.torch import save_file
 
 from m3tgossip.edu.restore import TrainedNode, load_trained_node
 
@@ -61,6 +58,8 @@ def describe(trained: TrainedNode) -> dict[str, Any]:
 def _holders(trained: TrainedNode, component: str, policy: str) -> str:
     if policy == "shared":
         return ", ".join(trained.topology.holders(component))
+    if policy == "followed":
+        return ", ".join(trained.topology.holders(component)) + " (mixed here, not trained)"
     if policy == "local":
         return f"{trained.node.id} only (never shared)"
     return "none (not trained; the base weights)"
@@ -132,19 +131,10 @@ def model_card(trained: TrainedNode) -> str:
         "base = M3TModel(M3TConfig.from_dict(info['config']), info['modalities'],",
         "                {t: len(c) for t, c in info['tasks'].items()}, seed=info['seed'])",
         "load_base_weights(base, load_checkpoint(DEFAULT_CHECKPOINT), None)",
-        *(
-            ["model = PeftModel.from_pretrained(base, '.')"]
-            if isinstance(trained.model.net, PeftModel)
-            else [
-                "# a lite node: the base as it ships, with this node's heads and prompts",
-                "base.load_state_dict(load_file('heads_prompts.safetensors'), strict=False)",
-            ]
-        ),
+        "model = PeftModel.from_pretrained(base, '.')",
         "```",
         "",
     ]
-    if not isinstance(trained.model.net, PeftModel):
-        lines[lines.index("from peft import PeftModel")] = "from safetensors.torch import load_file"
     return "\n".join(lines)
 
 
@@ -153,15 +143,7 @@ def export(state_dir: str | Path, out: str | Path) -> Path:
     trained = load_trained_node(state_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if isinstance(trained.model.net, PeftModel):
-        trained.model.save_pretrained(out)
-    else:
-        base = trained.model.base
-        tensors = {f"prompts.{k}": v for k, v in base.prompts.state_dict().items()}
-        tensors |= {f"heads.{k}": v for k, v in base.heads.state_dict().items()}
-        save_file(
-            {k: v.contiguous() for k, v in tensors.items()}, str(out / "heads_prompts.safetensors")
-        )
+    trained.model.save_pretrained(out)
     (out / "m3t.json").write_text(json.dumps(describe(trained), indent=2) + "\n")
     (out / "preprocessing.json").write_text(json.dumps(trained.adapter.to_json(), indent=2) + "\n")
     (out / "README.md").write_text(model_card(trained))

@@ -279,7 +279,7 @@ class Trainer:
         out = {"trainer/step": np.array(self.step, dtype=np.int64)}
         if self.fairness is not None:
             out.update(self.fairness.state())
-        for c, flat in self.model.flat.items():
+        for c, flat in self.model.trained_flat().items():
             states = [self.optimizer.state.get(p, {}) for p in flat.params]
             for key in ("exp_avg", "exp_avg_sq"):
                 out[f"adam/{c}/{key}"] = flat.flatten(
@@ -294,7 +294,9 @@ class Trainer:
     def load_state(self, arrays: Mapping[str, np.ndarray]) -> None:
         """Restore what `state` returned (for the same model layout)."""
         wanted = ["trainer/step"] + [
-            f"adam/{c}/{key}" for c in self.model.flat for key in ("exp_avg", "exp_avg_sq", "step")
+            f"adam/{c}/{key}"
+            for c in self.model.trained_flat()
+            for key in ("exp_avg", "exp_avg_sq", "step")
         ]
         missing = [k for k in wanted if k not in arrays]
         if missing:
@@ -302,7 +304,7 @@ class Trainer:
         self.step = int(arrays["trainer/step"])
         if self.fairness is not None:
             self.fairness.load_state(arrays)
-        for c, flat in self.model.flat.items():
+        for c, flat in self.model.trained_flat().items():
             avg = flat.unflatten(arrays[f"adam/{c}/exp_avg"])
             avg_sq = flat.unflatten(arrays[f"adam/{c}/exp_avg_sq"])
             steps = np.asarray(arrays[f"adam/{c}/step"])

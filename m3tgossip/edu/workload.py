@@ -191,8 +191,8 @@ class EduWorkload:
         return TrainingPlan(self.trainer.private_sampling_rate(), self.steps)
 
     def trained_components(self) -> list[str]:
-        """Every component this node trains (shared and local)."""
-        return sorted(self.model.vectors())
+        """Every component this node trains (shared and local; not the ones it only follows)."""
+        return sorted(self.model.trained_flat())
 
     def use_private_training(self, noise: TrainingNoise) -> None:
         """Train every step with per-learner DP-SGD at the daemon's calibrated `noise`."""

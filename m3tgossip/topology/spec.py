@@ -95,18 +95,14 @@ class NodeSpec:
     def shared_components(self) -> tuple[str, ...]:
         """The components the node gossips with the other holders, sorted.
 
-        All but `local` ones; a `lite` node trains only heads and prompts, so it shares only
-        those (it runs the base encoders, fusion and backbone as they are). A node with
-        `single_learner = "local"` shares none: every component it trains stays on it.
+        All but `local` ones. A `lite` node trains only heads and prompts but still mixes the
+        encoder, fusion and backbone adapters with their holders (it follows them without
+        training them). A node with `single_learner = "local"` shares none: every component it
+        trains stays on it.
         """
         if self.single_learner == "local":
             return ()
-        return tuple(
-            c
-            for c in self.components
-            if c not in self.local
-            and (self.compute != "lite" or c.startswith(("head.", "prompt.")))
-        )
+        return tuple(c for c in self.components if c not in self.local)
 
     @property
     def endpoint(self) -> str:

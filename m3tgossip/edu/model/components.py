@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-POLICIES = ("shared", "local", "frozen")
+#: `followed`: mixed with its holders like `shared` but never trained here (the adapters of a
+#: `lite` node's encoders, fusion and backbone)
+POLICIES = ("shared", "local", "followed", "frozen")
 #: the frozen sentence encoder under `encoder.text` (never trained, never sent)
 TEXT_MODEL = "encoder.text.minilm"
 _KINDS = {"encoders": "encoder", "prompts": "prompt", "heads": "head"}

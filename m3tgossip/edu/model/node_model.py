@@ -8,9 +8,11 @@ Resource-aware participation by compute tier:
 
 - `full`: LoRA adapters on the encoders, fusion and backbone, plus prompts and heads, are
   trained; it shares every component it holds except its `local` ones.
-- `lite`: only prompts and heads are trained. It runs the pretrained encoders, fusion and
-  backbone as they ship, without adapters, and neither holds nor receives encoder, fusion or
-  backbone adapters: it exposes only `prompt.<task>` and `head.<task>` (minus its `local`).
+- `lite`: only prompts and heads are trained. It holds the encoder, fusion and backbone
+  adapters like a full node and mixes them with their other holders every round, but never
+  trains them (policy `followed`): it runs the federation's adapters without paying for their
+  gradients, and its copies carry nothing of its own records (they start from the seeded
+  initial adapters and change only by mixing what neighbours sent).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ log = get_logger(__name__)
 
 COMPUTE_TIERS = ("full", "lite")
 #: bump when the component layout (what a shared vector holds, in which order) changes
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 
 class NodeLike(Protocol):
@@ -63,7 +65,12 @@ class NodeLike(Protocol):
 
 
 class NodeModel(nn.Module):
-    """A node's M3T model. `net` is the PEFT-wrapped model (full tier) or the plain one (lite)."""
+    """A node's M3T model: `net` is the PEFT-wrapped M3T model.
+
+    `followed` names components whose adapters are mixed with their holders but not trained
+    here (a `lite` node's encoders, fusion and backbone); a followed component in `local` would
+    neither train nor mix, so it is frozen at its initial adapters instead.
+    """
 
     def __init__(
         self,
@@ -72,6 +79,7 @@ class NodeModel(nn.Module):
         local: Sequence[str],
         text_encoder: SentenceEncoder | None,
         identity: dict[str, Any],
+        followed: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.net = net
@@ -84,13 +92,28 @@ class NodeModel(nn.Module):
         for name, p in net.named_parameters():
             if p.requires_grad:
                 groups.setdefault(component_of(name), []).append((name, p))
+        for c in set(followed) & set(groups):
+            for _, p in groups[c]:
+                p.requires_grad_(False)
+            if c in local:
+                del groups[c]
+        #: components mixed with their holders but never trained here
+        self.followed = frozenset(c for c in followed if c in groups)
         self.flat = {c: FlatParameters(groups[c]) for c in sorted(groups)}
         self.policies = {
-            c: "frozen" if c not in self.flat else "local" if c in local else "shared"
+            c: "frozen"
+            if c not in self.flat
+            else "local"
+            if c in local
+            else "followed"
+            if c in self.followed
+            else "shared"
             for c in self.held()
         }
         self._vectors = {c: f.array for c, f in self.flat.items()}
-        self._shared = {c: a for c, a in self._vectors.items() if self.policies[c] == "shared"}
+        self._shared = {
+            c: a for c, a in self._vectors.items() if self.policies[c] in ("shared", "followed")
+        }
 
     @property
     def base(self) -> M3TModel:
@@ -115,19 +138,24 @@ class NodeModel(nn.Module):
             if ".original_module." not in name:  # PEFT's untouched copy of a modules_to_save
                 counts[component_of(name)] += p.numel()
         out = [
-            Component(c, self.policies[c], counts[c], len(self.flat[c]) if c in self.flat else 0)
+            Component(c, self.policies[c], counts[c], len(self.trained_flat().get(c, ())))
             for c in self.held()
         ]
         if self.text_encoder is not None:
             out.append(Component(TEXT_MODEL, "frozen", self.text_encoder.n_params, 0))
         return out
 
+    def trained_flat(self) -> dict[str, FlatParameters]:
+        """The flat parameter groups of the components trained here (not the followed ones)."""
+        return {c: f for c, f in self.flat.items() if c not in self.followed}
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """All trained parameters, component by component in flat-vector order."""
-        return [p for f in self.flat.values() for p in f.params]
+        return [p for f in self.trained_flat().values() for p in f.params]
 
     def vectors(self) -> dict[str, np.ndarray]:
-        """Every trained component (shared and local) as a flat float32 view of the model."""
+        """Every component with a flat vector (trained, shared or local, and followed) as a
+        float32 view of the model: what a checkpoint keeps."""
         return self._vectors
 
     def shared_vectors(self) -> dict[str, np.ndarray]:
@@ -146,13 +174,13 @@ class NodeModel(nn.Module):
             target[...] = x
 
     def delta_weights(self) -> dict[str, torch.Tensor]:
-        """The LoRA weight change s * B A per adapted layer (empty for a lite node)."""
+        """The LoRA weight change s * B A per adapted layer."""
         return delta_weights(self.net)
 
     def save_pretrained(self, folder: Path) -> None:
-        """Write the adapters, prompts and heads in PEFT's own format (full tier only)."""
+        """Write the adapters, prompts and heads in PEFT's own format."""
         if not isinstance(self.net, PeftModel):
-            raise ValueError("a lite node has no adapters to save; use state arrays instead")
+            raise ValueError("this model has no PEFT adapters to save")
         self.net.save_pretrained(str(folder))
 
     def prepare(self, data: EduData) -> Batch:
@@ -217,17 +245,13 @@ def build_node_model(
     )
     if ckpt is not None:
         load_base_weights(base, ckpt, backbone_info)
-    if node.compute == "lite":
-        if adapters is not None:
-            raise ValueError("a lite node has no adapters to load")
-        base.requires_grad_(False)
-        for module in (base.prompts, base.heads):
-            module.requires_grad_(True)
-        net: nn.Module = base
-    elif adapters is not None:
-        net = load_lora(base, lora, Path(adapters))
+    if adapters is not None:
+        net: nn.Module = load_lora(base, lora, Path(adapters))
     else:
         net = attach_lora(base, lora, seed)
+    followed: tuple[str, ...] = ()
+    if node.compute == "lite":
+        followed = ("backbone", "fusion", *(f"encoder.{m}" for m in node.modalities))
     text_encoder = None
     if "text" in node.modalities:
         text_encoder = load_sentence_encoder(text_model)
@@ -246,7 +270,9 @@ def build_node_model(
     }
     # a single-learner node that keeps everything local shares nothing it trains
     local = node.components if getattr(node, "single_learner", None) == "local" else node.local
-    return NodeModel(net, local=local, text_encoder=text_encoder, identity=identity)
+    return NodeModel(
+        net, local=local, text_encoder=text_encoder, identity=identity, followed=followed
+    )
 
 
 def load_base_weights(model: M3TModel, ckpt: Checkpoint, backbone: dict[str, Any] | None) -> None:
