@@ -138,7 +138,8 @@ class Erasures:
                 f"a node erases only itself: run `m3tgossip forget --node` against the node "
                 f"that leaves, not {self.node.id!r}"
             )
-        if not callable(getattr(self.node.workload, "forget", None)):
+        forgets = callable(getattr(self.node.workload, "forget", None))
+        if body["target"] == "learner" and not forgets:
             return f"workload {self.node.workload.name!r} cannot erase learners"
         return None
 
