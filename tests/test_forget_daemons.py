@@ -40,7 +40,8 @@ def test_forget_a_node_over_curve(children, tmp_path: Path, capsys) -> None:
     ask = ["forget", "--topology", str(spec), "--key", key]
 
     # the consensus workload holds no learners: refused, and the node says why
-    assert cli.main([*ask, "--id", "n0", "--learner", "17"]) == 1
+    state_dir = ["forget", "--state-dir", str(nodes["n0"][2]), "--key", key]
+    assert cli.main([*state_dir, "--learner", "17"]) == 1
     answer = json.loads(capsys.readouterr().out)
     assert not answer["accepted"] and "cannot erase learners" in answer["reason"]
     # a node may erase only itself

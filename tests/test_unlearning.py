@@ -68,7 +68,10 @@ def test_exact_erasure_returns_to_the_stage_checkpoint(topo: Topology) -> None:
     assert not w.trainer.optimizer.state
     # a node that follows another node's exact erasure rolls back too, and removes nothing
     w.trainer.train_steps(2)
-    assert "removed_records" not in w.forget("learner", ["x"], "exact", own=False)
+    followed = w.forget("learner", ["x"], "exact", own=False)
+    assert "removed_records" not in followed
+    assert followed["verification"]["forget_acc"] is None
+    assert 0.0 <= followed["verification"]["test_acc"] <= 1.0
     assert distance(w.model.vectors(), start) == 0.0
 
 

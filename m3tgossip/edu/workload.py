@@ -254,8 +254,19 @@ class EduWorkload:
                 retain=unlearning.Probe.train_records(t, t.pool),
                 test=unlearning.Probe(t.test_set.batch, dict(t.test_set.labels)),
             )
-        elif mode == "exact" and not (own and target == "node"):
-            self.rollback()
+        else:
+            if mode == "exact" and not (own and target == "node"):
+                self.rollback()
+            t = self.trainer
+            report["verification"] = {
+                **unlearning.verify(
+                    self.model,
+                    forget=None,
+                    retain=unlearning.Probe.train_records(t, t.pool),
+                    test=unlearning.Probe(t.test_set.batch, dict(t.test_set.labels)),
+                ),
+                "note": "the erased records are not on this node: no forget or MIA figures",
+            }
         report["components"] = self.trained_components()
         return report
 
