@@ -233,6 +233,9 @@ def test_exact_mode_holds_neighbours_back_until_their_own_forget(tmp_path: Path)
     answer = ask(nodes["n0"], {"target": "learner", "ids": ["a", "b"], "mode": "exact"})
     assert answer["accepted"]
     assert set(nodes["n0"].handlers.erasures.barrier) == {"n1"}
+    exchange = nodes["n0"].exchange
+    assert all((exchange.published[c] == x).all() for c, x in nodes["n0"].shared.items())
+    assert nodes["n0"].peers["n1"].need_state == set(nodes["n0"].peers["n1"].components)
     # n1's values from before its own rollback are not mixed at n0
     stale = protocol.encode(nodes["n1"].link.message(MsgType.HEARTBEAT, {"round": 0}))
     nodes["n0"].handlers.handle(b"n1", stale, "n1")

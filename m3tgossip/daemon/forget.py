@@ -17,7 +17,8 @@ The spec is `docs/protocol.md` (`forget_request`, `forget_reply`, `forget`). In 
   below.
 - Exact mode: every node returns to its stage checkpoint and the rounds that follow replay
   without the erased contribution. So that no value from before the erasure is mixed after
-  it, the node forgets its replicas of its neighbours and drops their tensor messages until
+  it, the node forgets its replicas of its neighbours, restarts its published copy from its
+  rolled-back values (sent as full state), and drops its neighbours' tensor messages until
   each neighbour's own `forget` of that request arrives: a neighbour forwards it right after
   its own rollback, on the same ordered link, so whatever follows it is from after.
 - A node erasure: the neighbours stop mixing the leaving node for good; the leaving node
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from m3tgossip import protocol
+from m3tgossip.daemon.exchange import Exchange
 from m3tgossip.daemon.link import Link
 from m3tgossip.daemon.peers import Peer
 from m3tgossip.daemon.state import NodeState
@@ -55,9 +57,10 @@ _TENSOR_TYPES = frozenset({MsgType.DELTA, MsgType.STATE, MsgType.PUSH})
 class Erasures:
     """The erasures a node started, accepted or refused."""
 
-    def __init__(self, node: NodeState, link: Link) -> None:
+    def __init__(self, node: NodeState, link: Link, exchange: Exchange) -> None:
         self.node = node
         self.link = link
+        self.exchange = exchange
         #: request id -> the accepted `forget` body
         self.seen: dict[str, dict[str, Any]] = {}
         #: neighbour -> the exact erasure whose `forget` it has not sent this node yet
@@ -221,6 +224,12 @@ class Erasures:
                 gone.left = True
                 gone.components = ()
         if body["mode"] == "exact" and not (own and body["target"] == "node"):
+            # what the neighbours hold of this node starts over from the rolled-back values
+            # (the mixers step from the published copy: an old one would bring the erased
+            # contribution back), sent to each of them as full state after the `forget`
+            for comp, x in node.shared.items():
+                self.exchange.published[comp][...] = x
+                self.exchange.version[comp] += 1
             for peer in node.peers.values():
                 peer.replicas.clear()
                 peer.versions.clear()

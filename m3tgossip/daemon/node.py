@@ -96,7 +96,7 @@ class Node(NodeState):
             self.rounds,
             on_push=lambda peer, msg: self.schedule.on_push(self.parts, peer, msg),
             status=self.status,
-            erasures=Erasures(self, self.link),
+            erasures=Erasures(self, self.link, self.exchange),
         )
         self.metrics = MetricsWriter(config.metrics_path)
         self.checkpoints = checkpoint.Writer(config.state_path)
