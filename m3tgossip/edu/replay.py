@@ -17,7 +17,8 @@ mixer, `gamma = 1` and raw values: every node trains `local_steps` steps, then e
 component is replaced by the Metropolis-Hastings average over its holders' subgraph of the
 topology (without the nodes that left). Training is deterministic under an open profile, so
 a replay from a checkpoint without the learner gives bit for bit what retraining from scratch
-without the learner gives; the daemons run the same rounds over ZeroMQ (`m3tgossip forget`).
+without the learner gives. The daemons' exact mode (`m3tgossip forget --mode exact`) keeps one
+stage, the start of the run, and so replays all of it.
 Time is the process's CPU time of the rounds, so a replay and a retrain compare like for like
 on a shared machine.
 """

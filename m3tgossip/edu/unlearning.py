@@ -9,11 +9,12 @@ and `EduData`; no sockets, no daemon. The daemon's protocol step is `m3tgossip.d
 the federation-wide replay the exact mode needs is `m3tgossip.edu.replay`.
 
 Approximate erasure (`ascend`) follows the negative-gradient family of unlearning methods:
-`ascent_steps` steps that raise the loss of the forget records, each step's loss bounded
-above by `max_loss` (a record already forgotten pulls no further, so the model is not driven
-into nonsense), then `repair_steps` ordinary steps on the retained records. It is not exact:
-the figures it reports are measured, not guaranteed. Its training reads private records
-outside the planned DP-SGD budget, so the daemon runs it only under an open privacy profile.
+at most `ascent_steps` steps that raise the loss of the forget records, stopping once their
+mean loss reaches the model's loss on its held-out records (what a model that never saw them
+would have, and what a membership attack compares them with), the step's loss clamped to
+that bound; then `repair_steps` ordinary steps on the retained records. It is not exact: the
+figures it reports are measured, not guaranteed. Its training reads private records outside
+the planned DP-SGD budget, so it is refused on a node that trains with DP-SGD.
 """
 
 from __future__ import annotations
