@@ -6,6 +6,7 @@ m3tgossip status ENDPOINT --key DIR/ID --server-key KEY [--timeout 3]
 m3tgossip status --topology FILE --id NODE --key DIR/ID
 m3tgossip status ENDPOINT --insecure
 m3tgossip keys generate --out DIR --id NODE [--force]
+m3tgossip forget --learner ID | --node ID [--mode exact] --state-dir DIR --key DIR/ID
 m3tgossip testbed --topology FILE --workload consensus --rounds 60 --out DIR
 m3tgossip slurm sbatch|keys|task|collect ...   (m3tgossip.engines.commands)
 m3tgossip kube manifests|keys|node ...
@@ -445,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     _data_parsers(sub)
     _report_parser(sub)
     _deploy_parser(sub)
+    from m3tgossip.net import forget_cli
+
+    forget_cli.add_parser(sub)
     return parser
 
 
@@ -470,6 +474,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_data(args)
         if args.command == "report":
             return _cmd_report(args)
+        if args.command == "forget":
+            from m3tgossip.net.forget_cli import cmd_forget
+
+            return cmd_forget(args)
         if args.command == "deploy":
             return _cmd_deploy(args)
     except ConfigError as exc:

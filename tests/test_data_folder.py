@@ -245,6 +245,8 @@ def test_the_split_holds_out_whole_learners(tmp_path: Path) -> None:
     train = {r.split(",")[1] for r in lines[1:] if r.split(",")[0] in f.train_records}
     test = {r.split(",")[1] for r in lines[1:] if r.split(",")[0] in f.test_records}
     assert not train & test and len(test) == 3 and len(f.train) + len(f.test) == 60
+    # each record keeps its learner: DP-SGD clips per learner, erasure removes all of theirs
+    assert set(f.train.learner) == train and set(f.test.learner) == test
 
 
 def test_a_folder_of_another_node_is_refused(topology, tmp_path: Path) -> None:

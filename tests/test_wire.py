@@ -61,6 +61,16 @@ BODIES: dict[MsgType, dict[str, Any]] = {
     },
     MsgType.PUSH: {"weights": {"encoder.text": 0.25, "fusion": 0.25, "head.stress": 0.5}},
     MsgType.RETIRE: {"components": ["encoder.signal"], "reason": "privacy budget spent"},
+    MsgType.FORGET_REQUEST: {"target": "learner", "ids": ["17", "42"], "mode": "exact"},
+    MsgType.FORGET_REPLY: {"accepted": True, "request": "5" * 32, "reason": "exact started"},
+    MsgType.FORGET: {
+        "request": "5" * 32,
+        "origin": "uni-a",
+        "target": "learner",
+        "ids": ["17"],
+        "mode": "approximate",
+        "tags": {"inst-a": "a" * 64, "uni-b": "b" * 64},
+    },
 }
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from m3tgossip import protocol
 from m3tgossip.daemon.exchange import Exchange
+from m3tgossip.daemon.forget import Erasures
 from m3tgossip.daemon.link import Link
 from m3tgossip.daemon.peers import Peer
 from m3tgossip.daemon.rounds import RoundCollector
@@ -33,12 +34,14 @@ class Handlers:
         rounds: RoundCollector,
         on_push: Callable[[Peer, protocol.Message], None],
         status: Callable[[], dict[str, Any]],
+        erasures: Erasures,
     ) -> None:
         self.state = state
         self.link = link
         self.exchange = exchange
         self.rounds = rounds
         self.status = status
+        self.erasures = erasures
         #: neighbours whose hello this node could not answer: its link to them was down
         self.owed: set[str] = set()
         self._by_type: dict[MsgType, Callable[[Peer, protocol.Message], None]] = {
@@ -50,6 +53,7 @@ class Handlers:
             MsgType.LEAVE: self.on_leave,
             MsgType.PUSH: on_push,
             MsgType.RETIRE: self.on_retire,
+            MsgType.FORGET: erasures.on_forget,
         }
 
     def poll(self, timeout_ms: int) -> None:
@@ -82,6 +86,9 @@ class Handlers:
         if msg.type is MsgType.STATUS_REQUEST:
             self.link.reply(routing_id, MsgType.STATUS, {"state": self.status()})
             return
+        if msg.type is MsgType.FORGET_REQUEST:
+            self.erasures.on_request(routing_id, msg, user)
+            return
         if msg.sender != who:
             self._drop(
                 "%s: header says sender %r, link is routing id %s",
@@ -101,6 +108,9 @@ class Handlers:
         peer = node.peers.get(msg.sender)
         if peer is None:
             self._drop("%s from %r: not a neighbour in the topology", msg.type.value, msg.sender)
+            return
+        if self.erasures.blocks(peer, msg):
+            log.debug("%s: %s from %s: erased or behind its erasure", node.id, msg.type, peer.id)
             return
         size = protocol.frames_nbytes(frames)
         peer.bytes_in += size

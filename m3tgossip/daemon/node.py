@@ -20,6 +20,7 @@ from m3tgossip.daemon import checkpoint, ledger, single_learner
 from m3tgossip.daemon.config import NodeConfig
 from m3tgossip.daemon.engine import RoundEngine
 from m3tgossip.daemon.exchange import Exchange
+from m3tgossip.daemon.forget import Erasures
 from m3tgossip.daemon.handlers import Handlers
 from m3tgossip.daemon.link import Link, TransportLike
 from m3tgossip.daemon.metrics import MetricsWriter
@@ -95,6 +96,7 @@ class Node(NodeState):
             self.rounds,
             on_push=lambda peer, msg: self.schedule.on_push(self.parts, peer, msg),
             status=self.status,
+            erasures=Erasures(self, self.link, self.exchange),
         )
         self.metrics = MetricsWriter(config.metrics_path)
         self.checkpoints = checkpoint.Writer(config.state_path)
@@ -228,6 +230,10 @@ class Node(NodeState):
             "bytes_in": link.bytes_in,
             "bytes_out": link.bytes_out,
             "rejected": link.rejected,
+            "erasures": {
+                "accepted": sorted(self.handlers.erasures.seen),
+                "refused": self.handlers.erasures.refused,
+            },
             "neighbours": {
                 p.id: {
                     "session": p.session,

@@ -35,6 +35,7 @@ def write_node_info(config: NodeConfig, topology: Topology) -> Path:
         "mode": config.gossip.mode,
         "rounds": config.rounds,
         "privacy": topology.node(config.id).privacy,
+        "endpoint": config.bind or _endpoint(topology, config.id),
         "topology_file": str(Path(config.topology).resolve()),
         "topology": topology.to_toml(),
         "started": time.time(),
@@ -63,3 +64,10 @@ def read_node_info(folder: str | os.PathLike[str]) -> dict[str, Any]:
         if key not in info:
             raise ConfigError(str(path), key, "missing")
     return info
+
+
+def _endpoint(topology: Topology, node_id: str) -> str | None:
+    try:
+        return topology.node(node_id).endpoint
+    except ValueError:  # no port in the spec
+        return None

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from m3tgossip.edu import unlearning
 from m3tgossip.edu.data.config import DataConfig
 from m3tgossip.edu.data.federation import node_data, unseen_data
 from m3tgossip.edu.data.node_folder import load_node_folder
@@ -170,6 +171,10 @@ class EduWorkload:
             fairness=o["fairness"],
             fairness_eta=float(o["fairness_eta"]),
         )
+        #: the stage checkpoint exact erasure returns to: the values before any training
+        self.stage0 = {f"param/{c}": x.copy() for c, x in self.model.vectors().items()}
+        #: learners erased from this node's records (kept in the checkpoint)
+        self.erased: list[str] = []
         self._model_id = (
             "edu-"
             + hashlib.sha256(json.dumps(self.model.identity, sort_keys=True).encode()).hexdigest()[
@@ -217,10 +222,66 @@ class EduWorkload:
             return {}
         return self.trainer.evaluate()
 
+    def forget(self, target: str, ids: list[str], mode: str, own: bool) -> dict[str, Any]:
+        """Erase learners of this node (`own`), or follow another node's erasure: the exact
+        mode returns every trained component to the stage checkpoint (the rounds that follow
+        replay without the erased records), the approximate one takes bounded ascent steps
+        on the forget set at its owner and leaves the rest to gossip. ValueError if refused."""
+        report: dict[str, Any] = {"approximate": mode == "approximate"}
+        if own and target == "learner":
+            mask = unlearning.learner_mask(self.trainer.learners, ids)
+            found = {str(x) for x in np.asarray(self.trainer.learners)[mask]}
+            missing = sorted(set(ids) - found)
+            if missing:
+                raise ValueError(f"no records of learner {', '.join(missing[:5])} on this node")
+            if self.trainer.private is not None:
+                raise ValueError(
+                    "this node trains with per-learner DP-SGD: dropping records changes the "
+                    "sampling rate its budget was calibrated for, and erasure training would "
+                    "spend outside the ledger; refused (run erasure under an open profile)"
+                )
+            idx = np.flatnonzero(mask)
+            report["removed_records"] = unlearning.drop_records(self.trainer, mask)
+            self.erased = sorted(set(self.erased) | set(ids))
+            if mode == "approximate":
+                report["ascent"] = unlearning.ascend(self.trainer, idx)
+            else:
+                self.rollback()
+            t = self.trainer
+            report["verification"] = unlearning.verify(
+                self.model,
+                forget=unlearning.Probe.train_records(t, idx),
+                retain=unlearning.Probe.train_records(t, t.pool),
+                test=unlearning.Probe(t.test_set.batch, dict(t.test_set.labels)),
+            )
+        else:
+            if mode == "exact" and not (own and target == "node"):
+                self.rollback()
+            t = self.trainer
+            report["verification"] = {
+                **unlearning.verify(
+                    self.model,
+                    forget=None,
+                    retain=unlearning.Probe.train_records(t, t.pool),
+                    test=unlearning.Probe(t.test_set.batch, dict(t.test_set.labels)),
+                ),
+                "note": "the erased records are not on this node: no forget or MIA figures",
+            }
+        report["components"] = self.trained_components()
+        return report
+
+    def rollback(self) -> None:
+        """Every trained component back to the stage checkpoint, the optimiser state reset."""
+        for c, x in self.model.vectors().items():
+            x[...] = self.stage0[f"param/{c}"]
+        self.trainer.optimizer.state.clear()
+
     def state(self) -> dict[str, np.ndarray]:
         """Every trained component (shared and local), AdamW moments and the step counter."""
         out = {f"param/{c}": x.copy() for c, x in self.model.vectors().items()}
         out.update(self.trainer.state())
+        if self.erased:
+            out["erased/learners"] = np.array(self.erased, dtype="<U128")
         if self.folder is not None:  # the preprocessing `m3tgossip predict` must repeat
             out["data/adapter"] = self.folder.adapter.to_array()
         return out
@@ -232,3 +293,9 @@ class EduWorkload:
                 raise ValueError(f"checkpoint has no matching state for component {c}")
             x[...] = saved
         self.trainer.load_state(arrays)
+        erased = arrays.get("erased/learners")
+        self.erased = [str(x) for x in erased] if erased is not None else []
+        if self.erased:
+            unlearning.drop_records(
+                self.trainer, unlearning.learner_mask(self.trainer.learners, self.erased)
+            )

@@ -22,6 +22,7 @@ from m3tgossip.net.security import (
 )
 from m3tgossip.net.status import (
     query_status,
+    request_forget,
 )
 from m3tgossip.net.transport import (
     POLL_MAX_BYTES,
@@ -58,6 +59,7 @@ __all__ = [
     "load_secret",
     "malicious_value",
     "query_status",
+    "request_forget",
     "router_options",
     "zap_reply",
 ]

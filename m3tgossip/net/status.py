@@ -30,6 +30,51 @@ def query_status(
     runs over CURVE; without them in plaintext, which only an `insecure` node answers.
     Raises TimeoutError if the node does not answer within `timeout_s`.
     """
+    reply = ask(
+        endpoint,
+        protocol.MsgType.STATUS_REQUEST,
+        {},
+        protocol.MsgType.STATUS,
+        timeout_s=timeout_s,
+        key=key,
+        server_key=server_key,
+    )
+    return dict(cast(protocol.StatusBody, reply.body)["state"])
+
+
+def request_forget(
+    endpoint: str,
+    target: str,
+    ids: list[str],
+    mode: str,
+    timeout_s: float = 30.0,
+    key: Keypair | None = None,
+    server_key: str | None = None,
+) -> dict[str, Any]:
+    """Send one `forget_request` (`m3tgossip forget`) and return the node's `forget_reply`
+    body: {"accepted", "request", "reason"}."""
+    reply = ask(
+        endpoint,
+        protocol.MsgType.FORGET_REQUEST,
+        {"target": target, "ids": list(ids), "mode": mode},
+        protocol.MsgType.FORGET_REPLY,
+        timeout_s=timeout_s,
+        key=key,
+        server_key=server_key,
+    )
+    return dict(reply.body)
+
+
+def ask(
+    endpoint: str,
+    kind: protocol.MsgType,
+    body: dict[str, Any],
+    expect: protocol.MsgType,
+    timeout_s: float = 3.0,
+    key: Keypair | None = None,
+    server_key: str | None = None,
+) -> protocol.Message:
+    """One request of an operator client on an anonymous DEALER, and the node's answer."""
     if (key is None) != (server_key is None):
         raise ValueError(
             "a CURVE status query needs both the operator key and the node's public key"
@@ -47,12 +92,12 @@ def query_status(
     try:
         sock.connect(endpoint)
         request = protocol.Message(
-            type=protocol.MsgType.STATUS_REQUEST,
+            type=kind,
             sender=STATUS_CLIENT_ID,
             session=protocol.new_session(),
             seq=1,
             round=0,
-            body={},
+            body=cast(protocol.Body, body),
         )
         sock.send_multipart(protocol.encode(request))
         try:
@@ -68,8 +113,10 @@ def query_status(
             reply = protocol.decode(frames)
         except ProtocolError as exc:
             raise RuntimeError(f"bad answer from {endpoint}: {exc}") from exc
-        if reply.type is not protocol.MsgType.STATUS:
-            raise RuntimeError(f"bad answer from {endpoint}: {reply.type.value} instead of status")
-        return dict(cast(protocol.StatusBody, reply.body)["state"])
+        if reply.type is not expect:
+            raise RuntimeError(
+                f"bad answer from {endpoint}: {reply.type.value} instead of {expect.value}"
+            )
+        return reply
     finally:
         sock.close()

@@ -26,6 +26,9 @@ __all__ = [
     "BODY_TYPES",
     "Body",
     "DeltaBody",
+    "ForgetBody",
+    "ForgetReplyBody",
+    "ForgetRequestBody",
     "HeartbeatBody",
     "HelloBody",
     "LeaveBody",
@@ -71,6 +74,9 @@ class MsgType(StrEnum):
     STATUS = "status"
     PUSH = "push"
     RETIRE = "retire"
+    FORGET_REQUEST = "forget_request"
+    FORGET_REPLY = "forget_reply"
+    FORGET = "forget"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,6 +151,33 @@ class RetireBody(TypedDict):
     reason: str
 
 
+class ForgetRequestBody(TypedDict):
+    """An operator asks the node to erase learners it holds, or itself, from the federation."""
+
+    target: str  # "learner" or "node"
+    ids: list[str]
+    mode: str  # "exact" or "approximate"
+
+
+class ForgetReplyBody(TypedDict):
+    """The answer to `forget_request`: started or refused, and why."""
+
+    accepted: bool
+    request: str  # the erasure's request id, "" if refused
+    reason: str
+
+
+class ForgetBody(TypedDict):
+    """An erasure, flooded to every node, tagged by its origin for each node (`erasure.py`)."""
+
+    request: str
+    origin: str
+    target: str
+    ids: list[str]
+    mode: str
+    tags: dict[str, str]
+
+
 Body = (
     HelloBody
     | DeltaBody
@@ -156,6 +189,9 @@ Body = (
     | StatusBody
     | PushBody
     | RetireBody
+    | ForgetRequestBody
+    | ForgetReplyBody
+    | ForgetBody
 )
 
 #: the body of each message type
@@ -170,6 +206,9 @@ BODY_TYPES: dict[MsgType, type] = {
     MsgType.STATUS: StatusBody,
     MsgType.PUSH: PushBody,
     MsgType.RETIRE: RetireBody,
+    MsgType.FORGET_REQUEST: ForgetRequestBody,
+    MsgType.FORGET_REPLY: ForgetReplyBody,
+    MsgType.FORGET: ForgetBody,
 }
 
 

@@ -17,6 +17,7 @@ from typing import Any, NoReturn, cast
 import numpy as np
 
 from m3tgossip.errors import ProtocolError
+from m3tgossip.protocol import erasure
 from m3tgossip.protocol.messages import (
     BODY_TYPES,
     DTYPES,
@@ -294,6 +295,24 @@ _REQUIRED: dict[MsgType, dict[str, _Check]] = {
     MsgType.STATUS: {"state": _document},
     MsgType.PUSH: {"weights": _weights},
     MsgType.RETIRE: {"components": _some_names, "reason": _str},
+    MsgType.FORGET_REQUEST: {
+        "target": erasure.check_target,
+        "ids": erasure.check_ids,
+        "mode": erasure.check_mode,
+    },
+    MsgType.FORGET_REPLY: {
+        "accepted": erasure.check_accepted,
+        "request": erasure.check_reply_request,
+        "reason": _str,
+    },
+    MsgType.FORGET: {
+        "request": erasure.check_request,
+        "origin": erasure.check_node,
+        "target": erasure.check_target,
+        "ids": erasure.check_ids,
+        "mode": erasure.check_mode,
+        "tags": erasure.check_tags,
+    },
 }
 #: the checker of each key a body may carry beyond its required ones
 _OPTIONAL: dict[MsgType, dict[str, _Check]] = {

@@ -113,6 +113,8 @@ class Adapter:
         and notes on columns this adapter could not use."""
         n = len(raw)
         data = EduData.empty(n)
+        # whose record each is: DP-SGD clips per learner, and erasure removes a learner's all
+        data.learner = np.asarray([str(x) for x in raw.learners], dtype=str)
         notes: list[str] = []
         for m in ("tabular", "clickstream", "text", "image", "signal"):
             data.present[m] = raw.present[m].copy()
