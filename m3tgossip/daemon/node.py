@@ -52,6 +52,9 @@ class Node(NodeState):
         transport: TransportLike | None = None,
     ) -> None:
         topology = topology or load_topology(config.topology)
+        found = None if config.fresh else checkpoint.load(config.state_path)
+        if topology.stages:  # the version of the stage the node resumes in
+            topology = topology.version(topology.stage_at(int(found[1]["round"]) if found else 0))
         workload = workload or make_workload(
             config.workload,
             topology=topology,
@@ -78,7 +81,7 @@ class Node(NodeState):
         gate = make_gate(config, topology, workload, shared)
         peers = make_peers(topology, config.id, set(shared))
         super().__init__(config, topology, workload, peers, gate, self.schedule.lag)
-        self._resume()
+        self._resume(found)
         transport = transport or open_transport(config, topology, peers)
         self.link = Link(self.id, transport, lambda: self.round)
         self.exchange = Exchange(self, self.link)
@@ -119,7 +122,7 @@ class Node(NodeState):
         """Ask the loop to finish or abandon its round, checkpoint and leave."""
         self.stop_reason = reason
 
-    def _resume(self) -> None:
+    def _resume(self, found: tuple[dict[str, Any], dict[str, Any]] | None) -> None:
         if self.gate is not None:  # the ledger counts even when the checkpoint is ignored
             spent = ledger.load(self.config.state_path)
             if spent is not None:
@@ -128,7 +131,6 @@ class Node(NodeState):
                 except (ValueError, KeyError) as exc:
                     path = self.config.state_path / ledger.FILENAME
                     raise ledger.LedgerError(f"{path}: {exc}") from exc
-        found = None if self.config.fresh else checkpoint.load(self.config.state_path)
         if found is None:
             return
         arrays, meta = found
@@ -193,7 +195,7 @@ class Node(NodeState):
 
     def shutdown(self) -> None:
         """Checkpoint, tell neighbours we leave, close sockets (bounded by linger)."""
-        reason = self.stop_reason or "finished"
+        reason = self.stop_reason or ("stage" if self.at_stage_end else "finished")
         self.notifier.stopping(f"stopping at round {self.round} ({reason})")
         try:
             self.checkpoint(wait=True)
