@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import time
+from dataclasses import replace
 from typing import Any
 
 from m3tgossip import protocol
@@ -248,13 +249,35 @@ class Node(NodeState):
 
 
 def run_node(config: NodeConfig) -> int:
-    """Entry point of `m3tgossip node`: SIGTERM and SIGINT ask the node to stop."""
-    node = Node(config)
-    write_node_info(config, node.topology)  # what `m3tgossip predict` and `export` read
+    """Entry point of `m3tgossip node`: SIGTERM and SIGINT ask the node to stop.
+
+    A spec with `[[stages]]` is run stage by stage in this one process: where the next stage
+    begins, the node checkpoints (model, optimiser and privacy ledger) and leaves its
+    neighbours as at any stop, and is built again from that checkpoint under the new stage's
+    version of the spec, which gives it the stage's components and holder subgraphs; the
+    privacy ledger carries over, so one budget covers the whole run."""
+    stopping: list[str] = []
+    node: Node | None = None
 
     def handler(signum: int, _frame: Any) -> None:
-        node.stop(signal.Signals(signum).name)
+        stopping.append(signal.Signals(signum).name)
+        if node is not None:
+            node.stop(stopping[-1])
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
-    return node.run()
+    while True:
+        node = Node(config)
+        write_node_info(config, node.topology)  # what `m3tgossip predict` and `export` read
+        if stopping:
+            node.stop(stopping[-1])
+        code = node.run()
+        if code or stopping or not node.at_stage_end:
+            return code
+        log.info(
+            "%s: stage %d begins at round %d: continuing under its version of the spec",
+            node.id,
+            node.topology.stage + 1,
+            node.round,
+        )
+        config = replace(config, fresh=False)

@@ -1,0 +1,213 @@
+"""A semester as stages: the `[[stages]]` of a spec, each stage's version of it, the edu
+workload carrying its state from one stage into the next, and nodes that run stage by stage
+with one privacy budget over the whole run."""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fakes import FakeNetwork, node_config, run_nodes
+
+from m3tgossip.daemon.metrics import read_metrics
+from m3tgossip.daemon.node import Node
+from m3tgossip.edu.workload import EduWorkload
+from m3tgossip.errors import ConfigError
+from m3tgossip.topology import Topology, load_topology, parse_topology
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SPEC: dict[str, Any] = {
+    "name": "two-stages",
+    "edges": [["a", "b"], ["b", "c"], ["a", "c"]],
+    "defaults": {"modalities": ["tabular"], "tasks": ["at_risk"], "role": "instructor"},
+    "nodes": [
+        {"id": "a", "institution": "uni-a"},
+        {"id": "b", "institution": "uni-a"},
+        {"id": "c", "institution": "uni-b"},
+    ],
+    "stages": [
+        {"name": "clicks", "round": 2, "tasks": ["next_response"], "modalities": ["clickstream"]},
+        {"name": "stress", "round": 3, "nodes": ["a", "b"], "tasks": ["stress"]},
+    ],
+}
+
+
+def spec(**stage0: Any) -> dict[str, Any]:
+    data = copy.deepcopy(SPEC)
+    data["stages"][0].update(stage0)
+    return data
+
+
+def test_each_stage_is_a_version_of_the_spec_with_its_components_and_holders() -> None:
+    topo = parse_topology(SPEC, "x.toml")
+    assert [s.name for s in topo.stages] == ["clicks", "stress"]
+    assert [topo.stage_at(r) for r in range(5)] == [0, 0, 1, 2, 2]
+    assert topo.stage == 0 and topo.next_stage_round() == 2
+    assert topo.holders("head.next_response") == []
+    one = topo.version(1)
+    assert one.stage == 1 and one.next_stage_round() == 3
+    assert one.node("c").modalities == ("clickstream", "tabular")
+    assert one.holders("encoder.clickstream") == ["a", "b", "c"]
+    two = one.version(2)
+    assert two.next_stage_round() is None
+    assert two.node("c").tasks == ("at_risk", "next_response")
+    assert two.holders("head.stress") == ["a", "b"]
+    assert two.component_neighbours("a", "head.stress") == ["b"]
+    assert two.version(0) == topo
+    # a later version writes the spec it came from: the same stages, loading back as stage 0
+    assert parse_topology(tomllib.loads(two.to_toml()), "x.toml") == topo
+
+
+@pytest.mark.parametrize(
+    ("stage", "entry", "message"),
+    [
+        ({"round": 0}, 'stages[0] ("clicks").round', "an integer >= 1, got 0"),
+        ({"round": 3}, 'stages[1] ("stress").round', "not after the previous stage's round 3"),
+        ({"name": "stress"}, 'stages[1] ("stress").name', "duplicate stage (also stages[0])"),
+        ({"nodes": ["a", "x"]}, 'stages[0] ("clicks").nodes', 'unknown node id "x"'),
+        ({"tasks": ["at_risk"]}, 'stages[0] ("clicks").tasks', 'node "a" already holds at_risk'),
+        ({"modalities": ["smell"]}, 'stages[0] ("clicks").modalities', 'unknown modality "smell"'),
+        ({"tasks": [], "modalities": []}, 'stages[0] ("clicks")', "adds at least one task"),
+        ({"tasks": ["Bad"]}, 'stages[0] ("clicks").tasks', "not an identifier"),
+        ({"rounds": 2}, 'stages[0] ("clicks").rounds', 'did you mean "round"'),
+        ({"name": ""}, "stages[0].name", "a stage needs a name"),
+        ({"nodes": "a"}, 'stages[0] ("clicks").nodes', "must be an array of strings"),
+    ],
+)
+def test_a_bad_stage_names_the_file_stage_and_key(
+    stage: dict[str, Any], entry: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_topology(spec(**stage), "semester.toml")
+    assert err.value.source == "semester.toml"
+    assert err.value.entry == entry
+    assert message in err.value.problem
+
+
+def test_stages_with_dynamics_or_a_single_learner_node_are_refused() -> None:
+    data = spec()
+    data["dynamics"] = {"kind": "s-out"}
+    with pytest.raises(ConfigError, match=r"x.toml: stages: a time-varying topology"):
+        parse_topology(data, "x.toml")
+    data = spec()
+    data["nodes"][2]["single_learner"] = "local"
+    with pytest.raises(ConfigError, match=r'stages: node "c" has single_learner set'):
+        parse_topology(data, "x.toml")
+
+
+def test_the_shipped_semester_has_four_stages() -> None:
+    topo = load_topology(ROOT / "topology" / "semester.toml")
+    assert [s.name for s in topo.stages] == ["essays", "clickstream", "prosody"]
+    last = topo.version(3)
+    assert all(n.tasks == ("at_risk", "engagement", "next_response", "stress") for n in last.nodes)
+
+
+# ----------------------------------------------------------------------------- the workload
+
+OPTIONS = {"records": 60, "local_steps": 2, "replay": 8, "anchor": 50.0}
+
+
+def test_a_stage_hides_earlier_labels_but_its_replay_buffer() -> None:
+    topo = parse_topology(SPEC, "x.toml")
+    first = EduWorkload(topo, "a", 0, OPTIONS)
+    replay = EduWorkload(topo.version(1), "a", 0, OPTIONS)
+    naive = EduWorkload(topo.version(1), "a", 0, {**OPTIONS, "continual": "naive"})
+    full = first.trainer.train_labels["at_risk"].numpy()
+    kept = replay.trainer.train_labels["at_risk"].numpy()
+    assert (full >= 0).sum() > 8
+    assert (kept >= 0).sum() == 8 and np.array_equal(kept[kept >= 0], full[kept >= 0])
+    assert (naive.trainer.train_labels["at_risk"].numpy() < 0).all()
+    assert (replay.trainer.train_labels["next_response"].numpy() >= 0).any()
+    # the same buffer in every stage, and the same plan for DP-SGD (every learner, one rate)
+    later = EduWorkload(topo.version(2), "a", 0, OPTIONS)
+    assert np.array_equal(later.trainer.train_labels["at_risk"].numpy(), kept)
+    assert first.private_training_plan() == replay.private_training_plan()
+    assert replay.private_training_plan() == later.private_training_plan()
+
+
+def test_the_next_stage_keeps_every_component_and_its_optimiser_and_pulls_back() -> None:
+    topo = parse_topology(SPEC, "x.toml")
+    first = EduWorkload(topo, "a", 0, OPTIONS)
+    first.local_step(0)
+    state = first.state()
+    second = EduWorkload(topo.version(1), "a", 0, OPTIONS)
+    fresh = {c: x.copy() for c, x in second.model.vectors().items()}
+    second.load_state(state)
+    for c, x in second.model.vectors().items():
+        if c in first.model.vectors():
+            assert np.array_equal(x, state[f"param/{c}"]), c
+        else:  # what the stage brings starts from its seed, as on every other holder
+            assert c in second.new_components and np.array_equal(x, fresh[c]), c
+    assert second.trainer.step == first.trainer.step
+    assert second.anchor is not None and "backbone" in second.anchor.anchored
+    assert "head.next_response" not in second.anchor.anchored
+    backbone = second.model.vectors()["backbone"]
+    start = backbone.copy()
+    backbone += 1.0
+    second.anchor.pull()
+    assert np.allclose(backbone - start, 1.0 - OPTIONS["anchor"] * 3e-3)
+    backbone[...] = start
+    second.local_step(1)
+    # a resume inside the stage keeps the stage's anchor, not the values it resumes from
+    third = EduWorkload(topo.version(1), "a", 0, OPTIONS)
+    third.load_state(second.state())
+    assert third.anchor is not None
+    assert np.array_equal(third.anchor.values["backbone"], start)
+    with pytest.raises(ValueError, match="no matching state for component encoder.clickstream"):
+        EduWorkload(topo.version(2), "a", 0, OPTIONS).load_state(state)
+
+
+# ----------------------------------------------------------------------------- nodes
+
+
+def run_semester(topo: Topology, tmp_path: Path, rounds: int) -> dict[str, list[Node]]:
+    """Every node of `topo` run stage by stage as `m3tgossip node` does (one Node object per
+    stage, each resumed from the last one's checkpoint), over in-process links."""
+    options = {"records": 40, "local_steps": 2, "eval_every": 1}
+    stages: dict[str, list[Node]] = {n: [] for n in topo.ids()}
+    fresh = True
+    for _ in range(len(topo.stages) + 1):
+        net = FakeNetwork()
+        nodes = []
+        for nid in topo.ids():
+            cfg = node_config(topo, nid, tmp_path, rounds=rounds)
+            cfg = type(cfg)(**{**cfg.__dict__, "workload": "edu", "workload_options": options})
+            cfg = type(cfg)(**{**cfg.__dict__, "fresh": fresh})
+            nodes.append(Node(cfg, topology=topo, transport=net.transport(nid)))
+        run_nodes(nodes)
+        fresh = False
+        for node in nodes:
+            stages[node.id].append(node)
+    return stages
+
+
+def test_nodes_run_stage_by_stage_under_one_privacy_budget(tmp_path: Path) -> None:
+    data = spec()
+    del data["stages"][1]
+    data["defaults"]["privacy"] = "gdpr"
+    topo = parse_topology(data, str(tmp_path / "x.toml"))
+    stages = run_semester(topo, tmp_path, rounds=4)
+    for nid, (first, second) in stages.items():
+        assert first.topology.stage == 0 and first.round == 2 and first.at_stage_end
+        assert second.topology.stage == 1 and second.round == 4 and not second.at_stage_end
+        assert "head.next_response" in second.shared and "head.next_response" not in first.shared
+        # the same DP-SGD plan and noise in both stages, and the ledger carried over
+        a, b = first.gate, second.gate
+        assert a is not None and b is not None and a.training is not None
+        assert b.training is not None
+        assert a.training.noise_multiplier == b.training.noise_multiplier
+        assert a.node_epsilon() < b.node_epsilon()
+        assert b.node_epsilon() == pytest.approx(b.profile.epsilon, rel=1e-3)
+        assert b.node_epsilon() <= b.profile.epsilon * (1 + 1e-9)
+        rows = read_metrics(second.config.metrics_path)
+        assert [r["round"] for r in rows] == [0, 1, 2, 3], nid
+        assert [sorted(r["tasks"]) for r in rows][1:3] == [
+            ["at_risk"],
+            ["at_risk", "next_response"],
+        ]
+        assert rows[1]["privacy"]["node_epsilon"] < rows[3]["privacy"]["node_epsilon"]
