@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import copy
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from fakes import FakeNetwork, node_config, run_nodes
+from fakes import FakeNetwork, FakeTransport, node_config, run_nodes
 
+from m3tgossip.daemon import checkpoint
+from m3tgossip.daemon.config import NodeConfig
 from m3tgossip.daemon.metrics import read_metrics
-from m3tgossip.daemon.node import Node
+from m3tgossip.daemon.node import Node, StageRunner
 from m3tgossip.edu.workload import EduWorkload
 from m3tgossip.errors import ConfigError
 from m3tgossip.topology import Topology, load_topology, parse_topology
@@ -165,25 +168,37 @@ def test_the_next_stage_keeps_every_component_and_its_optimiser_and_pulls_back()
 # ----------------------------------------------------------------------------- nodes
 
 
+class Rejoining(FakeNetwork):
+    """In-process links whose inboxes outlive a node: the next stage's node of an id gets the
+    messages its neighbours sent while it was being built."""
+
+    def transport(self, node_id: str) -> FakeTransport:
+        inbox = self.inboxes.get(node_id)
+        transport = super().transport(node_id)
+        if inbox is not None:
+            self.inboxes[node_id] = inbox
+        return transport
+
+
 def run_semester(topo: Topology, tmp_path: Path, rounds: int) -> dict[str, list[Node]]:
-    """Every node of `topo` run stage by stage as `m3tgossip node` does (one Node object per
-    stage, each resumed from the last one's checkpoint), over in-process links."""
+    """Every node of `topo` run through its stages as `m3tgossip node` runs them
+    (`StageRunner`), each in a thread, over in-process links; the nodes of every stage."""
     options = {"records": 40, "local_steps": 2, "eval_every": 1}
-    stages: dict[str, list[Node]] = {n: [] for n in topo.ids()}
-    fresh = True
-    for _ in range(len(topo.stages) + 1):
-        net = FakeNetwork()
-        nodes = []
-        for nid in topo.ids():
-            cfg = node_config(topo, nid, tmp_path, rounds=rounds)
-            cfg = type(cfg)(**{**cfg.__dict__, "workload": "edu", "workload_options": options})
-            cfg = type(cfg)(**{**cfg.__dict__, "fresh": fresh})
-            nodes.append(Node(cfg, topology=topo, transport=net.transport(nid)))
-        run_nodes(nodes)
-        fresh = False
-        for node in nodes:
-            stages[node.id].append(node)
-    return stages
+    net = Rejoining()
+    built: dict[str, list[Node]] = {n: [] for n in topo.ids()}
+
+    def build(cfg: NodeConfig) -> Node:
+        node = Node(cfg, topology=topo, transport=net.transport(cfg.id))
+        built[cfg.id].append(node)
+        return node
+
+    runners = []
+    for nid in topo.ids():
+        cfg = node_config(topo, nid, tmp_path, rounds=rounds)
+        cfg = replace(cfg, workload="edu", workload_options=options)
+        runners.append(StageRunner(cfg, build))
+    run_nodes(runners)  # type: ignore[arg-type]
+    return built
 
 
 def test_nodes_run_stage_by_stage_under_one_privacy_budget(tmp_path: Path) -> None:
@@ -211,3 +226,7 @@ def test_nodes_run_stage_by_stage_under_one_privacy_budget(tmp_path: Path) -> No
             ["at_risk", "next_response"],
         ]
         assert rows[1]["privacy"]["node_epsilon"] < rows[3]["privacy"]["node_epsilon"]
+        # the checkpoint each stage ended with is kept
+        kept = checkpoint.load_file(second.config.state_path / "stage-0.npz")
+        assert kept[1]["round"] == 2 and "param/head.next_response" not in kept[0]
+        assert (second.config.state_path / "stage-1.npz").exists()

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -248,36 +249,66 @@ class Node(NodeState):
         }
 
 
-def run_node(config: NodeConfig) -> int:
-    """Entry point of `m3tgossip node`: SIGTERM and SIGINT ask the node to stop.
+class StageRunner:
+    """Runs one node through every stage of its spec in this one process.
 
-    A spec with `[[stages]]` is run stage by stage in this one process: where the next stage
-    begins, the node checkpoints (model, optimiser and privacy ledger) and leaves its
-    neighbours as at any stop, and is built again from that checkpoint under the new stage's
-    version of the spec, which gives it the stage's components and holder subgraphs; the
-    privacy ledger carries over, so one budget covers the whole run."""
-    stopping: list[str] = []
-    node: Node | None = None
+    A spec with `[[stages]]` is run stage by stage: where the next stage begins, the node
+    checkpoints (model, optimiser and privacy ledger) and leaves its neighbours as at any stop,
+    and is built again from that checkpoint under the new stage's version of the spec, which
+    gives it the stage's components and holder subgraphs; the privacy ledger carries over, so
+    one budget covers the whole run. The checkpoint each stage ends with is kept beside the
+    node's checkpoint as `stage-<k>.npz`. A spec without stages runs as one node.
+    """
+
+    def __init__(
+        self, config: NodeConfig, build: Callable[[NodeConfig], Node] | None = None
+    ) -> None:
+        self.config = config
+        self.build = build or Node
+        #: the node of the stage running now (None before the first is built)
+        self.node: Node | None = None
+        self.stop_reason: str | None = None
+
+    @property
+    def id(self) -> str:
+        return self.config.id
+
+    def stop(self, reason: str) -> None:
+        """Stop the node of this stage, and build no further one."""
+        self.stop_reason = reason
+        if self.node is not None:
+            self.node.stop(reason)
+
+    def run(self) -> int:
+        """Run the stages from the one the node's checkpoint is in; the last exit code."""
+        config = self.config
+        while True:
+            node = self.node = self.build(config)
+            write_node_info(config, node.topology)  # what `m3tgossip predict` and `export` read
+            if self.stop_reason is not None:
+                node.stop(self.stop_reason)
+            code = node.run()
+            if node.topology.stages and (node.at_stage_end or node.round == config.rounds):
+                checkpoint.keep_stage(config.state_path, node.topology.stage)
+            if code or self.stop_reason is not None or not node.at_stage_end:
+                return code
+            log.info(
+                "%s: stage %d begins at round %d: continuing under its version of the spec",
+                node.id,
+                node.topology.stage + 1,
+                node.round,
+            )
+            config = replace(config, fresh=False)
+
+
+def run_node(config: NodeConfig) -> int:
+    """Entry point of `m3tgossip node`: SIGTERM and SIGINT ask the node to stop; a spec with
+    stages runs them all (`StageRunner`)."""
+    runner = StageRunner(config)
 
     def handler(signum: int, _frame: Any) -> None:
-        stopping.append(signal.Signals(signum).name)
-        if node is not None:
-            node.stop(stopping[-1])
+        runner.stop(signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
-    while True:
-        node = Node(config)
-        write_node_info(config, node.topology)  # what `m3tgossip predict` and `export` read
-        if stopping:
-            node.stop(stopping[-1])
-        code = node.run()
-        if code or stopping or not node.at_stage_end:
-            return code
-        log.info(
-            "%s: stage %d begins at round %d: continuing under its version of the spec",
-            node.id,
-            node.topology.stage + 1,
-            node.round,
-        )
-        config = replace(config, fresh=False)
+    return runner.run()
