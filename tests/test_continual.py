@@ -20,7 +20,13 @@ from m3tgossip.daemon.metrics import read_metrics
 from m3tgossip.daemon.node import Node, StageRunner
 from m3tgossip.edu.workload import EduWorkload
 from m3tgossip.errors import ConfigError
-from m3tgossip.topology import Topology, load_topology, parse_topology
+from m3tgossip.topology import (
+    Topology,
+    check_report,
+    format_report,
+    load_topology,
+    parse_topology,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -230,3 +236,21 @@ def test_nodes_run_stage_by_stage_under_one_privacy_budget(tmp_path: Path) -> No
         kept = checkpoint.load_file(second.config.state_path / "stage-0.npz")
         assert kept[1]["round"] == 2 and "param/head.next_response" not in kept[0]
         assert (second.config.state_path / "stage-1.npz").exists()
+
+
+def test_topology_check_reports_each_stage_and_its_warnings() -> None:
+    topo = parse_topology(SPEC, "x.toml")
+    report = check_report(topo)
+    assert [s["name"] for s in report["stages"]] == ["clicks", "stress"]
+    assert set(report["stages"][0]["components"]) == {
+        "encoder.clickstream",
+        "head.next_response",
+        "prompt.next_response",
+    }
+    assert report["stages"][1]["components"]["head.stress"]["holders"] == ["a", "b"]
+    # stress without signal data, from the stage that brings it
+    assert (
+        "stage stress: node a: task stress needs signal data, which it lacks" in report["warnings"]
+    )
+    text = format_report(report)
+    assert "clicks from round 2: +next_response, +clickstream on 3 nodes" in text
