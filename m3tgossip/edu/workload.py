@@ -8,6 +8,12 @@ work a round instead of holding its neighbours up). The arrays of
 `shared()` are views of the model's parameters, so the daemon's in-place mixing is the model
 update; `after_mix` has nothing to copy.
 
+In a spec with `[[stages]]` the workload is built for one stage's version of the spec: its
+records are those of the node's last stage (the same records in every stage), it trains on
+the labels `m3tgossip.edu.continual` gives the stage, `load_state` lets the components the
+stage brings start from their seed, and its DP-SGD plan samples every learner of the node at
+one rate, so the plan, and the calibrated noise, are the same in every stage.
+
 Options (`[workload]` table of the node config):
 
     local_steps   optimiser steps per round of a full-speed node (5); a node whose topology
