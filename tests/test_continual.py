@@ -254,3 +254,26 @@ def test_topology_check_reports_each_stage_and_its_warnings() -> None:
     )
     text = format_report(report)
     assert "clicks from round 2: +next_response, +clickstream on 3 nodes" in text
+
+
+def test_the_benchmark_figures_follow_their_definitions(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from continual import node_figures  # benchmarks/continual.py
+
+    # tasks a (stage 0), b (stage 1), c (stage 2); R[k][t] after stage k, b[t] untrained
+    stages = [
+        {"a": 0.80, "b": 0.50, "c": 0.40},
+        {"a": 0.90, "b": 0.70, "c": 0.45},
+        {"a": 0.85, "b": 0.75, "c": 0.60},
+    ]
+    base = {"a": 0.50, "b": 0.50, "c": 0.50}
+    joint = {"a": 0.90, "b": 0.80, "c": 0.70}
+    fig = node_figures(stages, base, {"a": 0, "b": 1, "c": 2}, joint)
+    assert fig["acc"] == pytest.approx((0.85 + 0.75 + 0.60) / 3)
+    assert fig["joint_acc"] == pytest.approx(0.80)
+    # a: best 0.90, final 0.85; b: best is its final
+    assert fig["forgetting_pts"] == pytest.approx((5.0 + 0.0) / 2)
+    # a: 0.85 - 0.80; b: 0.75 - 0.70
+    assert fig["bwt_pts"] == pytest.approx(5.0)
+    # b before its stage 0.50 vs 0.50 untrained; c before its stage 0.45 vs 0.50
+    assert fig["fwt_pts"] == pytest.approx((0.0 - 5.0) / 2)
