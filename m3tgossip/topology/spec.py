@@ -4,8 +4,9 @@ A `Topology` is the shared picture every node has of the federation: the nodes w
 attributes (role, modalities, tasks, compute tier, privacy profile, endpoint, key, declared
 speed and bandwidth), the edges,
 which components each node holds and shares, and the per-component holder subgraphs that mixing
-runs on. `m3tgossip.topology.load` builds one from a TOML file; the format is documented in
-`m3tgossip/docs/topology.md`.
+runs on. A spec with `[[stages]]` has a version per stage (`Topology.version`), each with the
+tasks and modalities its nodes hold from that stage's round on. `m3tgossip.topology.load`
+builds one from a TOML file; the format is documented in `m3tgossip/docs/topology.md`.
 """
 
 from __future__ import annotations

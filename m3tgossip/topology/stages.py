@@ -43,7 +43,9 @@ class Stage:
     modalities: tuple[str, ...]
 
 
-def parse_stages(raw: Any, nodes: Sequence[Any], source: str, modalities: tuple[str, ...]) -> tuple:
+def parse_stages(
+    raw: Any, nodes: Sequence[Any], source: str, modalities: tuple[str, ...]
+) -> tuple[Stage, ...]:
     """Validate the `[[stages]]` array against the spec's `nodes` (NodeSpec, in order); returns
     the stages in order. ConfigError naming the file, the stage and its key."""
     if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
@@ -135,7 +137,7 @@ def _strings(
     return list(value)
 
 
-def stage_nodes(base: Sequence[Any], stages: Sequence[Stage], k: int) -> tuple:
+def stage_nodes(base: Sequence[Any], stages: Sequence[Stage], k: int) -> tuple[Any, ...]:
     """The nodes (NodeSpec) of stage `k`: `base` with the additions of stages 1..k."""
     if not 0 <= k <= len(stages):
         raise ValueError(f"stage {k} is not one of 0..{len(stages)}")
