@@ -277,6 +277,10 @@ def verdicts(overall: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "naive_forgetting_pts": n["forgetting_pts"]["mean"],
             "target": "naive - continual > 0",
             "met": diff["mean"] is not None and diff["mean"] > 0,
+            # the interval over seeds above zero as well, not only the mean
+            "interval_above_zero": diff["mean"] is not None
+            and diff["ci95"] is not None
+            and diff["mean"] - diff["ci95"] > 0,
         },
     }
 
@@ -355,7 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     print("\n=== targets (unseen learners)")
     for name, v in checks.items():
         value = "-" if v["value"] is None else f"{v['value']:.3f}"
-        print(f"  {name}: {value} ({v['target']}: {'met' if v['met'] else 'NOT met'})")
+        if v.get("ci95") is not None:
+            value += f" +- {v['ci95']:.3f}"
+        line = f"  {name}: {value} ({v['target']}: {'met' if v['met'] else 'NOT met'}"
+        if "interval_above_zero" in v:
+            line += "; interval above 0" if v["interval_above_zero"] else "; interval includes 0"
+        print(line + ")")
     wall = time.monotonic() - t_start
     print(f"\nwall time {wall:.0f} s, load average {loadavg()}")
     report = {
