@@ -37,8 +37,7 @@ Targets: acc >= 0.9 x joint_acc, forgetting_pts <= 2, bytes_ratio <= 1.5, and le
 forgetting than naive. Writes DIR/continual.json; a completed run in DIR/runs is reused.
 
     python benchmarks/continual.py --out runs/bench-continual
-    python benchmarks/continual.py --out runs/quick --rounds 16 --seeds 0,1,2 \\
-        --topology /tmp/semester-short.toml
+    python benchmarks/continual.py --out runs/bench-continual-dp --privacy gdpr -o replay=32
 """
 
 from __future__ import annotations
