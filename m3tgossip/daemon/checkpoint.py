@@ -48,12 +48,32 @@ def save(folder: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict[st
     return final
 
 
+def keep_stage(folder: str | os.PathLike, stage: int) -> Path:
+    """Keep the checkpoint in `folder` as the one stage `stage` ended with,
+    `stage-<stage>.npz` beside it (copied atomically, like a checkpoint)."""
+    folder = Path(folder)
+    final = folder / f"stage-{stage}.npz"
+    tmp = folder / f".stage-{stage}.npz.{os.getpid()}.tmp"
+    with open(folder / FILENAME, "rb") as src, open(tmp, "wb") as fh:
+        while chunk := src.read(1 << 20):
+            fh.write(chunk)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    return final
+
+
 def load(folder: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
     """Read the checkpoint in `folder`; None if there is none. Stray temporary files are removed."""
     folder = Path(folder)
     for stray in folder.glob(f".{FILENAME}.*.tmp"):
         stray.unlink(missing_ok=True)
-    path = folder / FILENAME
+    return load_file(folder / FILENAME)
+
+
+def load_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    """Read one checkpoint file (a node's, or one a stage ended with); None if there is none."""
+    path = Path(path)
     if not path.exists():
         return None
     try:

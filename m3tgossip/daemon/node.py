@@ -12,6 +12,8 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from m3tgossip import protocol
@@ -53,6 +55,9 @@ class Node(NodeState):
         transport: TransportLike | None = None,
     ) -> None:
         topology = topology or load_topology(config.topology)
+        found = None if config.fresh else checkpoint.load(config.state_path)
+        if topology.stages:  # the version of the stage the node resumes in
+            topology = topology.version(topology.stage_at(int(found[1]["round"]) if found else 0))
         workload = workload or make_workload(
             config.workload,
             topology=topology,
@@ -79,7 +84,7 @@ class Node(NodeState):
         gate = make_gate(config, topology, workload, shared)
         peers = make_peers(topology, config.id, set(shared))
         super().__init__(config, topology, workload, peers, gate, self.schedule.lag)
-        self._resume()
+        self._resume(found)
         transport = transport or open_transport(config, topology, peers)
         self.link = Link(self.id, transport, lambda: self.round)
         self.exchange = Exchange(self, self.link)
@@ -121,7 +126,7 @@ class Node(NodeState):
         """Ask the loop to finish or abandon its round, checkpoint and leave."""
         self.stop_reason = reason
 
-    def _resume(self) -> None:
+    def _resume(self, found: tuple[dict[str, Any], dict[str, Any]] | None) -> None:
         if self.gate is not None:  # the ledger counts even when the checkpoint is ignored
             spent = ledger.load(self.config.state_path)
             if spent is not None:
@@ -130,7 +135,6 @@ class Node(NodeState):
                 except (ValueError, KeyError) as exc:
                     path = self.config.state_path / ledger.FILENAME
                     raise ledger.LedgerError(f"{path}: {exc}") from exc
-        found = None if self.config.fresh else checkpoint.load(self.config.state_path)
         if found is None:
             return
         arrays, meta = found
@@ -195,7 +199,7 @@ class Node(NodeState):
 
     def shutdown(self) -> None:
         """Checkpoint, tell neighbours we leave, close sockets (bounded by linger)."""
-        reason = self.stop_reason or "finished"
+        reason = self.stop_reason or ("stage" if self.at_stage_end else "finished")
         self.notifier.stopping(f"stopping at round {self.round} ({reason})")
         try:
             self.checkpoint(wait=True)
@@ -251,14 +255,66 @@ class Node(NodeState):
         }
 
 
+class StageRunner:
+    """Runs one node through every stage of its spec in this one process.
+
+    A spec with `[[stages]]` is run stage by stage: where the next stage begins, the node
+    checkpoints (model, optimiser and privacy ledger) and leaves its neighbours as at any stop,
+    and is built again from that checkpoint under the new stage's version of the spec, which
+    gives it the stage's components and holder subgraphs; the privacy ledger carries over, so
+    one budget covers the whole run. The checkpoint each stage ends with is kept beside the
+    node's checkpoint as `stage-<k>.npz`. A spec without stages runs as one node.
+    """
+
+    def __init__(
+        self, config: NodeConfig, build: Callable[[NodeConfig], Node] | None = None
+    ) -> None:
+        self.config = config
+        self.build = build or Node
+        #: the node of the stage running now (None before the first is built)
+        self.node: Node | None = None
+        self.stop_reason: str | None = None
+
+    @property
+    def id(self) -> str:
+        return self.config.id
+
+    def stop(self, reason: str) -> None:
+        """Stop the node of this stage, and build no further one."""
+        self.stop_reason = reason
+        if self.node is not None:
+            self.node.stop(reason)
+
+    def run(self) -> int:
+        """Run the stages from the one the node's checkpoint is in; the last exit code."""
+        config = self.config
+        while True:
+            node = self.node = self.build(config)
+            write_node_info(config, node.topology)  # what `m3tgossip predict` and `export` read
+            if self.stop_reason is not None:
+                node.stop(self.stop_reason)
+            code = node.run()
+            if node.topology.stages and (node.at_stage_end or node.round == config.rounds):
+                checkpoint.keep_stage(config.state_path, node.topology.stage)
+            if code or self.stop_reason is not None or not node.at_stage_end:
+                return code
+            log.info(
+                "%s: stage %d begins at round %d: continuing under its version of the spec",
+                node.id,
+                node.topology.stage + 1,
+                node.round,
+            )
+            config = replace(config, fresh=False)
+
+
 def run_node(config: NodeConfig) -> int:
-    """Entry point of `m3tgossip node`: SIGTERM and SIGINT ask the node to stop."""
-    node = Node(config)
-    write_node_info(config, node.topology)  # what `m3tgossip predict` and `export` read
+    """Entry point of `m3tgossip node`: SIGTERM and SIGINT ask the node to stop; a spec with
+    stages runs them all (`StageRunner`)."""
+    runner = StageRunner(config)
 
     def handler(signum: int, _frame: Any) -> None:
-        node.stop(signal.Signals(signum).name)
+        runner.stop(signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
-    return node.run()
+    return runner.run()

@@ -45,6 +45,9 @@ class NodeState:
         #: components whose privacy budget is spent: trained on, never sent again
         self.retired: set[str] = set()
         self.stop_reason: str | None = None
+        #: the round the spec's next stage begins at: the node checkpoints and stops there, to
+        #: be restarted under that stage's version of the spec (None: no later stage)
+        self.stop_at: int | None = topology.next_stage_round()
         self.started = time.time()
 
     @property
@@ -60,4 +63,11 @@ class NodeState:
         return self.round % self.spec.send_every == 0
 
     def done(self) -> bool:
+        if self.stop_at is not None and self.round >= self.stop_at:
+            return True
         return self.stop_reason is not None or (0 < self.config.rounds <= self.round)
+
+    @property
+    def at_stage_end(self) -> bool:
+        """This node stopped where the spec's next stage begins."""
+        return self.stop_at is not None and self.round >= self.stop_at

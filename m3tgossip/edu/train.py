@@ -18,7 +18,7 @@ accuracy, true and false positive rate gaps, ABROCA and its randomization p-valu
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -182,10 +182,16 @@ class Trainer:
         self.fairness = (
             GroupWeights(train.groups, fairness, fairness_eta) if fairness != "none" else None
         )
+        #: the learners DP-SGD samples from at `private_sampling_rate` (None: those of the
+        #: pool); a learner outside the pool is in no step, so a larger count stays sound
+        self.population: int | None = None
+        #: called after every optimiser step (the L2 pull of `m3tgossip.edu.continual`)
+        self.after_step: Callable[[], None] | None = None
 
     def private_sampling_rate(self) -> float:
         """The Poisson rate of learners that gives `batch_size` learners a step on average."""
-        return sampling_rate(self.batch_size, len(np.unique(self.learners[self.pool])))
+        learners = self.population or len(np.unique(self.learners[self.pool]))
+        return sampling_rate(self.batch_size, learners)
 
     def use_private(self, noise: TrainingNoise, seed: int | None = None) -> None:
         """Train with per-learner DP-SGD at `noise` from now on (`seed`: tests only).
@@ -230,6 +236,8 @@ class Trainer:
                 for t, losses in self.private.step(self.optimizer).items():
                     sums[t] = sums.get(t, 0.0) + float(np.mean(losses))
                     counts[t] = counts.get(t, 0) + 1
+                if self.after_step is not None:
+                    self.after_step()
                 self.step += 1
             return {t: sums[t] / counts[t] for t in sums}
         for _ in range(k):
@@ -257,6 +265,8 @@ class Trainer:
             if total.requires_grad:
                 total.backward()
                 self.optimizer.step()
+                if self.after_step is not None:
+                    self.after_step()
             self.step += 1
         return {t: sums[t] / counts[t] for t in sums}
 
@@ -291,12 +301,15 @@ class Trainer:
             out[f"adam/{c}/step"] = np.array([float(s.get("step", 0.0)) for s in states])
         return out
 
-    def load_state(self, arrays: Mapping[str, np.ndarray]) -> None:
-        """Restore what `state` returned (for the same model layout)."""
+    def load_state(self, arrays: Mapping[str, np.ndarray], new: Iterable[str] = ()) -> None:
+        """Restore what `state` returned (for the same model layout; components in `new`, the
+        ones a stage brings, may have no state and start with none)."""
+        fresh = set(new)
+        flats = {
+            c: f for c, f in self.model.trained_flat().items() if c not in fresh or _has(arrays, c)
+        }
         wanted = ["trainer/step"] + [
-            f"adam/{c}/{key}"
-            for c in self.model.trained_flat()
-            for key in ("exp_avg", "exp_avg_sq", "step")
+            f"adam/{c}/{key}" for c in flats for key in ("exp_avg", "exp_avg_sq", "step")
         ]
         missing = [k for k in wanted if k not in arrays]
         if missing:
@@ -304,7 +317,7 @@ class Trainer:
         self.step = int(arrays["trainer/step"])
         if self.fairness is not None:
             self.fairness.load_state(arrays)
-        for c, flat in self.model.trained_flat().items():
+        for c, flat in flats.items():
             avg = flat.unflatten(arrays[f"adam/{c}/exp_avg"])
             avg_sq = flat.unflatten(arrays[f"adam/{c}/exp_avg_sq"])
             steps = np.asarray(arrays[f"adam/{c}/step"])
@@ -316,6 +329,10 @@ class Trainer:
                         "exp_avg": m,
                         "exp_avg_sq": v,
                     }
+
+
+def _has(arrays: Mapping[str, np.ndarray], component: str) -> bool:
+    return f"adam/{component}/exp_avg" in arrays
 
 
 class _EvalSet:

@@ -8,6 +8,12 @@ work a round instead of holding its neighbours up). The arrays of
 `shared()` are views of the model's parameters, so the daemon's in-place mixing is the model
 update; `after_mix` has nothing to copy.
 
+In a spec with `[[stages]]` the workload is built for one stage's version of the spec: its
+records are those of the node's last stage (the same records in every stage), it trains on
+the labels `m3tgossip.edu.continual` gives the stage, `load_state` lets the components the
+stage brings start from their seed, and its DP-SGD plan samples every learner of the node at
+one rate, so the plan, and the calibrated noise, are the same in every stage.
+
 Options (`[workload]` table of the node config):
 
     local_steps   optimiser steps per round of a full-speed node (5); a node whose topology
@@ -33,6 +39,12 @@ Options (`[workload]` table of the node config):
                   the highest loss gain weight); see `m3tgossip.edu.train.GroupWeights`.
                   Training without differential privacy only: refused under a DP profile
     fairness_eta  group DRO's step size (0.1)
+    continual     in a spec with [[stages]]: "replay" (default: a replay buffer of earlier
+                  tasks and an L2 pull to the previous stage's weights) or "naive" (the
+                  stage's new tasks only); see `m3tgossip.edu.continual`
+    replay        records per earlier task in the replay buffer (64; 0: none)
+    anchor        weight of the L2 pull to the previous stage's weights (10; 0: none): every
+                  optimiser step moves a component lr * anchor of the way back
 
 All nodes of a federation must use the same lora_rank, lora_alpha, lora_mode, checkpoint and
 backbone: `model_id` differs otherwise, and peers with another id are rejected.
@@ -49,6 +61,7 @@ import numpy as np
 import torch
 
 from m3tgossip.edu import unlearning
+from m3tgossip.edu.continual import CONTINUAL, Anchor, stage_components, stage_train
 from m3tgossip.edu.data.config import DataConfig
 from m3tgossip.edu.data.federation import node_data, unseen_data
 from m3tgossip.edu.data.node_folder import load_node_folder
@@ -80,6 +93,9 @@ DEFAULTS: dict[str, Any] = {
     "data": None,
     "fairness": "none",
     "fairness_eta": 0.1,
+    "continual": "replay",
+    "replay": 64,
+    "anchor": 10.0,
 }
 OPTIONS = tuple(DEFAULTS)
 
@@ -94,6 +110,15 @@ def workload_options(raw: dict[str, Any] | None) -> dict[str, Any]:
         value = options[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"workload option {key}: a positive integer, got {value!r}")
+    for key in ("replay", "anchor"):
+        value = options[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"workload option {key}: a number >= 0, got {value!r}")
+    if options["continual"] not in CONTINUAL:
+        given = options["continual"]
+        raise ValueError(f"workload option continual: one of {', '.join(CONTINUAL)}, got {given!r}")
+    if options["lr"] * options["anchor"] >= 1:
+        raise ValueError("workload options lr * anchor: below 1 (the L2 pull's share of a step)")
     for key in ("lr", "alpha", "fairness_eta"):
         value = options[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
@@ -154,11 +179,19 @@ class EduWorkload:
         self.folder = load_node_folder(o["data"], node, seed) if o["data"] else None
         unseen = None
         if self.folder is None:
+            # the records of the node's last stage, so a record is the same in every stage
+            last = topology.version(len(topology.stages)).node(node_id)
             config = DataConfig(records=o["records"], alpha=o["alpha"], seed=seed)
-            train, test = node_data(node, config)
-            unseen = unseen_data(node, config)
+            train, test = node_data(last, config)
+            unseen = unseen_data(last, config)
         else:
             train, test = self.folder.train, self.folder.test
+        #: the components this version's stage brings (they start from the seed on resume)
+        self.new_components = stage_components(topology, node_id) if topology.stage else ()
+        everyone = len(np.unique(train.learner))
+        if topology.stages:
+            replay = int(o["replay"])
+            train = stage_train(train, topology, node_id, o["continual"], replay, seed)
         self.trainer = Trainer(
             self.model,
             train,
@@ -175,6 +208,17 @@ class EduWorkload:
         self.stage0 = {f"param/{c}": x.copy() for c, x in self.model.vectors().items()}
         #: learners erased from this node's records (kept in the checkpoint)
         self.erased: list[str] = []
+        #: the L2 pull of this stage (None: a spec without stages, stage 0 or naive)
+        self.anchor: Anchor | None = None
+        if topology.stages:
+            # DP-SGD samples every learner of the semester at one rate: the same plan each stage
+            self.trainer.population = everyone
+            if topology.stage and o["continual"] == "replay" and o["anchor"]:
+                held = set(self.model.trained_flat()) - set(self.new_components)
+                rate = float(o["lr"]) * float(o["anchor"])
+                self.anchor = Anchor(self.model.vectors(), held, rate, topology.stage)
+                self.anchor.begin({})
+                self.trainer.after_step = self.anchor.pull
         self._model_id = (
             "edu-"
             + hashlib.sha256(json.dumps(self.model.identity, sort_keys=True).encode()).hexdigest()[
@@ -284,18 +328,26 @@ class EduWorkload:
             out["erased/learners"] = np.array(self.erased, dtype="<U128")
         if self.folder is not None:  # the preprocessing `m3tgossip predict` must repeat
             out["data/adapter"] = self.folder.adapter.to_array()
+        if self.anchor is not None:
+            out.update(self.anchor.state())
         return out
 
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore `state()`; the components this stage brings may be missing (the stage
+        begins: they keep their seeded start, identical on every holder)."""
         for c, x in self.model.vectors().items():
             saved = arrays.get(f"param/{c}")
+            if saved is None and c in self.new_components:
+                continue
             if saved is None or saved.shape != x.shape:
                 raise ValueError(f"checkpoint has no matching state for component {c}")
             x[...] = saved
-        self.trainer.load_state(arrays)
+        self.trainer.load_state(arrays, new=self.new_components)
         erased = arrays.get("erased/learners")
         self.erased = [str(x) for x in erased] if erased is not None else []
         if self.erased:
             unlearning.drop_records(
                 self.trainer, unlearning.learner_mask(self.trainer.learners, self.erased)
             )
+        if self.anchor is not None:
+            self.anchor.begin(arrays)

@@ -35,9 +35,19 @@ from m3tgossip.topology.spec import (
     Topology,
     endpoint_clash,
 )
+from m3tgossip.topology.stages import parse_stages
 
 _TASK = re.compile(r"[a-z][a-z0-9_]*")
-_TOP_KEYS = ("name", "description", "edges", "generator", "defaults", "nodes", "dynamics")
+_TOP_KEYS = (
+    "name",
+    "description",
+    "edges",
+    "generator",
+    "defaults",
+    "nodes",
+    "dynamics",
+    "stages",
+)
 _NODE_KEYS = (
     "id",
     "role",
@@ -160,6 +170,13 @@ def parse_topology(data: Mapping[str, Any], source: str) -> Topology:
         graph.add_edges_from(edges)
         where = "generator" if has_generator else "edges"
         raise ConfigError(source, where, f"the graph is disconnected: {describe_parts(graph, ids)}")
+    stages = parse_stages(data.get("stages", []), nodes, source, MODALITIES)
+    if stages and dynamics != "static":
+        raise ConfigError(source, "stages", "a time-varying topology ([dynamics]) has no stages")
+    cancelling = [n.id for s in stages for n in nodes if n.single_learner and n.id in s.nodes]
+    if cancelling:
+        problem = f'node "{cancelling[0]}" has single_learner set; a stage adds nothing to one'
+        raise ConfigError(source, "stages", problem)
     return Topology(
         name=name,
         source=source,
@@ -168,6 +185,7 @@ def parse_topology(data: Mapping[str, Any], source: str) -> Topology:
         edges=tuple(sorted(tuple(sorted(e)) for e in edges)),
         dynamics=dynamics,
         sample=sample,
+        stages=stages,
     )
 
 

@@ -127,7 +127,33 @@ def check_report(
     }
     if dynamics is not None:
         report["dynamics"] = dynamics
+    if topology.stages and topology.stage == 0:
+        report["stages"] = _stages(topology, target_error, warnings)
     return report
+
+
+def _stages(topology: Topology, target_error: float, warnings: list[str]) -> list[dict[str, Any]]:
+    """Each later stage: what it adds, the components it brings, and its version's warnings
+    (added to `warnings`, named by the stage); the report above is stage 0's."""
+    out = []
+    for k, stage in enumerate(topology.stages, start=1):
+        version = topology.version(k)
+        sub = check_report(version, target_error)
+        before = set(topology.version(k - 1).components())
+        brings = [c for c in version.components() if c not in before]
+        seen = set(warnings)
+        warnings += [f"stage {stage.name}: {w}" for w in sub["warnings"] if w not in seen]
+        out.append(
+            {
+                "name": stage.name,
+                "round": stage.round,
+                "nodes": list(stage.nodes),
+                "tasks": list(stage.tasks),
+                "modalities": list(stage.modalities),
+                "components": {c: sub["components"][c] for c in brings},
+            }
+        )
+    return out
 
 
 def time_varying_rounds(
@@ -283,6 +309,18 @@ def format_report(report: Mapping[str, Any]) -> str:
         for name, c in report["components"].items()
     ]
     lines += table(["component", "holders", "connected", "SLEM", "rounds"], component_rows)
+    if report.get("stages"):
+        lines += ["", "stages (the tables above are stage 0's, from round 0):"]
+        for st in report["stages"]:
+            adds = ", ".join(f"+{x}" for x in [*st["tasks"], *st["modalities"]])
+            brings = ", ".join(
+                f"{c} ({len(v['holders'])} holders, {rounds(v['predicted_rounds'])} rounds)"
+                for c, v in st["components"].items()
+            )
+            lines.append(
+                f"  {st['name']} from round {st['round']}: {adds} on {len(st['nodes'])} nodes; "
+                f"brings {brings or 'no shared component'}"
+            )
     if report["warnings"]:
         lines += ["", "warnings:"]
         lines += [f"  - {w}" for w in report["warnings"]]

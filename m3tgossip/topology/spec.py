@@ -4,8 +4,9 @@ A `Topology` is the shared picture every node has of the federation: the nodes w
 attributes (role, modalities, tasks, compute tier, privacy profile, endpoint, key, declared
 speed and bandwidth), the edges,
 which components each node holds and shares, and the per-component holder subgraphs that mixing
-runs on. `m3tgossip.topology.load` builds one from a TOML file; the format is documented in
-`m3tgossip/docs/topology.md`.
+runs on. A spec with `[[stages]]` has a version per stage (`Topology.version`), each with the
+tasks and modalities its nodes hold from that stage's round on. `m3tgossip.topology.load`
+builds one from a TOML file; the format is documented in `m3tgossip/docs/topology.md`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
+
+from m3tgossip.topology.stages import Stage, stage_nodes, stages_toml
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -130,6 +133,10 @@ class Topology:
     #: every link any round may use
     dynamics: str = "static"
     sample: int = 1
+    #: the semester's `[[stages]]` in order (`m3tgossip.topology.stages`); empty: one stage
+    stages: tuple[Stage, ...] = ()
+    #: which version of the spec this is: 0 (its nodes as given) .. len(stages)
+    stage: int = 0
     _cache: dict[str, Any] = field(
         default_factory=dict, init=False, repr=False, compare=False, hash=False
     )
@@ -251,7 +258,10 @@ class Topology:
         return replace(self, nodes=nodes)
 
     def to_toml(self) -> str:
-        """The spec in explicit-edges form, every attribute spelled out; loads back equal."""
+        """The spec in explicit-edges form, every attribute spelled out; loads back equal (a
+        later stage's version writes stage 0's nodes and the stages, and loads back as stage 0)."""
+        if self.stage:
+            return self.version(0).to_toml()
         lines = [f"name = {_toml_str(self.name)}"]
         lines.append(f"description = {_toml_str(self.description)}")
         lines.append("edges = [")
@@ -283,7 +293,36 @@ class Topology:
             for key in PACE_KEYS:
                 if getattr(n, key) != 1.0:
                     lines.append(f"{key} = {getattr(n, key)!r}")
+        lines += stages_toml(self.stages, _toml_str)
         return "\n".join(lines) + "\n"
+
+    def version(self, k: int) -> Topology:
+        """The spec in stage `k` (0 .. len(stages)): every node with the tasks and modalities
+        stages 1..k add, so its components and every holder subgraph follow from them."""
+        if k == self.stage:
+            return self
+        return replace(self, nodes=stage_nodes(self._base_nodes(), self.stages, k), stage=k)
+
+    def stage_at(self, round_: int) -> int:
+        """The stage that round `round_` (counted from 0) belongs to."""
+        return sum(1 for s in self.stages if s.round <= round_)
+
+    def next_stage_round(self) -> int | None:
+        """The round the stage after this version's begins at (None: this is the last)."""
+        return self.stages[self.stage].round if self.stage < len(self.stages) else None
+
+    def _base_nodes(self) -> tuple[NodeSpec, ...]:
+        """The nodes of stage 0: this version's without what stages 1..stage added (a stage
+        only adds what a node does not hold before it, so taking it off is exact)."""
+        nodes = []
+        for n in self.nodes:
+            tasks, mods = set(n.tasks), set(n.modalities)
+            for s in self.stages[: self.stage]:
+                if n.id in s.nodes:
+                    tasks -= set(s.tasks)
+                    mods -= set(s.modalities)
+            nodes.append(replace(n, tasks=tuple(sorted(tasks)), modalities=tuple(sorted(mods))))
+        return tuple(nodes)
 
     def _cached(self, key: str, build: Callable[[], Any]) -> Any:
         if key not in self._cache:
