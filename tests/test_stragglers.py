@@ -371,7 +371,13 @@ def test_daemons_do_not_wait_for_a_slowed_straggler_and_it_mixes_their_newest(
     )
     summary = json.loads((out / "summary.json").read_text())
     assert code == 0 and not summary["crashed"] and not summary["hung"]
-    assert set(summary["rounds_done"].values()) == {rounds}
+    done = summary["rounds_done"]
+    assert {done[n] for n in ("n1", "n2", "n3")} == {rounds}
+    # the straggler finishes when both its neighbours have: it would train alone after that
+    assert done["n0"] < rounds
+    assert (
+        "every neighbour finished its rounds" in (out / "nodes" / "n0" / "stderr.log").read_text()
+    )
     recs = {n: read_metrics(out / "nodes" / n / "metrics.jsonl") for n in ("n0", "n1", "n2", "n3")}
     # the straggler's neighbours never wait for it: it is on a loose link in every round
     for n in ("n1", "n3"):

@@ -139,6 +139,7 @@ class RoundEngine:
         g = node.config.gossip
         last = node.stop_reason is not None or 0 < node.config.rounds <= node.round + 1
         last = last or (node.stop_at is not None and node.stop_at <= node.round + 1)
+        last = last or (node.finish_after is not None and node.finish_after <= node.round + 1)
         evaluate = last or (node.round + 1) % g.eval_every == 0
         evaluation = node.workload.evaluate(node.round) if evaluate else {}
         node.round += 1

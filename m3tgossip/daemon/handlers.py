@@ -199,7 +199,32 @@ class Handlers:
         over from full state."""
         log.info("%s: neighbour %s left (%s)", self.state.id, peer.id, msg.body["reason"])
         peer.left = True
+        peer.finished = msg.body["reason"] == "finished"
         peer.pending.clear()
+        self._end_with_neighbours()
+
+    def _end_with_neighbours(self) -> None:
+        """A node declared slow (`speed` below 1) in a run with a fixed number of rounds
+        finishes once every neighbour it shares with has finished its rounds: it runs behind
+        them by design, and its remaining rounds would train on its own records alone, drifting
+        from the federation's model it has now. (A node of low bandwidth alone trains at full
+        speed and keeps its pace.)"""
+        node = self.state
+        spec = node.spec
+        if node.stop_reason is not None or node.finish_after is not None or node.config.rounds <= 0:
+            return
+        if spec.speed >= 1.0:
+            return
+        sharing = [p for p in node.peers.values() if p.components]
+        if sharing and all(p.left and p.finished for p in sharing):
+            # one more round mixes the values they sent last
+            node.finish_after = min(node.round + 2, node.config.rounds)
+            log.info(
+                "%s: every neighbour finished its rounds; finishing after round %d of %d",
+                node.id,
+                node.finish_after,
+                node.config.rounds,
+            )
 
     def on_retire(self, peer: Peer, msg: protocol.Message) -> None:
         """The neighbour stops sharing some components (privacy budget spent): stop expecting

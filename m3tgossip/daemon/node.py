@@ -199,7 +199,13 @@ class Node(NodeState):
 
     def shutdown(self) -> None:
         """Checkpoint, tell neighbours we leave, close sockets (bounded by linger)."""
-        reason = self.stop_reason or ("stage" if self.at_stage_end else "finished")
+        reason = self.stop_reason or (
+            "stage"
+            if self.at_stage_end
+            else "neighbours finished"
+            if self.finish_after is not None and self.round < self.config.rounds
+            else "finished"
+        )
         self.notifier.stopping(f"stopping at round {self.round} ({reason})")
         try:
             self.checkpoint(wait=True)

@@ -26,6 +26,8 @@ class Peer:
     last_seq: int = -1
     model_ok: bool = True
     left: bool = False
+    #: it left because it finished its rounds (not stopped, restarting or erased)
+    finished: bool = False
     missed: int = 0
     #: rounds whose deadline passed without this neighbour's messages (never reset)
     deadline_misses: int = 0
@@ -73,6 +75,7 @@ class Peer:
         self.need_state = set(self.components)
         self.sends_states = False
         self.left = False
+        self.finished = False
         self.missed = 0
         self.push_sent.clear()
         self.push_sent_w.clear()

@@ -48,6 +48,8 @@ class NodeState:
         #: the round the spec's next stage begins at: the node checkpoints and stops there, to
         #: be restarted under that stage's version of the spec (None: no later stage)
         self.stop_at: int | None = topology.next_stage_round()
+        #: a slow node whose neighbours all finished ends after this round
+        self.finish_after: int | None = None
         self.started = time.time()
 
     @property
@@ -64,6 +66,8 @@ class NodeState:
 
     def done(self) -> bool:
         if self.stop_at is not None and self.round >= self.stop_at:
+            return True
+        if self.finish_after is not None and self.round >= self.finish_after:
             return True
         return self.stop_reason is not None or (0 < self.config.rounds <= self.round)
 
