@@ -89,6 +89,31 @@ def check_predictions(rows: list[dict[str, str]], folder: Path, tasks: tuple[str
 
 
 @pytest.mark.multiprocess
+def export_matches(state: Path, folder: Path, out: Path, rows: int | None = None) -> str:
+    """Export the node of `state` into `out`, load it back with PEFT on the base checkpoint,
+    check it predicts what the node does on (the first `rows` of) its `folder`; the card."""
+    assert main(["export", "--state-dir", str(state), "--out", str(out)]) == 0
+    info = json.loads((out / "m3t.json").read_text())
+    base = M3TModel(
+        M3TConfig.from_dict(info["config"]),
+        info["modalities"],
+        {t: len(c) for t, c in info["tasks"].items()},
+        seed=info["seed"],
+    )
+    load_base_weights(base, load_checkpoint(DEFAULT_CHECKPOINT), None)
+    peft = PeftModel.from_pretrained(base, str(out)).eval()
+    trained = load_trained_node(state)
+    records, _ = trained.adapter.apply(read_folder(folder))
+    if rows is not None:
+        records = records.subset(np.arange(rows))
+    batch = trained.model.prepare(records)
+    with torch.no_grad():
+        want, got = trained.model(batch), peft(batch)
+    for task in info["tasks"]:
+        torch.testing.assert_close(got[task], want[task])
+    return (out / "README.md").read_text()
+
+
 def test_a_data_example_federation_trains_predicts_and_exports(tmp_path: Path, capsys) -> None:
     (tmp_path / "three.toml").write_text(SPEC)
     data = tmp_path / "data"
@@ -139,49 +164,14 @@ def test_a_data_example_federation_trains_predicts_and_exports(tmp_path: Path, c
     assert {r["label"] for r in rows if r["task"] == "engagement"} == {""}  # lab has no such labels
     assert {r["label"] for r in rows if r["task"] == "at_risk"} == {"no", "yes"}
 
-    exported = tmp_path / "export"
-    assert main(["export", "--state-dir", str(nodes / "uni"), "--out", str(exported)]) == 0
-    card = (exported / "README.md").read_text()
+    card = export_matches(nodes / "uni", data / "uni", tmp_path / "export", rows=16)
     assert "| `encoder.image` | shared |" in card and "uni, lab, stu" in card
     assert "rounds trained: 3" in card and "Profile: `open`" in card
-    info = json.loads((exported / "m3t.json").read_text())
-    base = M3TModel(
-        M3TConfig.from_dict(info["config"]),
-        info["modalities"],
-        {t: len(c) for t, c in info["tasks"].items()},
-        seed=info["seed"],
-    )
-    load_base_weights(base, load_checkpoint(DEFAULT_CHECKPOINT), None)
-    peft = PeftModel.from_pretrained(base, str(exported)).eval()
-    trained = load_trained_node(nodes / "uni")
-    data_uni, _ = trained.adapter.apply(read_folder(data / "uni"))
-    batch = trained.model.prepare(data_uni.subset(np.arange(16)))
-    with torch.no_grad():
-        want, got = trained.model(batch), peft(batch)
-    for task in info["tasks"]:
-        torch.testing.assert_close(got[task], want[task])
     # the lite student exports the adapters it mixed (not trained) with the heads it trained
-    exported = tmp_path / "export-stu"
-    assert main(["export", "--state-dir", str(nodes / "stu"), "--out", str(exported)]) == 0
-    card = (exported / "README.md").read_text()
+    card = export_matches(nodes / "stu", data / "stu", tmp_path / "export-stu")
     assert "| `backbone` | followed |" in card and "(mixed here, not trained)" in card
-    info = json.loads((exported / "m3t.json").read_text())
-    base = M3TModel(
-        M3TConfig.from_dict(info["config"]),
-        info["modalities"],
-        {t: len(c) for t, c in info["tasks"].items()},
-        seed=info["seed"],
-    )
-    load_base_weights(base, load_checkpoint(DEFAULT_CHECKPOINT), None)
-    peft = PeftModel.from_pretrained(base, str(exported)).eval()
     trained = load_trained_node(nodes / "stu")
     assert any(b.abs().sum() > 0 for b in trained.model.delta_weights().values())
-    data_stu, _ = trained.adapter.apply(read_folder(data / "stu"))
-    batch = trained.model.prepare(data_stu)
-    with torch.no_grad():
-        want, got = trained.model(batch), peft(batch)
-    for task in info["tasks"]:
-        torch.testing.assert_close(got[task], want[task])
     capsys.readouterr()
 
 

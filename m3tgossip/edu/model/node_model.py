@@ -100,20 +100,18 @@ class NodeModel(nn.Module):
         #: components mixed with their holders but never trained here
         self.followed = frozenset(c for c in followed if c in groups)
         self.flat = {c: FlatParameters(groups[c]) for c in sorted(groups)}
-        self.policies = {
-            c: "frozen"
-            if c not in self.flat
-            else "local"
-            if c in local
-            else "followed"
-            if c in self.followed
-            else "shared"
-            for c in self.held()
-        }
+        self.policies = {c: self._policy(c, local) for c in self.held()}
         self._vectors = {c: f.array for c, f in self.flat.items()}
         self._shared = {
             c: a for c, a in self._vectors.items() if self.policies[c] in ("shared", "followed")
         }
+
+    def _policy(self, component: str, local: Sequence[str]) -> str:
+        if component not in self.flat:
+            return "frozen"
+        if component in local:
+            return "local"
+        return "followed" if component in self.followed else "shared"
 
     @property
     def base(self) -> M3TModel:
