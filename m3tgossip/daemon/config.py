@@ -110,6 +110,10 @@ class GossipConfig:
     checkpoint_interval_s: float = 10.0
     #: evaluate the workload every this many rounds (and always in the last round)
     eval_every: int = 1
+    #: every this many rounds (0 = never), record how much each neighbour's term in the mix
+    #: moved this node's held-out loss, to first order (`daemon.influence`); needs a workload
+    #: with `loss_gradient()`, the `mean` aggregator and lockstep sync rounds
+    influence_every: int = 0
     #: sync mode, static topologies: mix the previous round's messages after this round's local
     #: training, then send, so neighbours' messages arrive while this node trains instead of
     #: being waited for (one round of staleness; replicas still agree, so the network mean is
@@ -172,6 +176,15 @@ class GossipConfig:
         value = self.straggler_after
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"straggler_after: an integer >= 0 (0 = off), got {value!r}")
+        value = self.influence_every
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"influence_every: an integer >= 0 (0 = off), got {value!r}")
+        if value and (self.mode != "sync" or self.overlap or self.aggregator != "mean"):
+            raise ValueError(
+                'influence_every: needs mode = "sync", overlap = false and aggregator = '
+                f'"mean" (a term per neighbour), got mode {self.mode!r}, overlap '
+                f"{self.overlap!r}, aggregator {self.aggregator!r}"
+            )
         for name in ("suspect_after", "checkpoint_every", "eval_every", "late_join_rounds"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -28,6 +28,7 @@ from m3tgossip.daemon.metrics import MetricsWriter
 from m3tgossip.daemon.prometheus import Exporter
 from m3tgossip.daemon.schedules import RoundParts, Schedule
 from m3tgossip.daemon.timings import Timings
+from m3tgossip.errors import ConfigError
 from m3tgossip.net import FaultyTransport
 from m3tgossip.privacy.cancel import PROTECTS
 
@@ -48,6 +49,13 @@ class RoundEngine:
     ) -> None:
         self.parts = parts
         self.schedule = schedule
+        node = parts.state
+        if node.config.gossip.influence_every and not hasattr(node.workload, "loss_gradient"):
+            raise ConfigError(
+                f"node {node.id}",
+                "gossip.influence_every",
+                f"the {node.workload.name!r} workload has no held-out loss to attribute",
+            )
         self.metrics = metrics
         self.checkpoint = checkpoint
         #: the node's Prometheus endpoint, updated from every round's record
@@ -67,6 +75,7 @@ class RoundEngine:
             before = self.snapshot()
             local = self.local_step()
             self.release(before)
+            measuring = self.begin_influence()
             self.beat()
             t.lap("local")
             outcome = schedule.exchange(self.parts, before, t)
@@ -74,9 +83,24 @@ class RoundEngine:
                 break  # stopping: abandon the round, keep local progress
             heard, distance = outcome
             node.workload.after_mix(node.round)
+            if measuring:
+                loss = node.workload.heldout_loss  # type: ignore[attr-defined]
+                influence = self.parts.rounds.sums.influence.record(node.shared, loss)
+                local = {**local, "influence": influence} if influence else local
             t.lap("mix")
             self.end_round(local, heard, distance, t)
         schedule.finish(self.parts)
+
+    def begin_influence(self) -> bool:
+        """On a round of `gossip.influence_every`, take the workload's held-out loss and its
+        gradient before the mix, so the mix can credit each neighbour (`daemon.influence`)."""
+        node = self.parts.state
+        every = node.config.gossip.influence_every
+        measured = None
+        if every and self.schedule.exchanges and node.round % every == 0:
+            measured = node.workload.loss_gradient()  # type: ignore[attr-defined]
+        self.parts.rounds.sums.influence.begin(measured, node.shared)
+        return measured is not None
 
     def local_step(self) -> dict[str, Any]:
         """The workload's local step of the round, slowed down as `faults.slowdown` and

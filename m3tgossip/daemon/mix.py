@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from m3tgossip.consensus import (
+    ChocoMixer,
     effective_noise_var,
     noise_aware_weights,
     renormalise,
@@ -87,6 +88,11 @@ class MixStep:
                 self.distances[comp] = math.sqrt(comp_sq / mine_sq if mine_sq > 0 else comp_sq)
             row = row_of_round if row_of_round is not None else self.noise_aware(comp)
             weights = renormalise(row, node.id, heard)
+            if isinstance(self.mixer, ChocoMixer):  # linear: each replica has its own term
+                coefficient = self.mixer.coefficient
+                for pid, r in replicas.items():
+                    if pid in weights:
+                        sums.influence.add(pid, comp, coefficient(weights[pid]), r, mine)
             if not sums.mix_into(comp, x, mine, replicas, weights):
                 self.mixer.mix_into(x, mine, replicas, weights, node.id)
         sums.close()

@@ -36,6 +36,7 @@ import numpy as np
 from m3tgossip import protocol
 from m3tgossip.consensus import ChocoMixer, Mixer, axpy_into, squared_distance
 from m3tgossip.daemon.exchange import Exchange
+from m3tgossip.daemon.influence import NeighbourInfluence
 from m3tgossip.daemon.peers import Peer
 from m3tgossip.daemon.state import NodeState
 from m3tgossip.topology import node_weights
@@ -58,6 +59,8 @@ class RoundSums:
         )
         #: the static rows (a time-varying round passes its own)
         self.weights = {c: node_weights(node.topology, node.id, c) for c in node.shared}
+        #: each neighbour's first-order effect on the node's held-out loss (`daemon.influence`)
+        self.influence = NeighbourInfluence()
         #: the round being summed, and the last round mixed (-1: none)
         self.round = -1
         self.closed = -1
@@ -125,6 +128,9 @@ class RoundSums:
             weights = self.weights[name] if row is None else row
             if peer.id in weights and peer.id != node.id:
                 self._add_term(name, peer.id, weights[peer.id], value)
+                assert self.mixer is not None
+                coefficient = self.mixer.coefficient(weights[peer.id])
+                self.influence.add(peer.id, name, coefficient, value, self.exchange.published[name])
         return taken
 
     def _add_term(self, comp: str, pid: str, weight: float, value: np.ndarray) -> None:

@@ -65,6 +65,7 @@ from m3tgossip.edu.continual import CONTINUAL, Anchor, stage_components, stage_t
 from m3tgossip.edu.data.config import DataConfig
 from m3tgossip.edu.data.federation import node_data, unseen_data
 from m3tgossip.edu.data.node_folder import load_node_folder
+from m3tgossip.edu.influence import HeldoutLoss
 from m3tgossip.edu.model.components import component_seed
 from m3tgossip.edu.model.lora import LoraSpec
 from m3tgossip.edu.model.node_model import build_node_model
@@ -192,6 +193,8 @@ class EduWorkload:
         if topology.stages:
             replay = int(o["replay"])
             train = stage_train(train, topology, node_id, o["continual"], replay, seed)
+        #: the held-out loss of `gossip.influence_every`, built when first asked for
+        self._heldout_loss: HeldoutLoss | None = None
         self.trainer = Trainer(
             self.model,
             train,
@@ -259,6 +262,20 @@ class EduWorkload:
 
     def after_mix(self, round_: int) -> None:
         """Nothing to do: the mixed arrays are the model's parameters."""
+
+    def loss_gradient(self) -> tuple[float, dict[str, np.ndarray]] | None:
+        """The held-out loss and its gradient over the shared components, for the daemon's
+        per-neighbour influence (`m3tgossip.edu.influence`); None without held-out labels."""
+        return self._heldout().gradient()
+
+    def heldout_loss(self) -> float | None:
+        """The held-out loss `loss_gradient` takes, at the current parameters."""
+        return self._heldout().value()
+
+    def _heldout(self) -> HeldoutLoss:
+        if self._heldout_loss is None or self._heldout_loss.trainer is not self.trainer:
+            self._heldout_loss = HeldoutLoss(self.trainer)
+        return self._heldout_loss
 
     def evaluate(self, round_: int) -> dict[str, Any]:
         """Held-out metrics after the first round and every `eval_every` rounds."""

@@ -197,6 +197,18 @@ class ConsensusWorkload:
         sq = sum(squared_distance(x, mean[c]) for c, x in self._shared.items())
         return self._relative(sq)
 
+    def heldout_loss(self) -> float:
+        """Half the squared distance to the exact mean: the loss whose neighbour influence
+        (`gossip.influence_every`) says which neighbour pulled this node towards the mean."""
+        mean = self.exact_mean()
+        return 0.5 * sum(squared_distance(x, mean[c]) for c, x in self._shared.items())
+
+    def loss_gradient(self) -> tuple[float, dict[str, np.ndarray]]:
+        """`heldout_loss` and its gradient, x - mean per component."""
+        mean = self.exact_mean()
+        grad = {c: np.subtract(x, mean[c], dtype=np.float64) for c, x in self._shared.items()}
+        return self.heldout_loss(), grad
+
     def project(self, component: str, x: np.ndarray) -> list[float]:
         """The digest of the values `x` of `component` (see the module docstring)."""
         return (self._matrix @ fold(x, self._signs[component])).tolist()
