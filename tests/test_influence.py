@@ -13,7 +13,7 @@ import torch
 from tiny import TINY
 
 from m3tgossip.daemon.config import GossipConfig
-from m3tgossip.daemon.influence import NeighbourInfluence
+from m3tgossip.daemon.influence import NeighbourInfluence, summarize
 from m3tgossip.daemon.metrics import read_metrics
 from m3tgossip.edu.data.records import EduData
 from m3tgossip.edu.influence import HeldoutLoss
@@ -166,3 +166,42 @@ def test_daemons_credit_each_neighbour_and_an_attacker_raises_the_loss(tmp_path:
     first = recs["n0"][0]["train"]["influence"]
     assert set(first["per_neighbour"]) == {"n1", "n7"}
     assert first["actual_change"] < 0 and all(v < 0 for v in first["per_neighbour"].values())
+
+
+def test_the_summary_credits_each_neighbour_over_the_measured_rounds() -> None:
+    recs = [
+        {
+            "round": 0,
+            "train": {
+                "influence": {
+                    "per_neighbour": {"a": -0.2, "b": 0.1},
+                    "first_order": {"a": -0.3, "b": 0.0},
+                    "actual_change": -0.1,
+                    "predicted_change": -0.3,
+                }
+            },
+        },
+        {"round": 1, "train": {"loss": {}}},
+        {
+            "round": 2,
+            "train": {
+                "influence": {
+                    "per_neighbour": {"a": 0.1},
+                    "first_order": {"a": 0.1},
+                    "actual_change": 0.1,
+                    "predicted_change": 0.1,
+                }
+            },
+        },
+    ]
+    s = summarize(recs)
+    assert s is not None and s["rounds_measured"] == [0, 2]
+    assert s["neighbours"]["a"] == {
+        "rounds": 2,
+        "mean_change": pytest.approx(-0.05),
+        "total_change": pytest.approx(-0.1),
+        "helped_rounds": 1,
+        "mean_first_order": pytest.approx(-0.1),
+    }
+    assert s["neighbours"]["b"]["rounds"] == 1 and s["neighbours"]["b"]["helped_rounds"] == 0
+    assert summarize([{"round": 0}]) is None

@@ -114,3 +114,35 @@ class NeighbourInfluence:
             out["actual_change"] = float(after) - self.loss
         self.terms = {}
         return out
+
+
+def summarize(records: list[dict]) -> dict[str, object] | None:
+    """Per neighbour over a node's metrics records (`train.influence` of measured rounds): the
+    rounds measured, the mean and total change of the held-out loss its term alone made, the
+    rounds it lowered the loss in, and the mean first-order figure; with the rounds' losses.
+    None if no round was measured."""
+    rounds = [
+        (r["round"], r["train"]["influence"])
+        for r in records
+        if isinstance(r.get("train"), dict) and isinstance(r["train"].get("influence"), dict)
+    ]
+    if not rounds:
+        return None
+    peers = sorted({p for _, inf in rounds for p in inf.get("per_neighbour", {})})
+    out: dict[str, dict[str, object]] = {}
+    for p in peers:
+        alone = [inf["per_neighbour"][p] for _, inf in rounds if p in inf["per_neighbour"]]
+        first = [inf["first_order"][p] for _, inf in rounds if p in inf.get("first_order", {})]
+        out[p] = {
+            "rounds": len(alone),
+            "mean_change": float(np.mean(alone)),
+            "total_change": float(np.sum(alone)),
+            "helped_rounds": int(sum(v < 0 for v in alone)),
+            "mean_first_order": float(np.mean(first)) if first else None,
+        }
+    return {
+        "rounds_measured": [r for r, _ in rounds],
+        "neighbours": out,
+        "actual_change": [inf.get("actual_change") for _, inf in rounds],
+        "predicted_change": [inf.get("predicted_change") for _, inf in rounds],
+    }
