@@ -177,7 +177,7 @@ def parse_topology(data: Mapping[str, Any], source: str) -> Topology:
     if cancelling:
         problem = f'node "{cancelling[0]}" has single_learner set; a stage adds nothing to one'
         raise ConfigError(source, "stages", problem)
-    return Topology(
+    topology = Topology(
         name=name,
         source=source,
         description=description,
@@ -187,6 +187,36 @@ def parse_topology(data: Mapping[str, Any], source: str) -> Topology:
         sample=sample,
         stages=stages,
     )
+    if any(s.add_nodes for s in stages):
+        _check_joins(topology, source)
+    return topology
+
+
+def _check_joins(topology: Topology, source: str) -> None:
+    """Every stage's graph of the nodes present is connected: a node a stage adds has an edge
+    to a node present when it joins, and no node present is reachable only through one that
+    joins later. ConfigError naming the stage whose `add_nodes` leaves it in parts."""
+    for k in range(len(topology.stages) + 1):
+        version = topology.version(k)
+        present = version.present()
+        if _connected(present, version.live_edges()):
+            continue
+        parts = describe_parts(version.graph(), present)
+        if k == 0:
+            later = [n for n in topology.ids() if n not in present]
+            raise ConfigError(
+                source,
+                "edges",
+                f"before any stage adds {abbreviate(later)}, the graph of the nodes present is "
+                f"disconnected: {parts}",
+            )
+        stage = topology.stages[k - 1]
+        raise ConfigError(
+            source,
+            f'stages[{k - 1}] ("{stage.name}").add_nodes',
+            f"from round {stage.round} the graph of the nodes present is disconnected: {parts} "
+            "(a node a stage adds needs an edge to a node present by then)",
+        )
 
 
 def _cancel_beside_straggler(
