@@ -198,15 +198,19 @@ def seed_figures(
     for node in topo.nodes:
         nid = node.id
         scorer = Scorer(topo, nid, seed, o)
+        joins = topo.joins_at(nid)  # a node a stage adds has no model before it
         intro = {
-            t: next(k for k in range(last + 1) if t in topo.version(k).node(nid).tasks)
+            t: max(joins, next(k for k in range(last + 1) if t in topo.version(k).node(nid).tasks))
             for t in final_topo.node(nid).tasks
         }
         base = scorer.score(None)
         joint = scorer.score(load_arrays(runs["joint"] / "nodes" / nid / checkpoint.FILENAME))
         for method in METHODS:
             folder = runs[method] / "nodes" / nid
-            stages = [scorer.score(load_arrays(folder / f"stage-{k}.npz")) for k in range(last + 1)]
+            stages = [
+                scorer.score(load_arrays(folder / f"stage-{k}.npz") if k >= joins else None)
+                for k in range(last + 1)
+            ]
             matrices[method][nid] = [s["unseen"] for s in stages]
             sent = summaries[method].bytes_sent[nid]
             ratio = sent / max(summaries["single"].bytes_sent[nid], 1)
@@ -241,8 +245,10 @@ def summarise(topo: Topology, per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         diffs = []
         for seed in per_seed:
             c, n = (seed["figures"][s][m] for m in METHODS)
+            # a node that joins at the last stage has no earlier task to forget
+            both = [i for i in ids if None not in (n[i]["forgetting_pts"], c[i]["forgetting_pts"])]
             diffs.append(
-                float(np.mean([n[i]["forgetting_pts"] - c[i]["forgetting_pts"] for i in ids]))
+                float(np.mean([n[i]["forgetting_pts"] - c[i]["forgetting_pts"] for i in both]))
             )
         overall["naive_minus_continual_forgetting_pts"] = interval(diffs)
         result[s] = {"overall": overall, "per_node": nodes}

@@ -23,7 +23,7 @@ from m3tgossip.daemon.metrics import read_metrics
 from m3tgossip.daemon.node import Node, StageRunner
 from m3tgossip.errors import ConfigError
 from m3tgossip.harness import Testbed, TestbedSpec
-from m3tgossip.topology import Topology, load_topology, node_weights, parse_topology
+from m3tgossip.topology import load_topology, node_weights, parse_topology
 from m3tgossip.workloads.consensus import ConsensusWorkload
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -216,13 +216,17 @@ def test_a_joining_node_takes_its_neighbours_state_and_nobody_waits_for_it(
             for comp, row in n.mixstep.weights.items():
                 assert row == node_weights(n.topology, nid, comp)
     # nothing of a, b, c went to d before round 3, and d's first values were not mixed
-    sent = [(s, r, m) for s, r, m in net.log if r == "d" and m.type in (MsgType.STATE, MsgType.DELTA)]
+    sent = [
+        (s, r, m) for s, r, m in net.log if r == "d" and m.type in (MsgType.STATE, MsgType.DELTA)
+    ]
     assert sent and min(m.round for _, _, m in sent) == 3
     # d's first mix is the weighted mean of what a and c sent it for round 3
     three = {s: m for s, _, m in sent if m.round == 3}
     assert set(three) == {"a", "c"}
     row = node_weights(joiner.topology, "d", "backbone")
-    want = sum(row[j] * np.asarray(three[j].tensors["backbone"]) for j in "ac") / (row["a"] + row["c"])
+    want = sum(row[j] * np.asarray(three[j].tensors["backbone"]) for j in "ac") / (
+        row["a"] + row["c"]
+    )
     got = joiner.workload.mixed[3]["backbone"]  # type: ignore[attr-defined]
     assert np.allclose(got, want)
     start = Recording(joiner.topology, "d", seed=0, options={"size": 6}).shared()["backbone"]
@@ -350,11 +354,13 @@ def test_exact_erasure_of_a_late_learner_rolls_back_only_to_its_stage(tmp_path: 
         if nid == "d":  # it joined at that stage: back to its values before any training
             assert start is None
         else:  # back to the checkpoint the previous stage ended with
-            assert start is not None and np.array_equal(start["param/backbone"], kept[nid]["param/backbone"])
+            assert start is not None and np.array_equal(
+                start["param/backbone"], kept[nid]["param/backbone"]
+            )
 
 
-def test_shipped_semester_ends_with_a_new_course() -> None:
-    topo = load_topology(ROOT / "topology" / "semester.toml")
+def test_the_shipped_semester_with_a_new_course_ends_with_it() -> None:
+    topo = load_topology(ROOT / "topology" / "semester-course.toml")
     last = topo.stages[-1]
     assert last.add_nodes and all(topo.joins_at(n) == len(topo.stages) for n in last.add_nodes)
     assert all(n not in topo.version(len(topo.stages) - 1).present() for n in last.add_nodes)

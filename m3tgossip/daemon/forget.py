@@ -20,11 +20,12 @@ The spec is `docs/protocol.md` (`forget_request`, `forget_reply`, `forget`). In 
   start of the earliest stage that used the erased records: the stage the learners' node (or
   the erased node) joined at, 0 for a node there from the start (`rollback_stage`); a node
   returns to the `stage-<k-1>.npz` its previous stage ended with (`StageRunner`), or to its
-  values before any training if it was not there yet. So that no value from before the erasure is mixed after
-  it, the node forgets its replicas of its neighbours, restarts its published copy from its
-  rolled-back values (sent as full state), and drops its neighbours' tensor messages until
-  each neighbour's own `forget` of that request arrives: a neighbour forwards it right after
-  its own rollback, on the same ordered link, so whatever follows it is from after.
+  values before any training if it was not there yet. So that no value from before the
+  erasure is mixed after it, the node forgets its replicas of its neighbours, restarts its
+  published copy from its rolled-back values (sent as full state), and drops its neighbours'
+  tensor messages until each neighbour's own `forget` of that request arrives: a neighbour
+  forwards it right after its own rollback, on the same ordered link, so whatever follows it
+  is from after.
 - A node erasure: the neighbours stop mixing the leaving node for good; the leaving node
   stops once the flood is sent.
 
