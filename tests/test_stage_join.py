@@ -231,14 +231,41 @@ def test_a_joining_node_takes_its_neighbours_state_and_nobody_waits_for_it(
     assert np.allclose(got, want)
     start = Recording(joiner.topology, "d", seed=0, options={"size": 6}).shared()["backbone"]
     assert not np.allclose(got, start)
-    # a's mix of round 3 left d out: it moved towards b and c only
+    # a's mix of round 3 left d out: it moved towards b and c only, d's weight stayed with a
     a_last = built["a"][-1]
     a_row = node_weights(a_last.topology, "a", "backbone")
     assert a_row["d"] > 0
+    to_a = {
+        s: np.asarray(m.tensors["backbone"])
+        for s, r, m in net.log
+        if r == "a" and m.type is MsgType.STATE and m.round == 3
+    }
+    assert set(to_a) == {"b", "c", "d"}
+    (own,) = [
+        np.asarray(m.tensors["backbone"])
+        for s, r, m in net.log
+        if s == "a" and r == "b" and m.type is MsgType.STATE and m.round == 3
+    ]
+    want_a = own + sum(a_row[j] * (to_a[j] - own) for j in "bc")
+    assert np.allclose(a_last.workload.mixed[3]["backbone"], want_a)  # type: ignore[attr-defined]
     # and in the end every node holds (nearly) the same shared state, d included
     final = {nid: built[nid][-1].workload.shared()["backbone"] for nid in topo.ids()}
     spread = max(float(np.abs(final[n] - final["a"]).max()) for n in final)
     assert spread < 0.5 * float(np.abs(start - final["a"]).max())
+
+
+def test_a_joining_node_that_no_neighbour_answers_stops_with_an_error(tmp_path: Path) -> None:
+    from m3tgossip.daemon.startup import JoinTimeout
+
+    path = tmp_path / "spec.toml"
+    path.write_text(toml_of(JOINS))
+    topo = load_topology(path)
+    config = node_config(topo, "d", tmp_path, rounds=6, join_wait_s=0.3)
+    work = ConsensusWorkload(topo.version(1), "d", seed=0, options={"size": 4})
+    node = Node(config, topo, work, transport=FakeNetwork().transport("d"))
+    assert node.round == 3 and node.topology.stage == 1
+    with pytest.raises(JoinTimeout, match="joins at round 3, but no neighbour"):
+        node.run()
 
 
 def test_the_testbed_runs_a_spec_whose_stage_adds_a_node(tmp_path: Path) -> None:
@@ -256,6 +283,77 @@ def test_the_testbed_runs_a_spec_whose_stage_adds_a_node(tmp_path: Path) -> None
     assert summary.exit_code == 0, summary
     rows = read_metrics(tmp_path / "tb" / "nodes" / "d" / "metrics.jsonl")
     assert [r["round"] for r in rows] == [3, 4, 5]
+
+
+def test_a_joining_edu_node_starts_from_the_mixed_model_and_trains(tmp_path: Path) -> None:
+    from m3tgossip.edu.workload import EduWorkload
+
+    data: dict[str, Any] = {
+        **JOINS,
+        "edges": [["a", "b"], ["b", "c"], ["a", "c"], ["c", "d"], ["a", "d"]],
+        "stages": [{"name": "course", "round": 2, "add_nodes": ["d"]}],
+    }
+    path = tmp_path / "spec.toml"
+    path.write_text(toml_of(data))
+    topo = load_topology(path)
+    options = {"records": 40, "local_steps": 2, "eval_every": 1}
+    net = Rejoining()
+    built: dict[str, list[Node]] = {n: [] for n in topo.ids()}
+    after: dict[str, dict[int, dict[str, np.ndarray]]] = {n: {} for n in topo.ids()}
+
+    def build(cfg: NodeConfig) -> Node:
+        cfg = NodeConfig(**{**cfg.__dict__, "workload": "edu", "workload_options": options})
+        node = Node(cfg, topology=topo, transport=net.transport(cfg.id))
+        work = node.workload
+
+        def record(round_: int, nid: str = cfg.id, work: Any = work) -> None:
+            after[nid][round_] = {c: x.copy() for c, x in work.shared().items()}
+
+        work.after_mix = record  # type: ignore[method-assign]
+        built[cfg.id].append(node)
+        return node
+
+    runners = [StageRunner(node_config(topo, nid, tmp_path, rounds=4), build) for nid in topo.ids()]
+    run_nodes(runners)  # type: ignore[arg-type]
+    (joiner,) = built["d"]
+    rows = read_metrics(joiner.config.metrics_path)
+    assert [r["round"] for r in rows] == [2, 3]
+    assert all(r["train"]["steps"] == 2 and r["train"]["loss"]["at_risk"] > 0 for r in rows)
+    assert (joiner.config.state_path / "stage-1.npz").exists()
+    start = EduWorkload(joiner.topology, "d", 0, options).shared()
+    states = {
+        s: m
+        for s, r, m in net.log
+        if r == "d" and m.type is MsgType.STATE and m.round == 2 and s in ("a", "c")
+    }
+    assert set(states) == {"a", "c"}
+    for comp in ("backbone", "fusion"):
+        row = node_weights(joiner.topology, "d", comp)
+        want = sum(row[j] * np.asarray(states[j].tensors[comp]) for j in "ac")
+        want = want / (row["a"] + row["c"])
+        assert np.allclose(after["d"][2][comp], want, atol=1e-6), comp
+        assert not np.allclose(after["d"][2][comp], start[comp])
+    # after one more round of its own training and mixing, it is still near the federation
+    gap = float(np.abs(after["d"][3]["backbone"] - after["a"][3]["backbone"]).max())
+    assert gap < float(np.abs(start["backbone"] - after["a"][3]["backbone"]).max())
+
+
+def test_edu_rollback_to_a_stage_checkpoint_keeps_its_components_and_seeds_the_rest() -> None:
+    from m3tgossip.edu.workload import EduWorkload
+
+    data = copy.deepcopy(SPEC)
+    topo = parse_topology(data, "x.toml").version(2)
+    work = EduWorkload(topo, "a", 0, {"records": 40, "local_steps": 1})
+    seed = {c: x.copy() for c, x in work.model.vectors().items()}
+    start = {"param/backbone": seed["backbone"] + 1.0}  # a stage without head.next_response
+    work.local_step(0)
+    work.rollback(start)
+    vectors = work.model.vectors()
+    assert np.array_equal(vectors["backbone"], seed["backbone"] + 1.0)
+    for c, x in vectors.items():
+        if c != "backbone":
+            assert np.array_equal(x, seed[c]), c
+    assert not work.trainer.optimizer.state
 
 
 # ----------------------------------------------------------------------------- erasure
