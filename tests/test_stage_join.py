@@ -135,6 +135,18 @@ def test_a_joining_node_without_an_edge_to_the_nodes_present_is_refused() -> Non
     assert "disconnected" in str(err.value) and "spec.toml" in str(err.value)
 
 
+def test_a_joining_node_linked_only_to_nodes_joining_with_it_is_refused() -> None:
+    data = spec(add_nodes=["d", "e"])
+    data["nodes"].append({"id": "e"})
+    data["edges"].append(["d", "e"])
+    data["edges"] = [e for e in data["edges"] if e != ["a", "d"] and e != ["c", "d"]]
+    data["edges"].append(["c", "e"])
+    with pytest.raises(ConfigError) as err:
+        parse_topology(data, "spec.toml")
+    assert err.value.entry == 'stages[1] ("course").add_nodes'
+    assert 'node "d" has no edge to a node present before round 3' in str(err.value)
+
+
 def test_a_join_round_beyond_the_run_is_refused_by_node_and_testbed(tmp_path: Path) -> None:
     path = tmp_path / "spec.toml"
     path.write_text(toml_of(SPEC))

@@ -159,8 +159,9 @@ def handshake(
 
     A fresh node that a stage of the spec adds (`add_nodes`) starts at that stage's round,
     before its neighbours get there: they take it into their graph only at that round. It
-    waits up to `gossip.join_wait_s` for the first of them to answer (trying every
-    JOIN_RETRY_S) and stops with an error if none does; the grace period counts from then.
+    waits up to `gossip.join_wait_s` for the first of them that was there before the stage to
+    answer (trying every JOIN_RETRY_S) and stops with an error if none does; the grace period
+    counts from then.
 
     An answer proves both directions of the link work: a DEALER refuses what it is given
     before its connection is up, so rounds start only once messages can arrive. A refused
@@ -187,7 +188,9 @@ def handshake(
             break
         now = time.monotonic()
         if joining:
-            if any(p.answered for p in peers):
+            # a neighbour there before the stage answers once it reached the stage's round (a
+            # node joining with this one answers at once: it says nothing of the others)
+            if any(p.answered for p in peers if p.joins_round != state.join_round):
                 joining = False
                 deadline = now + g.startup_grace_s  # the others are reaching the stage too
             elif now >= join_deadline:

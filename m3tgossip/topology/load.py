@@ -195,7 +195,9 @@ def parse_topology(data: Mapping[str, Any], source: str) -> Topology:
 def _check_joins(topology: Topology, source: str) -> None:
     """Every stage's graph of the nodes present is connected: a node a stage adds has an edge
     to a node present when it joins, and no node present is reachable only through one that
-    joins later. ConfigError naming the stage whose `add_nodes` leaves it in parts."""
+    joins later; and a node a stage adds has an edge to a node present before that stage (it
+    starts from their values, and learns from them that the stage began). ConfigError naming
+    the stage whose `add_nodes` breaks this."""
     for k in range(len(topology.stages) + 1):
         version = topology.version(k)
         present = version.present()
@@ -217,6 +219,16 @@ def _check_joins(topology: Topology, source: str) -> None:
             f"from round {stage.round} the graph of the nodes present is disconnected: {parts} "
             "(a node a stage adds needs an edge to a node present by then)",
         )
+    for k, stage in enumerate(topology.stages, start=1):
+        before = set(topology.version(k - 1).present())
+        for node_id in stage.add_nodes:
+            if not before & set(topology.version(k).neighbours(node_id)):
+                raise ConfigError(
+                    source,
+                    f'stages[{k - 1}] ("{stage.name}").add_nodes',
+                    f'node "{node_id}" has no edge to a node present before round {stage.round} '
+                    "(a node a stage adds starts from such neighbours' values)",
+                )
 
 
 def _cancel_beside_straggler(

@@ -20,7 +20,7 @@ A node listed in a stage's `add_nodes` is a `[[nodes]]` entry like any other (it
 modalities, keys and endpoint are in the spec from the start), but it joins at that stage:
 before it, it and its edges are absent from the spec's version, so no node has it as a
 neighbour, waits for it or gives it weight. Every version's graph of the nodes present must
-be connected, so a joining node has an edge to a node present when it joins.
+be connected, and a joining node needs an edge to a node present before its stage.
 
 Stage 0 is the spec as its nodes give it; stage k (k >= 1) is the k-th entry, from its round
 on, with every earlier stage's additions. `Topology.version(k)` is that version of the spec:
