@@ -204,6 +204,9 @@ def seed_figures(
             for t in final_topo.node(nid).tasks
         }
         base = scorer.score(None)
+        rounds = summaries["single"].rounds
+        joined = topo.stages[joins - 1].round if joins else 0
+        taking_part = (rounds - joined) / rounds if rounds > joined else 1.0
         joint = scorer.score(load_arrays(runs["joint"] / "nodes" / nid / checkpoint.FILENAME))
         for method in METHODS:
             folder = runs[method] / "nodes" / nid
@@ -213,7 +216,10 @@ def seed_figures(
             ]
             matrices[method][nid] = [s["unseen"] for s in stages]
             sent = summaries[method].bytes_sent[nid]
-            ratio = sent / max(summaries["single"].bytes_sent[nid], 1)
+            # the single-task arm has no stages: a node a stage adds sends there from round 0,
+            # so its bytes count for the rounds the node takes part in here
+            single = summaries["single"].bytes_sent[nid] * taking_part
+            ratio = sent / max(single, 1)
             for s in SETS:
                 fig = node_figures([x[s] for x in stages], base[s], intro, joint[s])
                 out[s][method][nid] = {**fig, "bytes_ratio": ratio}
