@@ -33,11 +33,19 @@ b[t] for the untrained model. Per node and overall (the mean over nodes), over t
                   head, against the untrained model)
   bytes_ratio     bytes the node sent over the run / what it sent in the single arm
 
+A node that a stage adds (`add_nodes`, e.g. `--topology topology/semester-course.toml`) has no
+model before its stage: R[k] for earlier k is the untrained model's, every task of it counts
+from its stage (s_t), so a node joining at the last stage has no forgetting or backward
+transfer (left out of those means), and its single-arm bytes (that arm has no stages, the node
+is there from round 0) count for the share of rounds it takes part in. The joint and single
+arms run every node from round 0.
+
 Targets: acc >= 0.9 x joint_acc, forgetting_pts <= 2, bytes_ratio <= 1.5, and less
 forgetting than naive. Writes DIR/continual.json; a completed run in DIR/runs is reused.
 
     python benchmarks/continual.py --out runs/bench-continual
     python benchmarks/continual.py --out runs/bench-continual-dp --privacy gdpr -o replay=32
+    python benchmarks/continual.py --out runs/bench-course --topology topology/semester-course.toml
 """
 
 from __future__ import annotations
