@@ -35,7 +35,7 @@ from m3tgossip.topology.spec import (
     Topology,
     endpoint_clash,
 )
-from m3tgossip.topology.stages import parse_stages
+from m3tgossip.topology.stages import check_joins, parse_stages
 
 _TASK = re.compile(r"[a-z][a-z0-9_]*")
 _TOP_KEYS = (
@@ -188,47 +188,8 @@ def parse_topology(data: Mapping[str, Any], source: str) -> Topology:
         stages=stages,
     )
     if any(s.add_nodes for s in stages):
-        _check_joins(topology, source)
+        check_joins(topology, source)
     return topology
-
-
-def _check_joins(topology: Topology, source: str) -> None:
-    """Every stage's graph of the nodes present is connected: a node a stage adds has an edge
-    to a node present when it joins, and no node present is reachable only through one that
-    joins later; and a node a stage adds has an edge to a node present before that stage (it
-    starts from their values, and learns from them that the stage began). ConfigError naming
-    the stage whose `add_nodes` breaks this."""
-    for k in range(len(topology.stages) + 1):
-        version = topology.version(k)
-        present = version.present()
-        if _connected(present, version.live_edges()):
-            continue
-        parts = describe_parts(version.graph(), present)
-        if k == 0:
-            later = [n for n in topology.ids() if n not in present]
-            raise ConfigError(
-                source,
-                "edges",
-                f"before any stage adds {abbreviate(later)}, the graph of the nodes present is "
-                f"disconnected: {parts}",
-            )
-        stage = topology.stages[k - 1]
-        raise ConfigError(
-            source,
-            f'stages[{k - 1}] ("{stage.name}").add_nodes',
-            f"from round {stage.round} the graph of the nodes present is disconnected: {parts} "
-            "(a node a stage adds needs an edge to a node present by then)",
-        )
-    for k, stage in enumerate(topology.stages, start=1):
-        before = set(topology.version(k - 1).present())
-        for node_id in stage.add_nodes:
-            if not before & set(topology.version(k).neighbours(node_id)):
-                raise ConfigError(
-                    source,
-                    f'stages[{k - 1}] ("{stage.name}").add_nodes',
-                    f'node "{node_id}" has no edge to a node present before round {stage.round} '
-                    "(a node a stage adds starts from such neighbours' values)",
-                )
 
 
 def _cancel_beside_straggler(

@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from m3tgossip.errors import ConfigError
-from m3tgossip.topology.problems import abbreviate, reject_unknown
+from m3tgossip.topology.problems import abbreviate, describe_parts, reject_unknown
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _TASK = re.compile(r"[a-z][a-z0-9_]*")
@@ -241,3 +241,45 @@ def check_rounds(stages: Sequence[Stage], rounds: int, source: str) -> None:
                 f"{stage.round} is beyond the run's last round {rounds - 1} ({rounds} rounds): "
                 f"{', '.join(stage.add_nodes)} would never join",
             )
+
+
+def check_joins(topology: Any, source: str) -> None:
+    """Every version of `topology` (a Topology) has a connected graph of the nodes present: a
+    node a stage adds has an edge to a node present when it joins, and no node present is
+    reachable only through one that joins later; and a node a stage adds has an edge to a node
+    present before that stage (it starts from their values, and learns from them that the
+    stage began). ConfigError naming the stage whose `add_nodes` breaks this."""
+    import networkx as nx
+
+    for k in range(len(topology.stages) + 1):
+        version = topology.version(k)
+        present = version.present()
+        graph = version.graph()
+        if not present or nx.is_connected(graph):
+            continue
+        parts = describe_parts(graph, present)
+        if k == 0:
+            later = [n for n in topology.ids() if n not in present]
+            raise ConfigError(
+                source,
+                "edges",
+                f"before any stage adds {abbreviate(later)}, the graph of the nodes present is "
+                f"disconnected: {parts}",
+            )
+        stage = topology.stages[k - 1]
+        raise ConfigError(
+            source,
+            f'stages[{k - 1}] ("{stage.name}").add_nodes',
+            f"from round {stage.round} the graph of the nodes present is disconnected: {parts} "
+            "(a node a stage adds needs an edge to a node present by then)",
+        )
+    for k, stage in enumerate(topology.stages, start=1):
+        before = set(topology.version(k - 1).present())
+        for node_id in stage.add_nodes:
+            if not before & set(topology.version(k).neighbours(node_id)):
+                raise ConfigError(
+                    source,
+                    f'stages[{k - 1}] ("{stage.name}").add_nodes',
+                    f'node "{node_id}" has no edge to a node present before round {stage.round} '
+                    "(a node a stage adds starts from such neighbours' values)",
+                )
