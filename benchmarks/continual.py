@@ -33,11 +33,19 @@ b[t] for the untrained model. Per node and overall (the mean over nodes), over t
                   head, against the untrained model)
   bytes_ratio     bytes the node sent over the run / what it sent in the single arm
 
+A node that a stage adds (`add_nodes`, e.g. `--topology topology/semester-course.toml`) has no
+model before its stage: R[k] for earlier k is the untrained model's, every task of it counts
+from its stage (s_t), so a node joining at the last stage has no forgetting or backward
+transfer (left out of those means), and its single-arm bytes (that arm has no stages, the node
+is there from round 0) count for the share of rounds it takes part in. The joint and single
+arms run every node from round 0.
+
 Targets: acc >= 0.9 x joint_acc, forgetting_pts <= 2, bytes_ratio <= 1.5, and less
 forgetting than naive. Writes DIR/continual.json; a completed run in DIR/runs is reused.
 
     python benchmarks/continual.py --out runs/bench-continual
     python benchmarks/continual.py --out runs/bench-continual-dp --privacy gdpr -o replay=32
+    python benchmarks/continual.py --out runs/bench-course --topology topology/semester-course.toml
 """
 
 from __future__ import annotations
@@ -198,18 +206,28 @@ def seed_figures(
     for node in topo.nodes:
         nid = node.id
         scorer = Scorer(topo, nid, seed, o)
+        joins = topo.joins_at(nid)  # a node a stage adds has no model before it
         intro = {
-            t: next(k for k in range(last + 1) if t in topo.version(k).node(nid).tasks)
+            t: max(joins, next(k for k in range(last + 1) if t in topo.version(k).node(nid).tasks))
             for t in final_topo.node(nid).tasks
         }
         base = scorer.score(None)
+        rounds = summaries["single"].rounds
+        joined = topo.stages[joins - 1].round if joins else 0
+        taking_part = (rounds - joined) / rounds if rounds > joined else 1.0
         joint = scorer.score(load_arrays(runs["joint"] / "nodes" / nid / checkpoint.FILENAME))
         for method in METHODS:
             folder = runs[method] / "nodes" / nid
-            stages = [scorer.score(load_arrays(folder / f"stage-{k}.npz")) for k in range(last + 1)]
+            stages = [
+                scorer.score(load_arrays(folder / f"stage-{k}.npz") if k >= joins else None)
+                for k in range(last + 1)
+            ]
             matrices[method][nid] = [s["unseen"] for s in stages]
             sent = summaries[method].bytes_sent[nid]
-            ratio = sent / max(summaries["single"].bytes_sent[nid], 1)
+            # the single-task arm has no stages: a node a stage adds sends there from round 0,
+            # so its bytes count for the rounds the node takes part in here
+            single = summaries["single"].bytes_sent[nid] * taking_part
+            ratio = sent / max(single, 1)
             for s in SETS:
                 fig = node_figures([x[s] for x in stages], base[s], intro, joint[s])
                 out[s][method][nid] = {**fig, "bytes_ratio": ratio}
@@ -241,8 +259,10 @@ def summarise(topo: Topology, per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         diffs = []
         for seed in per_seed:
             c, n = (seed["figures"][s][m] for m in METHODS)
+            # a node that joins at the last stage has no earlier task to forget
+            both = [i for i in ids if None not in (n[i]["forgetting_pts"], c[i]["forgetting_pts"])]
             diffs.append(
-                float(np.mean([n[i]["forgetting_pts"] - c[i]["forgetting_pts"] for i in ids]))
+                float(np.mean([n[i]["forgetting_pts"] - c[i]["forgetting_pts"] for i in both]))
             )
         overall["naive_minus_continual_forgetting_pts"] = interval(diffs)
         result[s] = {"overall": overall, "per_node": nodes}

@@ -85,6 +85,10 @@ class GossipConfig:
     max_wait_factor: float = 3.0
     #: seconds a starting node waits for its neighbours to say hello before its first round
     startup_grace_s: float = 20.0
+    #: a node that a stage of the spec adds (`add_nodes`) waits this long, from its start,
+    #: for the first neighbour of its stage to answer its hello (its neighbours take it into
+    #: their graph only when they reach the stage's round), then stops with an error
+    join_wait_s: float = 3600.0
     #: consecutive missed rounds after which a silent neighbour is no longer waited for
     suspect_after: int = 2
     #: observed stragglers (0: off, only the topology's declared ones): a neighbour that
@@ -165,7 +169,7 @@ class GossipConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}: must be a positive number, got {value!r}")
-        for name in ("startup_grace_s", "leave_timeout_s", "checkpoint_interval_s"):
+        for name in ("startup_grace_s", "join_wait_s", "leave_timeout_s", "checkpoint_interval_s"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name}: must be a non-negative number, got {value!r}")

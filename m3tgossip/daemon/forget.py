@@ -16,11 +16,16 @@ The spec is `docs/protocol.md` (`forget_request`, `forget_reply`, `forget`). In 
   to every neighbour, the one it came from included: each neighbour's own copy is the barrier
   below.
 - Exact mode: every node returns to its stage checkpoint and the rounds that follow replay
-  without the erased contribution. So that no value from before the erasure is mixed after
-  it, the node forgets its replicas of its neighbours, restarts its published copy from its
-  rolled-back values (sent as full state), and drops its neighbours' tensor messages until
-  each neighbour's own `forget` of that request arrives: a neighbour forwards it right after
-  its own rollback, on the same ordered link, so whatever follows it is from after.
+  without the erased contribution. In a spec with `[[stages]]` that is the checkpoint of the
+  start of the earliest stage that used the erased records: the stage the learners' node (or
+  the erased node) joined at, 0 for a node there from the start (`rollback_stage`); a node
+  returns to the `stage-<k-1>.npz` its previous stage ended with (`StageRunner`), or to its
+  values before any training if it was not there yet. So that no value from before the
+  erasure is mixed after it, the node forgets its replicas of its neighbours, restarts its
+  published copy from its rolled-back values (sent as full state), and drops its neighbours'
+  tensor messages until each neighbour's own `forget` of that request arrives: a neighbour
+  forwards it right after its own rollback, on the same ordered link, so whatever follows it
+  is from after.
 - A node erasure: the neighbours stop mixing the leaving node for good; the leaving node
   stops once the flood is sent.
 
@@ -35,10 +40,12 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from m3tgossip import protocol
+from m3tgossip.daemon import checkpoint
 from m3tgossip.daemon.exchange import Exchange
 from m3tgossip.daemon.link import Link
 from m3tgossip.daemon.peers import Peer
@@ -211,8 +218,22 @@ class Erasures:
         t0 = time.monotonic()
         forget = getattr(node.workload, "forget", None)
         erased_here = own or (body["target"] == "node" and body["ids"] == [node.id])
+        stage, start = rollback_stage(node, body), None
+        back_to = node.topology.stages[stage - 1].round if stage else 0
+        if body["mode"] == "exact" and stage and node.topology.joins_at(node.id) < stage:
+            found = checkpoint.load_file(node.config.state_path / f"stage-{stage - 1}.npz")
+            if found is None:  # not kept (a state folder from elsewhere): the run's start
+                log.warning(
+                    "%s: no checkpoint of the start of stage %d; rolling back to the run's start",
+                    node.id,
+                    stage,
+                )
+                stage, back_to = 0, 0
+            else:
+                start = found[0]
         if callable(forget):
-            result = forget(body["target"], body["ids"], body["mode"], erased_here)
+            kwargs = {"start": start} if start is not None else {}
+            result = forget(body["target"], body["ids"], body["mode"], erased_here, **kwargs)
         else:
             result = {"note": f"workload {node.workload.name!r} holds nothing to erase"}
         self.seen[body["request"]] = body
@@ -248,8 +269,14 @@ class Erasures:
             "approximate": body["mode"] == "approximate",
             "received_from": via,
             "round": node.round,
-            "rolled_back_to_round": 0 if body["mode"] == "exact" else None,
-            "rounds_to_replay": node.round if body["mode"] == "exact" else 0,
+            "rolled_back_to_round": back_to if body["mode"] == "exact" else None,
+            "rolled_back_to_stage": stage if body["mode"] == "exact" else None,
+            "rolled_back_to_stage_name": (
+                node.topology.stages[stage - 1].name if stage else "start"
+            )
+            if body["mode"] == "exact"
+            else None,
+            "rounds_to_replay": max(0, node.round - back_to) if body["mode"] == "exact" else 0,
             "time": time.time(),
             "time_s": time.monotonic() - t0,
             **result,
@@ -264,6 +291,16 @@ class Erasures:
             ", ".join(body["ids"][:5]),
             body["origin"],
         )
+
+
+def rollback_stage(node: NodeState, body: Mapping[str, Any]) -> int:
+    """The earliest stage that used the erased records: the stage the learners' node (the
+    origin of a learner erasure) or the erased node joined at; 0 without stages."""
+    erased = body["origin"] if body["target"] == "learner" else body["ids"][0]
+    topology = node.topology
+    if not topology.stages or erased not in topology.ids():
+        return 0
+    return topology.joins_at(erased)
 
 
 def write_report(folder: Path, report: dict[str, Any]) -> Path:

@@ -5,7 +5,13 @@ summed as they arrived (`m3tgossip.daemon.stream`) are mixed from their sum, wit
 heard added to it; a component with nothing summed is mixed by the mixer from the replicas.
 On a loose link (a straggler at either end, `RoundCollector.loose`) the neighbour's replica is
 mixed if it took a new value since it was last mixed, whatever round that value is from, and
-then not again until it changes."""
+then not again until it changes.
+
+A node that a stage of the spec adds (`add_nodes`) joins at that stage's round with its
+starting values: in the mix of that round its neighbours hear what it sent but leave it out
+(its weight goes to themselves, as for a neighbour not heard), and it takes the weighted mean
+of its neighbours' values, by its Metropolis-Hastings row over those heard, as its own for
+each component they hold, so it starts from the federation's current shared state."""
 
 from __future__ import annotations
 
@@ -57,16 +63,20 @@ class MixStep:
         self.distances = {}
         sums = self.rounds.sums
         loose = {p.id for p in node.peers.values() if p.components and self.rounds.loose(p)}
+        #: neighbours joining in this round: their starting values are heard, not mixed
+        entering = {p.id for p in node.peers.values() if p.joins_round == mixing}
+        joining = node.join_round == mixing
         self.loose = dict.fromkeys(sorted(loose))
         for comp, x in node.shared.items():
             if comp in node.retired:
                 continue
-            summed = sums.summed(comp)
+            summed = sums.summed(comp) - entering
             held = {
                 p.id
                 for p in node.peers.values()
                 if comp in p.replicas
                 and p.id not in summed
+                and p.id not in entering
                 and (comp in p.fresh if p.id in loose else p.heard.get(comp) == mixing)
             }
             for pid in held:
@@ -88,6 +98,9 @@ class MixStep:
                 self.distances[comp] = math.sqrt(comp_sq / mine_sq if mine_sq > 0 else comp_sq)
             row = row_of_round if row_of_round is not None else self.noise_aware(comp)
             weights = renormalise(row, node.id, heard)
+            if joining and replicas:
+                adopt_into(x, replicas, weights)
+                continue
             if isinstance(self.mixer, ChocoMixer):  # linear: each replica has its own term
                 coefficient = self.mixer.coefficient
                 for pid, r in replicas.items():
@@ -116,3 +129,12 @@ class MixStep:
             var[j] = effective_noise_var(peer.noise.get(comp, 0.0) ** 2, estimated)
         own_var = self.exchange.noise_std[comp] ** 2
         return noise_aware_weights(row, node.id, var, own_var, strength)
+
+
+def adopt_into(x: np.ndarray, replicas: dict[str, np.ndarray], weights: dict[str, float]) -> None:
+    """`x` becomes the mean of `replicas` weighted by their entries in `weights` (a joining
+    node's first mix: its own starting values have no part in it)."""
+    total = sum(weights[j] for j in replicas)
+    x[...] = 0.0
+    for j in sorted(replicas):
+        x += (weights[j] / total) * replicas[j]

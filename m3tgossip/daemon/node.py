@@ -39,6 +39,7 @@ from m3tgossip.daemon.stream import RoundSums
 from m3tgossip.errors import ConfigError
 from m3tgossip.log import get_logger
 from m3tgossip.topology import Topology, load_topology
+from m3tgossip.topology.stages import check_rounds
 from m3tgossip.workloads import Workload, make_workload
 
 log = get_logger(__name__)
@@ -56,8 +57,10 @@ class Node(NodeState):
     ) -> None:
         topology = topology or load_topology(config.topology)
         found = None if config.fresh else checkpoint.load(config.state_path)
-        if topology.stages:  # the version of the stage the node resumes in
-            topology = topology.version(topology.stage_at(int(found[1]["round"]) if found else 0))
+        if topology.stages:  # the version of the stage the node resumes in, or joins at
+            check_rounds(topology.stages, config.rounds, config.topology)
+            k = topology.stage_at(int(found[1]["round"]) if found else 0)
+            topology = topology.version(max(k, topology.joins_at(config.id)))
         workload = workload or make_workload(
             config.workload,
             topology=topology,
@@ -136,6 +139,8 @@ class Node(NodeState):
                     path = self.config.state_path / ledger.FILENAME
                     raise ledger.LedgerError(f"{path}: {exc}") from exc
         if found is None:
+            if self.join_round is not None:  # a node a stage adds starts at the stage's round
+                self.round = self.join_round
             return
         arrays, meta = found
         if meta.get("model_id") != self.model_id:

@@ -63,6 +63,9 @@ class Peer:
     session_misses: int = 0
     #: components whose replica took a new value since this node last mixed it
     fresh: set[str] = field(default_factory=set)
+    #: the round it joins at if a stage of the spec adds it (None: there from the start): what
+    #: it sends for that round, its starting values, is heard but not mixed
+    joins_round: int | None = None
 
     def reset(self, session: str | None) -> None:
         """A new incarnation of the neighbour: forget its replicas, send it full state."""
@@ -106,4 +109,6 @@ def make_peers(topology: Topology, node_id: str, held: set[str]) -> dict[str, Pe
         peers[nid].need_state = set(common)
         peers[nid].loose = slow or spec.straggler
         peers[nid].slow = spec.straggler
+        joins = topology.joins_at(nid)
+        peers[nid].joins_round = topology.stages[joins - 1].round if joins else None
     return peers

@@ -35,6 +35,12 @@ HELLO_RETRY_MAX_S = 0.25
 #: transport does not say when a link comes up; one that does (`link_state`) gets the hello as
 #: soon as the link is up, and a try every HELLO_RETRY_MAX_S all the same
 HELLO_REFUSED_RETRY_S = 0.01
+#: seconds between HELLO tries of a node a stage adds while no neighbour has it in its graph
+JOIN_RETRY_S = 1.0
+
+
+class JoinTimeout(RuntimeError):
+    """A node a stage adds heard from no neighbour within `gossip.join_wait_s`."""
 
 
 def make_gate(
@@ -151,6 +157,12 @@ def handshake(
     """Say hello until every neighbour answered or the grace period ran out, then join the
     neighbours' round if this node is behind them.
 
+    A fresh node that a stage of the spec adds (`add_nodes`) starts at that stage's round,
+    before its neighbours get there: they take it into their graph only at that round. It
+    waits up to `gossip.join_wait_s` for the first of them that was there before the stage to
+    answer (trying every JOIN_RETRY_S) and stops with an error if none does; the grace period
+    counts from then.
+
     An answer proves both directions of the link work: a DEALER refuses what it is given
     before its connection is up, so rounds start only once messages can arrive. A refused
     hello is tried again when its link comes up, one the link took after HELLO_RETRY_S
@@ -159,6 +171,9 @@ def handshake(
     """
     g = state.config.gossip
     deadline = time.monotonic() + g.startup_grace_s
+    #: a node a stage adds, before any neighbour answered: waiting for its stage to begin
+    joining = state.join_round is not None and state.resumed_from is None and bool(state.peers)
+    join_deadline = time.monotonic() + g.join_wait_s
     peers = list(state.peers.values())
     next_hello = {p.id: 0.0 for p in peers}
     wait_answer = {p.id: HELLO_RETRY_S for p in peers}
@@ -172,11 +187,26 @@ def handshake(
         if not missing:
             break
         now = time.monotonic()
+        if joining:
+            # a neighbour there before the stage answers once it reached the stage's round (a
+            # node joining with this one answers at once: it says nothing of the others)
+            if any(p.answered for p in peers if p.joins_round != state.join_round):
+                joining = False
+                deadline = now + g.startup_grace_s  # the others are reaching the stage too
+            elif now >= join_deadline:
+                raise JoinTimeout(
+                    f"{state.id}: joins at round {state.join_round}, but no neighbour "
+                    f"({', '.join(p.id for p in peers)}) answered within "
+                    f"gossip.join_wait_s = {g.join_wait_s:g} s"
+                )
+            else:
+                deadline = now + g.startup_grace_s
         for peer in missing:
             came_up = peer.id in refused and links is not None and links.get(peer.id) == "up"
             if now >= next_hello[peer.id] or came_up:
                 took = exchange.hello(peer)
-                next_hello[peer.id] = now + (wait_answer[peer.id] if took else retry_refused)
+                pause = wait_answer[peer.id] if took else retry_refused
+                next_hello[peer.id] = now + (max(pause, JOIN_RETRY_S) if joining else pause)
                 if took:
                     wait_answer[peer.id] = min(HELLO_RETRY_MAX_S, 2 * wait_answer[peer.id])
                     refused.discard(peer.id)

@@ -48,6 +48,10 @@ class NodeState:
         #: the round the spec's next stage begins at: the node checkpoints and stops there, to
         #: be restarted under that stage's version of the spec (None: no later stage)
         self.stop_at: int | None = topology.next_stage_round()
+        #: the round this node joins at, if a stage adds it (`add_nodes`): a fresh node starts
+        #: there, and its first mix takes its neighbours' values instead of its own
+        joins = topology.joins_at(config.id)
+        self.join_round: int | None = topology.stages[joins - 1].round if joins else None
         #: a slow node whose neighbours all finished ends after this round
         self.finish_after: int | None = None
         self.started = time.time()

@@ -78,6 +78,8 @@ class RoundSums:
         """A full state that no replica needs to outlive."""
         if not self.enabled or msg.type is not protocol.MsgType.STATE:
             return False
+        if self.state.join_round == self.state.mixing_round:
+            return False  # a joining node's first mix reads every neighbour's replica
         return peer.sends_states or time_varying
 
     def early(self, peer: Peer, msg: protocol.Message, time_varying: bool) -> bool:
@@ -126,6 +128,8 @@ class RoundSums:
             dist = squared_distance(value, self.exchange.published[name])
             self.dist_sq[name] = max(self.dist_sq.get(name, 0.0), dist)
             weights = self.weights[name] if row is None else row
+            if peer.joins_round == msg.round:
+                continue  # a node's values of the round it joins at: heard, not mixed
             if peer.id in weights and peer.id != node.id:
                 self._add_term(name, peer.id, weights[peer.id], value)
                 assert self.mixer is not None

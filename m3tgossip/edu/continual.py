@@ -36,18 +36,20 @@ CONTINUAL = ("replay", "naive")
 
 
 def stage_tasks(topology: Topology, node_id: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(earlier, new): the node's tasks held before this version's stage, and those it brings."""
+    """(earlier, new): the node's tasks held before this version's stage, and those it brings
+    (all of them in the stage the node joins at)."""
     now = topology.node(node_id).tasks
-    if topology.stage == 0:
+    if topology.stage <= topology.joins_at(node_id):
         return (), now
     before = set(topology.version(topology.stage - 1).node(node_id).tasks)
     return tuple(t for t in now if t in before), tuple(t for t in now if t not in before)
 
 
 def stage_components(topology: Topology, node_id: str) -> tuple[str, ...]:
-    """The components this version's stage brings the node (all of them in stage 0)."""
+    """The components this version's stage brings the node (all of them in stage 0 and in the
+    stage it joins at)."""
     now = topology.node(node_id).components
-    if topology.stage == 0:
+    if topology.stage <= topology.joins_at(node_id):
         return now
     before = set(topology.version(topology.stage - 1).node(node_id).components)
     return tuple(c for c in now if c not in before)

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -283,10 +284,18 @@ class EduWorkload:
             return {}
         return self.trainer.evaluate()
 
-    def forget(self, target: str, ids: list[str], mode: str, own: bool) -> dict[str, Any]:
+    def forget(
+        self,
+        target: str,
+        ids: list[str],
+        mode: str,
+        own: bool,
+        start: Mapping[str, np.ndarray] | None = None,
+    ) -> dict[str, Any]:
         """Erase learners of this node (`own`), or follow another node's erasure: the exact
-        mode returns every trained component to the stage checkpoint (the rounds that follow
-        replay without the erased records), the approximate one takes bounded ascent steps
+        mode returns every trained component to the stage checkpoint (`start`, the state a
+        stage began with; None: the values before any training) and the rounds that follow
+        replay without the erased records, the approximate one takes bounded ascent steps
         on the forget set at its owner and leaves the rest to gossip. ValueError if refused."""
         report: dict[str, Any] = {"approximate": mode == "approximate"}
         if own and target == "learner":
@@ -307,7 +316,7 @@ class EduWorkload:
             if mode == "approximate":
                 report["ascent"] = unlearning.ascend(self.trainer, idx)
             else:
-                self.rollback()
+                self.rollback(start)
             t = self.trainer
             report["verification"] = unlearning.verify(
                 self.model,
@@ -317,7 +326,7 @@ class EduWorkload:
             )
         else:
             if mode == "exact" and not (own and target == "node"):
-                self.rollback()
+                self.rollback(start)
             t = self.trainer
             report["verification"] = {
                 **unlearning.verify(
@@ -331,10 +340,16 @@ class EduWorkload:
         report["components"] = self.trained_components()
         return report
 
-    def rollback(self) -> None:
-        """Every trained component back to the stage checkpoint, the optimiser state reset."""
+    def rollback(self, start: Mapping[str, np.ndarray] | None = None) -> None:
+        """Every trained component back to the stage checkpoint, the optimiser state reset:
+        to its value in `start` (the checkpoint a stage began with), else (None, or a
+        component that stage did not have yet) to its value before any training."""
         for c, x in self.model.vectors().items():
-            x[...] = self.stage0[f"param/{c}"]
+            saved = start.get(f"param/{c}") if start is not None else None
+            if saved is not None and saved.shape == x.shape:
+                x[...] = saved
+            else:
+                x[...] = self.stage0[f"param/{c}"]
         self.trainer.optimizer.state.clear()
 
     def state(self) -> dict[str, np.ndarray]:

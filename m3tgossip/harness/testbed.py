@@ -39,6 +39,7 @@ from m3tgossip.harness.summary import Summary, format_summary, summarise
 from m3tgossip.harness.testbed_spec import SOURCE, TestbedSpec, parse_args
 from m3tgossip.net import generate_keys
 from m3tgossip.topology import Topology, load_topology
+from m3tgossip.topology.stages import check_rounds
 
 #: seconds between progress lines (a progress bar, on a terminal, is redrawn more often)
 PROGRESS_EVERY_S = 2.0
@@ -128,6 +129,7 @@ class Testbed:
         self.spec = spec
         placements = dict(placements or {})
         base = load_topology(spec.topology)
+        check_rounds(base.stages, spec.rounds, base.source)
         _check_nodes(spec, base.ids(), placements)
         _check_data(spec, base.ids())
         self.out = spec.out

@@ -35,7 +35,7 @@ from m3tgossip.topology.spec import (
     Topology,
     endpoint_clash,
 )
-from m3tgossip.topology.stages import parse_stages
+from m3tgossip.topology.stages import check_joins, parse_stages
 
 _TASK = re.compile(r"[a-z][a-z0-9_]*")
 _TOP_KEYS = (
@@ -177,7 +177,7 @@ def parse_topology(data: Mapping[str, Any], source: str) -> Topology:
     if cancelling:
         problem = f'node "{cancelling[0]}" has single_learner set; a stage adds nothing to one'
         raise ConfigError(source, "stages", problem)
-    return Topology(
+    topology = Topology(
         name=name,
         source=source,
         description=description,
@@ -187,6 +187,9 @@ def parse_topology(data: Mapping[str, Any], source: str) -> Topology:
         sample=sample,
         stages=stages,
     )
+    if any(s.add_nodes for s in stages):
+        check_joins(topology, source)
+    return topology
 
 
 def _cancel_beside_straggler(

@@ -109,7 +109,8 @@ def check_report(
                 "privacy": n.privacy,
                 "modalities": list(n.modalities),
                 "tasks": list(n.tasks),
-                "degree": graph.degree(n.id),
+                "degree": graph.degree(n.id) if n.id in graph else 0,
+                "joins_at_stage": topology.joins_at(n.id),
                 "components": list(n.components),
                 "local": list(n.local),
             }
@@ -150,6 +151,7 @@ def _stages(topology: Topology, target_error: float, warnings: list[str]) -> lis
                 "nodes": list(stage.nodes),
                 "tasks": list(stage.tasks),
                 "modalities": list(stage.modalities),
+                "add_nodes": list(stage.add_nodes),
                 "components": {c: sub["components"][c] for c in brings},
             }
         )
@@ -267,7 +269,9 @@ def format_report(report: Mapping[str, Any]) -> str:
     lines = [
         f"topology {report['name']} ({report['source']})",
         *([report["description"]] if report["description"] else []),
-        f"{len(report['nodes'])} nodes, {edges}, "
+        f"{len(report['nodes'])} nodes"
+        + (f" ({later} join at later stages)" if (later := _later(report)) else "")
+        + f", {edges}, "
         + ("connected" if report["connected"] else "DISCONNECTED")
         + (f", diameter {diameter}" if diameter is not None else ""),
     ]
@@ -313,12 +317,16 @@ def format_report(report: Mapping[str, Any]) -> str:
         lines += ["", "stages (the tables above are stage 0's, from round 0):"]
         for st in report["stages"]:
             adds = ", ".join(f"+{x}" for x in [*st["tasks"], *st["modalities"]])
+            if st.get("add_nodes"):
+                joins = f"{', '.join(st['add_nodes'])} join with their edges"
+                adds = f"{adds}; {joins}" if adds else joins
             brings = ", ".join(
                 f"{c} ({len(v['holders'])} holders, {rounds(v['predicted_rounds'])} rounds)"
                 for c, v in st["components"].items()
             )
+            where = f" on {len(st['nodes'])} nodes" if st["nodes"] else ""
             lines.append(
-                f"  {st['name']} from round {st['round']}: {adds} on {len(st['nodes'])} nodes; "
+                f"  {st['name']} from round {st['round']}: {adds}{where}; "
                 f"brings {brings or 'no shared component'}"
             )
     if report["warnings"]:
@@ -365,3 +373,8 @@ def _dynamics_lines(dynamics: Mapping[str, Any], n: int, target: float) -> list[
             f"{dynamics['mean_drift']:.3g} of the initial spread from the initial mean"
         )
     return lines
+
+
+def _later(report: Mapping[str, Any]) -> int:
+    """How many of the report's nodes a later stage adds."""
+    return sum(1 for n in report["nodes"] if n.get("joins_at_stage"))

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from m3tgossip.topology.stages import Stage, stage_nodes, stages_toml
+from m3tgossip.topology.stages import Stage, joining, stage_nodes, stages_toml
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -149,20 +149,36 @@ class Topology:
         return by_id[node_id]
 
     def ids(self) -> list[str]:
-        """Node ids in spec order."""
+        """Node ids in spec order (also those a later stage adds: see `present`)."""
         return [n.id for n in self.nodes]
 
-    def neighbours(self, node_id: str) -> list[str]:
-        """The node's neighbours in the full graph, sorted."""
+    def joins_at(self, node_id: str) -> int:
+        """The stage `node_id` joins at: 0 if it takes part from the start, else the stage
+        whose `add_nodes` list it (`m3tgossip.topology.stages`)."""
         self.node(node_id)
-        return list(self._adjacency(None)[node_id])
+        return int(self._cached("joins", lambda: joining(self.stages)).get(node_id, 0))
+
+    def present(self) -> list[str]:
+        """Ids of the nodes that take part in this version (spec order): every node but those
+        a later stage adds. Only they have edges, neighbours and components' holders."""
+        return [n.id for n in self.nodes if self.joins_at(n.id) <= self.stage]
+
+    def live_edges(self) -> list[tuple[str, str]]:
+        """The edges between nodes present in this version."""
+        here = set(self.present())
+        return [(u, v) for u, v in self.edges if u in here and v in here]
+
+    def neighbours(self, node_id: str) -> list[str]:
+        """The node's neighbours in this version's graph, sorted (none before it joins)."""
+        self.node(node_id)
+        return list(self._adjacency(None).get(node_id, []))
 
     def _adjacency(self, component: str | None) -> dict[str, list[str]]:
         """Node -> sorted neighbours, in the whole graph or among `component`'s holders
         (KeyError if no node holds it): what a daemon needs, without building a graph."""
 
         def build() -> dict[str, list[str]]:
-            ids = self.ids() if component is None else self.holders(component)
+            ids = self.present() if component is None else self.holders(component)
             if not ids:
                 raise KeyError(
                     f'no node of topology "{self.name}" holds component "{component}" shared'
@@ -177,25 +193,28 @@ class Topology:
         return self._cached(f"adjacency:{component}", build)
 
     def graph(self) -> nx.Graph:
-        """The whole graph (frozen, nodes in spec order)."""
+        """The graph of this version's nodes (frozen, nodes in spec order)."""
 
         def build() -> nx.Graph:
             import networkx as nx
 
             graph = nx.Graph()
-            graph.add_nodes_from(self.ids())
-            graph.add_edges_from(self.edges)
+            graph.add_nodes_from(self.present())
+            graph.add_edges_from(self.live_edges())
             return nx.freeze(graph)
 
         return self._cached("graph", build)
 
     def holders(self, component: str) -> list[str]:
-        """Ids of the nodes that hold `component` shared, in spec order (empty if none)."""
-        return [n.id for n in self.nodes if component in n.shared_components]
+        """Ids of the nodes present in this version that hold `component` shared, in spec
+        order (empty if none)."""
+        here = set(self.present())
+        return [n.id for n in self.nodes if component in n.shared_components and n.id in here]
 
     def components(self) -> list[str]:
-        """Every component that at least one node holds shared, sorted."""
-        return sorted({c for n in self.nodes for c in n.shared_components})
+        """Every component that at least one node present holds shared, sorted."""
+        here = set(self.present())
+        return sorted({c for n in self.nodes if n.id in here for c in n.shared_components})
 
     def component_graph(self, component: str) -> nx.Graph:
         """The subgraph induced by the holders of `component` (frozen, nodes in spec order).
