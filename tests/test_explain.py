@@ -193,6 +193,13 @@ def test_pooled_spearman_ranks_within_each_node_task_not_across_scales() -> None
     assert three["pooled"] == pytest.approx(3.5 / 4.5)
     assert three["per_task"] == pytest.approx({"t": 1.0, "u": 1.5 / 2.5})
     assert three["node_tasks"] == 3 and three["points"] == 8
+    # only the node-tasks whose shares are given (a total above TINY_TOTAL)
+    reports[2]["tasks"]["u"]["shares"] = None
+    for r in reports[:2]:
+        for summary in r["tasks"].values():
+            summary["shares"] = {"a": 1.0}
+    assert pooled_spearman(reports)["pooled_with_shares"] == pytest.approx(1.0)
+    assert pooled_spearman(reports)["with_shares"] == 2
 
 
 def test_shares_are_not_given_for_a_tiny_or_negative_total() -> None:

@@ -175,11 +175,16 @@ def pooled_spearman(reports: Iterable[Mapping[str, Any]], key: str = "phi") -> d
     correlations where defined. `pooled_raw` is the older figure, one Spearman over the raw
     (node, task, modality) values: it mixes the scales of node-tasks (a task whose values are
     all large ranks above one whose values are all small), so it measures how alike the
-    node-tasks' scales are on both sides, not the orders the check is about."""
+    node-tasks' scales are on both sides, not the orders the check is about.
+    `pooled_with_shares` pools only the node-tasks whose shares are given (a total above
+    `TINY_TOTAL`: the modalities together make the label likelier than none); where they are
+    not, the model does worse with its modalities than with none and there is no ranking of
+    shares to check."""
     xs: list[float] = []
     ys: list[float] = []
     per: list[float] = []
     groups: list[tuple[list[float], list[float]]] = []
+    shared: list[tuple[list[float], list[float]]] = []
     by_task: dict[str, list[tuple[list[float], list[float]]]] = {}
     for report in reports:
         for task, summary in report.get("tasks", {}).items():
@@ -191,6 +196,8 @@ def pooled_spearman(reports: Iterable[Mapping[str, Any]], key: str = "phi") -> d
             xs += x
             ys += y
             groups.append((x, y))
+            if summary.get("shares"):
+                shared.append((x, y))
             by_task.setdefault(task, []).append((x, y))
             rho = spearman(x, y)
             if rho is not None:
@@ -200,6 +207,8 @@ def pooled_spearman(reports: Iterable[Mapping[str, Any]], key: str = "phi") -> d
         "per_task": {t: _pooled_ranks(g) for t, g in sorted(by_task.items())},
         "mean": float(np.mean(per)) if per else None,
         "pooled_raw": spearman(xs, ys),
+        "pooled_with_shares": _pooled_ranks(shared),
+        "with_shares": len(shared),
         "node_tasks": len(groups),
         "defined": len(per),
         "points": len(xs),
