@@ -19,6 +19,7 @@ from tiny import TINY
 from m3tgossip.cli import main
 from m3tgossip.edu.data.records import EduData
 from m3tgossip.edu.explain import (
+    QUANTITIES,
     TINY_TOTAL,
     Explainer,
     pooled_spearman,
@@ -30,8 +31,10 @@ from m3tgossip.edu.explain import (
 from m3tgossip.edu.explain_report import role_view
 from m3tgossip.edu.model import build_node_model
 from m3tgossip.edu.model.m3t import Batch
-from m3tgossip.edu.train import Trainer
+from m3tgossip.edu.train import Trainer, drop_modalities
+from m3tgossip.edu.workload import DEFAULTS, workload_options
 from m3tgossip.errors import ConfigError
+from m3tgossip.privacy import TrainingNoise
 
 MODALITIES = ("tabular", "clickstream", "image")
 
@@ -155,9 +158,48 @@ def test_pooled_spearman_over_nodes_and_tasks() -> None:
     )
     assert pooled["node_tasks"] == 2 and pooled["points"] == 6 and pooled["defined"] == 2
     assert pooled["mean"] == pytest.approx(0.0)
-    assert pooled["pooled"] == pytest.approx(
+    # within-node-task ranks: one order agrees, the other is reversed
+    assert pooled["pooled"] == pytest.approx(0.0) and pooled["per_task"]["t"] == 0.0
+    assert pooled["pooled_raw"] == pytest.approx(
         spearman([0.1, 0.5, 0.9, 0, 1, 2], [0.2, 0.4, 1, 2, 1, 0])
     )
+
+
+def test_pooled_spearman_ranks_within_each_node_task_not_across_scales() -> None:
+    """Two node-tasks that order their modalities exactly as the check does, on scales a
+    hundred times apart, agree perfectly; pooling their raw values says otherwise."""
+
+    def report(task: str, phi: list[float], drop: list[float]) -> dict:
+        mods = ["a", "b", "c"][: len(phi)]
+        return {
+            "tasks": {
+                task: {
+                    "phi": dict(zip(mods, phi, strict=True)),
+                    "permutation": {"drop": dict(zip(mods, drop, strict=True))},
+                }
+            }
+        }
+
+    reports = [
+        report("t", [1.0, 2.0, 3.0], [0.01, 0.02, 0.03]),
+        report("u", [0.01, 0.02, 0.03], [1.0, 2.0, 3.0]),
+        report("u", [0.5, 0.1], [0.2, 0.3]),  # two modalities, reversed
+    ]
+    pooled = pooled_spearman(reports[:2])
+    assert pooled["pooled"] == pytest.approx(1.0) and pooled["mean"] == pytest.approx(1.0)
+    assert pooled["pooled_raw"] < 0
+    # centred ranks pooled: covariances 2 + 2 - 0.5 over variances 2 + 2 + 0.5
+    three = pooled_spearman(reports)
+    assert three["pooled"] == pytest.approx(3.5 / 4.5)
+    assert three["per_task"] == pytest.approx({"t": 1.0, "u": 1.5 / 2.5})
+    assert three["node_tasks"] == 3 and three["points"] == 8
+    # only the node-tasks whose shares are given (a total above TINY_TOTAL)
+    reports[2]["tasks"]["u"]["shares"] = None
+    for r in reports[:2]:
+        for summary in r["tasks"].values():
+            summary["shares"] = {"a": 1.0}
+    assert pooled_spearman(reports)["pooled_with_shares"] == pytest.approx(1.0)
+    assert pooled_spearman(reports)["with_shares"] == 2
 
 
 def test_shares_are_not_given_for_a_tiny_or_negative_total() -> None:
@@ -209,6 +251,23 @@ def test_the_one_modality_that_carries_signal_dominates_and_the_permutation_chec
         assert checks[t]["repeats"] == 3 and set(checks[t]["drop_std"]) == set(MODALITIES)
     again = explainer.permutation(repeats=3, seed=0)
     assert again == checks  # seeded
+
+
+def test_the_permutation_check_averages_the_explainers_quantity(
+    trained: Trainer, explainer: Explainer
+) -> None:
+    """Both sides use the same quantity: the log-probability by default, or the probability."""
+    batch, labels = trained.test_set.batch, trained.test_set.labels
+    prob = Explainer(trained.model, batch, labels, quantity="prob")
+    for t in prob.tasks:
+        np.testing.assert_allclose(prob.record_values(t), np.exp(explainer.record_values(t)))
+    summary, check = prob.shapley()["at_risk"], prob.permutation(repeats=2, seed=0)["at_risk"]
+    assert summary["quantity"] == check["quantity"] == "prob" and 0 < summary["v_all"] < 1
+    assert explainer.permutation(repeats=2)["at_risk"]["quantity"] == "log_prob"
+    assert set(check["drop_se"]) == set(MODALITIES) and all(check["drop_se"].values())
+    assert QUANTITIES == ("log_prob", "prob")
+    with pytest.raises(ValueError, match="quantity: one of log_prob, prob"):
+        Explainer(trained.model, batch, labels, quantity="accuracy")
 
 
 def test_a_record_explanation(trained: Trainer, explainer: Explainer) -> None:
@@ -403,3 +462,114 @@ def test_explain_errors_name_what_and_where(
     assert "--group-by: course" in err and "gender" in err
     err = error("--state-dir", str(folder), "--data", str(data / "lab"), "--max-records", "0")
     assert "--max-records" in err
+
+
+# ------------------------------------------------------------------------ modality dropout
+
+
+def test_drop_modalities_hides_present_modalities_at_the_rate() -> None:
+    n = 4000
+    present = {
+        "tabular": torch.ones(n, dtype=torch.bool),
+        "image": torch.arange(n) % 2 == 0,  # half the records have an image
+    }
+    inputs = {m: torch.randn(n, 3) for m in present}
+    batch = Batch(inputs, present)
+    dropped = drop_modalities(batch, 0.25, np.random.default_rng(0))
+    assert dropped.inputs is batch.inputs  # inputs kept: the fusion masks the absent
+    for m, was in present.items():
+        now = dropped.present[m]
+        assert not bool((now & ~was).any())  # nothing absent becomes present
+        assert float(now[was].float().mean()) == pytest.approx(0.75, abs=0.03)
+    again = drop_modalities(batch, 0.25, np.random.default_rng(0))
+    assert all(torch.equal(again.present[m], dropped.present[m]) for m in present)
+    assert drop_modalities(batch, 0.0, np.random.default_rng(0)) is batch
+
+
+@pytest.mark.parametrize("bad", [1.0, 1.5, -0.1, True, "0.25", None])
+def test_modality_dropout_is_validated(bad: object) -> None:
+    model = build_node_model(Spec(), checkpoint=None, config=TINY)
+    with pytest.raises(ValueError, match=r"modality_dropout: .* in \[0, 1\)"):
+        Trainer(model, records(16, 0), records(8, 1), modality_dropout=bad)
+    with pytest.raises(ValueError, match=r"workload option modality_dropout: .*got"):
+        workload_options({"modality_dropout": bad})
+
+
+def test_modality_dropout_is_a_workload_option() -> None:
+    assert workload_options({})["modality_dropout"] == DEFAULTS["modality_dropout"]
+    assert workload_options({"modality_dropout": 0})["modality_dropout"] == 0.0
+    assert workload_options({"modality_dropout": 0.25})["modality_dropout"] == 0.25
+
+
+def test_dropout_steps_are_seeded_by_the_step_and_reach_dp_sgd() -> None:
+    def trainer(p: float) -> Trainer:
+        torch.manual_seed(0)
+        model = build_node_model(Spec(), checkpoint=None, config=TINY)
+        return Trainer(model, records(64, 0), records(16, 1), lr=1e-2, seed=3, modality_dropout=p)
+
+    a, b = trainer(0.3), trainer(0.3)
+    batch = a.train_batch
+    for step in (0, 7):
+        x, y = a._dropped(batch, step), b._dropped(batch, step)
+        assert all(torch.equal(x.present[m], y.present[m]) for m in batch.present)
+    assert not torch.equal(a._dropped(batch, 0).present["tabular"], batch.present["tabular"])
+    a.train_steps(3)
+    b.train_steps(3)  # the same steps, the same modalities hidden: the same weights
+    for c, x in a.model.vectors().items():
+        np.testing.assert_array_equal(x, b.model.vectors()[c])
+    assert trainer(0.0)._dropped(batch, 0) is batch
+    private = trainer(0.3)
+    private.use_private(TrainingNoise(0.5, 1.0, 0.5, 2, {}), seed=0)
+    assert private.private is not None and private.private.augment is not None
+
+
+@pytest.fixture(scope="module")
+def complete_records() -> tuple[EduData, EduData]:
+    """As `records`, but every record has every modality: training never meets a masked
+    one unless modality dropout hides it."""
+
+    def complete(n: int, seed: int) -> EduData:
+        data = records(n, seed)
+        rng = np.random.default_rng(seed + 100)
+        for m in MODALITIES:
+            data.present[m][:] = True
+        data.tabular[:] = rng.normal(size=data.tabular.shape)
+        data.clickstream[:] = rng.integers(1, 64, size=data.clickstream.shape)
+        data.image[:] = rng.random(data.image.shape)
+        data.labels["at_risk"] = (data.tabular[:, 0] > 0).astype(np.int64)
+        engagement = np.digitize(data.tabular[:, 1], [-0.43, 0.43]).astype(np.int64)
+        engagement[::5] = -1
+        data.labels["engagement"] = engagement
+        return data
+
+    return complete(160, 0), complete(80, 1)
+
+
+def test_masked_coalitions_of_a_model_trained_with_dropout(
+    complete_records: tuple[EduData, EduData],
+) -> None:
+    """On complete records, with modality dropout: each coalition is the masked batch, the
+    shares sum to 1, and the informative modality leads on both sides."""
+    train, test = complete_records
+    torch.manual_seed(0)
+    model = build_node_model(Spec(), checkpoint=None, config=TINY)
+    trainer = Trainer(model, train, test, lr=1e-2, seed=0, modality_dropout=0.25)
+    trainer.train_steps(40)
+    model.eval()
+    batch = trainer.test_set.batch
+    explainer = Explainer(model, batch, trainer.test_set.labels)
+    for mask in (0, 0b001, 0b110, explainer.full):
+        present = {
+            m: batch.present[m] & bool(mask >> k & 1) for k, m in enumerate(model.modalities)
+        }
+        with torch.no_grad():
+            logits = model(Batch(batch.inputs, present))
+        for t in model.tasks:
+            want = torch.log_softmax(logits[t].double(), dim=1).numpy()
+            np.testing.assert_allclose(explainer.log_probs[t][mask], want, atol=1e-5)
+    checks = explainer.permutation(repeats=3, seed=0)
+    for t, summary in explainer.shapley().items():
+        assert summary["shares"] is not None
+        assert sum(summary["shares"].values()) == pytest.approx(1.0, abs=1e-12)
+        assert max(summary["shares"], key=summary["shares"].get) == "tabular"
+        assert max(checks[t]["drop"], key=checks[t]["drop"].get) == "tabular"

@@ -24,7 +24,7 @@ subtract the noise.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -75,6 +75,9 @@ class LearnerSGD:
         self.gen = torch.Generator()
         self.gen.manual_seed(int(np.random.default_rng(seed).integers(2**62)))
         self.steps = 0
+        #: applied to the sampled records before their gradients (the trainer's modality
+        #: dropout): a function of each record alone, so clipping still bounds each learner
+        self.augment: Callable[[Batch], Batch] | None = None
         self._per_record = vmap(grad(self._record_loss, has_aux=True), in_dims=(None, 0, 0, 0))
 
     @property
@@ -119,6 +122,8 @@ class LearnerSGD:
             return sums, losses
         tidx = torch.from_numpy(np.asarray(idx, dtype=np.int64))
         sub = self.batch.take(tidx)
+        if self.augment is not None:
+            sub = self.augment(sub)
         labels = {t: y[tidx] for t, y in self.labels.items()}
         params = {n: p.detach() for n, p in self.named}
         grads, per_task = self._per_record(params, sub.inputs, sub.present, labels)

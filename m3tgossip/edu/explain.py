@@ -8,13 +8,14 @@ coalition (2^m evaluations, all tasks at once, the coalitions of a chunk of reco
 into one batch).
 
 The value of a coalition S for a task is the mean log-probability (nats) of the record's
-label with only S present, over the records labelled for the task; for a task the data labels
-nowhere, the label is replaced by the class the node predicts with every modality (then the
-value says how much each modality supports the prediction, not whether it is right). The
-Shapley value phi_m of modality m is exact (every coalition evaluated); by efficiency
-sum_m phi_m = v(all) - v(empty), and the share of m is phi_m / sum phi. A total at or below
-`TINY_TOTAL` means the modalities together do not make the label more likely than the null
-token does: shares are then not given (`shares: null`, with a note).
+label with only S present, over the records labelled for the task (`quantity="prob"`: its
+probability instead; the permutation check always averages the same quantity); for a task
+the data labels nowhere, the label is replaced by the class the node predicts with every
+modality (then the value says how much each modality supports the prediction, not whether it
+is right). The Shapley value phi_m of modality m is exact (every coalition evaluated); by
+efficiency sum_m phi_m = v(all) - v(empty), and the share of m is phi_m / sum phi. A total at
+or below `TINY_TOTAL` means the modalities together do not make the label more likely than
+the null token does: shares are then not given (`shares: null`, with a note).
 
 Masking measures a modality against its absence, and the null token is what absence looks
 like to the model. A node whose training records always have some modality never saw the
@@ -23,14 +24,17 @@ phi merely by making a record look like the records the node trained on (content
 presence). The permutation check keeps presence and changes content (`leave_one_out`,
 v(all) - v(all without m), is its counterpart by masking): where the two disagree, that, or
 modalities carrying the same information (Shapley splits it among them), is the likely reason.
+Training with modality dropout (`m3tgossip.edu.train`, the workload's `modality_dropout`)
+shows the model records without each modality, so masking is absence it has learned.
 
 What is computed (`Explainer`, over one prepared batch):
 
 - `shapley`: phi, shares, v(all), v(empty) per task, on all records or a subset (a group);
 - `permutation`: per modality and task, the drop in v(all) when that modality's inputs
-  (tokens and presence together) are shuffled across the records (seeded, `repeats` times),
+  (tokens and presence together) are shuffled across the records (seeded, `repeats` times,
+  with the standard error of the mean drop), of the same quantity as the coalition values,
   and the Spearman correlation of phi and the drops per task; `pooled_spearman` pools it over
-  nodes and tasks;
+  nodes and tasks from the ranks within each node-task;
 - `record`: one record's explanation: its prediction per task and the Shapley values of the
   log-probability of the predicted class (a modality the record lacks gets exactly 0);
 - `components`: per trained component, the drop in v(all) when it alone is reverted to the
@@ -81,6 +85,10 @@ VALUE = (
     "mean log-probability (nats) of the true label over the records labelled for the task; "
     "of the class predicted with every modality where the data labels none"
 )
+#: what a coalition's value averages over the records (`Explainer(quantity=...)`): the
+#: log-probability of the target class (the default; the negative of the loss the node trains
+#: on) or its probability (bounded: a few confidently wrong records weigh no more than others)
+QUANTITIES = ("log_prob", "prob")
 
 
 @cache
@@ -133,44 +141,94 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def _centred_ranks(x: Sequence[float]) -> np.ndarray:
+    """Ranks within one node-task, less their mean (ties given their mean rank)."""
+    r = _ranks(np.asarray(x, np.float64))
+    return r - r.mean()
+
+
+def _pooled_ranks(pairs: Sequence[tuple[Sequence[float], Sequence[float]]]) -> float | None:
+    """The correlation of within-group centred ranks pooled over groups: sum of the groups'
+    rank covariances over the root of the summed rank variances (one group: its Spearman);
+    None where a side has no spread."""
+    xs = [_centred_ranks(x) for x, _ in pairs if len(x) >= 2]
+    ys = [_centred_ranks(y) for _, y in pairs if len(y) >= 2]
+    if not xs:
+        return None
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    sx, sy = float(x @ x), float(y @ y)
+    if sx == 0 or sy == 0:
+        return None
+    return float(x @ y / math.sqrt(sx * sy))
+
+
 def pooled_spearman(reports: Iterable[Mapping[str, Any]], key: str = "phi") -> dict[str, Any]:
     """Shapley phi (or another per-modality entry of the task summaries, `key`) against the
     permutation drop over explain reports of several nodes (each with `tasks: {task: {phi,
-    permutation: {drop}}}`): one Spearman over every (node, task, modality) pair pooled (both
-    are in nats of the same value, so they pool), and the mean of the per-(node, task)
-    correlations where defined."""
+    permutation: {drop}}}`).
+
+    `pooled` is the rank correlation pooled over nodes and tasks: each (node, task) ranks its
+    own modalities on both sides, the ranks are centred within it, and the correlation is
+    taken over all of them together (`_pooled_ranks`), so a node-task counts by how well it
+    orders its own modalities, never by how large its values are beside another's. `per_task`
+    is the same per task over the nodes, `mean` the mean of the per-(node, task) Spearman
+    correlations where defined. `pooled_raw` is the older figure, one Spearman over the raw
+    (node, task, modality) values: it mixes the scales of node-tasks (a task whose values are
+    all large ranks above one whose values are all small), so it measures how alike the
+    node-tasks' scales are on both sides, not the orders the check is about.
+    `pooled_with_shares` pools only the node-tasks whose shares are given (a total above
+    `TINY_TOTAL`: the modalities together make the label likelier than none); where they are
+    not, the model does worse with its modalities than with none and there is no ranking of
+    shares to check."""
     xs: list[float] = []
     ys: list[float] = []
     per: list[float] = []
-    pairs = 0
+    groups: list[tuple[list[float], list[float]]] = []
+    shared: list[tuple[list[float], list[float]]] = []
+    by_task: dict[str, list[tuple[list[float], list[float]]]] = {}
     for report in reports:
-        for summary in report.get("tasks", {}).values():
+        for task, summary in report.get("tasks", {}).items():
             drop = (summary.get("permutation") or {}).get("drop")
             if not drop:
                 continue
             mods = [m for m in summary[key] if m in drop]
-            xs += [summary[key][m] for m in mods]
-            ys += [drop[m] for m in mods]
-            pairs += 1
-            rho = spearman([summary[key][m] for m in mods], [drop[m] for m in mods])
+            x, y = [summary[key][m] for m in mods], [drop[m] for m in mods]
+            xs += x
+            ys += y
+            groups.append((x, y))
+            if summary.get("shares"):
+                shared.append((x, y))
+            by_task.setdefault(task, []).append((x, y))
+            rho = spearman(x, y)
             if rho is not None:
                 per.append(rho)
     return {
-        "pooled": spearman(xs, ys),
+        "pooled": _pooled_ranks(groups),
+        "per_task": {t: _pooled_ranks(g) for t, g in sorted(by_task.items())},
         "mean": float(np.mean(per)) if per else None,
-        "node_tasks": pairs,
+        "pooled_raw": spearman(xs, ys),
+        "pooled_with_shares": _pooled_ranks(shared),
+        "with_shares": len(shared),
+        "node_tasks": len(groups),
         "defined": len(per),
         "points": len(xs),
     }
 
 
-def summarize(modalities: Sequence[str], values: np.ndarray, n: int, kind: str) -> dict[str, Any]:
-    """The JSON summary of one task's coalition values [2^m] on n records."""
+def summarize(
+    modalities: Sequence[str],
+    values: np.ndarray,
+    n: int,
+    kind: str,
+    quantity: str = "log_prob",
+) -> dict[str, Any]:
+    """The JSON summary of one task's coalition values [2^m] of `quantity` on n records."""
     phi = shapley(values)
     total = float(phi.sum())
     full = len(values) - 1
     out: dict[str, Any] = {
         "value": kind,
+        "quantity": quantity,
         "records": n,
         "v_all": float(values[-1]),
         "v_empty": float(values[0]),
@@ -188,7 +246,7 @@ def summarize(modalities: Sequence[str], values: np.ndarray, n: int, kind: str) 
         out["note"] = "no records"
     elif total <= TINY_TOTAL:
         out["note"] = (
-            f"total {total:.3g} nats <= {TINY_TOTAL:g}: the modalities together do not make "
+            f"total {total:.3g} <= {TINY_TOTAL:g}: the modalities together do not make "
             "the label more likely than none; shares are not meaningful"
         )
     else:
@@ -217,7 +275,12 @@ class Explainer:
         labels: Mapping[str, np.ndarray],
         *,
         chunk: int = CHUNK,
+        quantity: str = "log_prob",
     ) -> None:
+        if quantity not in QUANTITIES:
+            raise ValueError(f"quantity: one of {', '.join(QUANTITIES)}, got {quantity!r}")
+        #: what the values average (`QUANTITIES`); the permutation check uses the same
+        self.quantity = quantity
         self.model = model
         self.modalities = model.modalities
         self.tasks = model.tasks
@@ -306,12 +369,14 @@ class Explainer:
         return Targets(classes, used, kinds)
 
     def _picked(self, t: str, log_probs: np.ndarray) -> np.ndarray:
-        """log_probs [..., n, classes] at each record's target class -> [..., n]."""
+        """log_probs [..., n, classes] at each record's target class -> [..., n], as the
+        explainer's quantity (the log-probability or the probability)."""
         k = np.broadcast_to(self.targets.classes[t][:, None], (*log_probs.shape[:-1], 1))
-        return np.take_along_axis(log_probs, k, axis=-1)[..., 0]
+        picked = np.take_along_axis(log_probs, k, axis=-1)[..., 0]
+        return np.exp(picked) if self.quantity == "prob" else picked
 
     def record_values(self, t: str) -> np.ndarray:
-        """Per coalition and record, the log-probability of the target class [2^m, n]."""
+        """Per coalition and record, the quantity of the target class [2^m, n]."""
         return self._picked(t, self.log_probs[t])
 
     def values(self, t: str, select: np.ndarray | None = None) -> tuple[np.ndarray, int]:
@@ -328,7 +393,7 @@ class Explainer:
         out = {}
         for t in self.tasks:
             values, n = self.values(t, select)
-            out[t] = summarize(self.modalities, values, n, self.targets.kinds[t])
+            out[t] = summarize(self.modalities, values, n, self.targets.kinds[t], self.quantity)
         return out
 
     def permutation(self, repeats: int = REPEATS, seed: int = 0) -> dict[str, dict[str, Any]]:
@@ -359,10 +424,16 @@ class Explainer:
             phi = shapley(self.values(t)[0])
             drop = {m: float(np.mean(d)) for m, d in drops[t].items()}
             out[t] = {
+                "quantity": self.quantity,
                 "repeats": repeats,
                 "seed": seed,
                 "drop": drop,
                 "drop_std": {m: float(np.std(d)) for m, d in drops[t].items()},
+                # the standard error of each mean drop over the shuffles (None for one)
+                "drop_se": {
+                    m: float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else None
+                    for m, d in drops[t].items()
+                },
                 "spearman": spearman(phi, [drop[m] for m in self.modalities]),
             }
         return out

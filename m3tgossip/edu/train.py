@@ -8,6 +8,15 @@ Inputs are prepared once per data set (the frozen text model never runs in a ste
 seeded permutation per epoch, so a trainer restored with `load_state` continues exactly where the
 saved one was.
 
+With `modality_dropout` p > 0 every step hides each modality a record has from the fusion with
+probability p, independently per record and modality (a record may lose all of them: it then
+sees the fusion's null token alone). The model meets records with missing modalities, as
+learners without a reflection or a wearable are, and a masked modality becomes absence it has
+learned, not unusual input: what `m3tgossip.edu.explain` measures by masking. The draws are
+seeded by the trainer seed and the step, so a restored trainer drops the same modalities; DP-SGD
+steps drop them the same way (a function of each record alone: per-learner clipping bounds a
+learner's gradient whatever its records look like).
+
 `evaluate` reports, on the held-out records (and on unseen learners, when given), per-task
 accuracy and macro-F1, per-group accuracy for every value of each attribute in
 `GROUP_ATTRIBUTES`, and the gap between the best and worst group (groups with at least
@@ -29,6 +38,7 @@ from m3tgossip.edu.data.records import EduData
 from m3tgossip.edu.data.schema import GROUP_ATTRIBUTES
 from m3tgossip.edu.dpsgd import LearnerSGD, learners_of, sampling_rate
 from m3tgossip.edu.equity import group_gaps
+from m3tgossip.edu.model.m3t import Batch
 from m3tgossip.edu.model.node_model import NodeModel
 from m3tgossip.privacy import TrainingNoise
 
@@ -38,6 +48,29 @@ MIN_GROUP = 5
 FAIRNESS = ("none", "balanced", "dro")
 #: largest weight a record gets from the fairness option (a tiny group is not blown up)
 MAX_RECORD_WEIGHT = 10.0
+#: the seed stream of the modality dropout draws (apart from the batches' permutations)
+DROPOUT_STREAM = 0x6D6F64
+
+
+def check_modality_dropout(value: object) -> float:
+    """`value` as a modality dropout probability: a number in [0, 1), else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(
+            "modality_dropout: the probability that a step hides a record's modality, a number "
+            f"in [0, 1) (0: never), got {value!r}"
+        )
+    return float(value)
+
+
+def drop_modalities(batch: Batch, p: float, rng: np.random.Generator) -> Batch:
+    """`batch` with each present modality of each record marked absent with probability p
+    (the inputs are kept: the fusion masks what is absent)."""
+    if not p:
+        return batch
+    present = {
+        m: x & torch.from_numpy(rng.random(len(x)) >= p) for m, x in sorted(batch.present.items())
+    }
+    return Batch(batch.inputs, present)
 
 
 class GroupWeights:
@@ -149,6 +182,7 @@ class Trainer:
         unseen: EduData | None = None,
         fairness: str = "none",
         fairness_eta: float = 0.1,
+        modality_dropout: float = 0.0,
     ) -> None:
         weights = dict(loss_weights or {})
         unknown = sorted(set(weights) - set(model.tasks))
@@ -158,6 +192,8 @@ class Trainer:
         self.weights = {t: float(weights.get(t, 1.0)) for t in model.tasks}
         self.batch_size = batch_size
         self.seed = seed
+        #: probability that a step hides a record's modality (see the module docstring)
+        self.modality_dropout = check_modality_dropout(modality_dropout)
         self.train_batch = model.prepare(train)
         self.train_labels = {t: torch.from_numpy(train.labels[t]) for t in model.tasks}
         self.test_set = _EvalSet(model, test)
@@ -214,6 +250,15 @@ class Trainer:
             noise,
             seed=seed,
         )
+        if self.modality_dropout:
+            self.private.augment = lambda batch: self._dropped(batch, self.step)
+
+    def _dropped(self, batch: Batch, step: int) -> Batch:
+        """`batch` with the modalities step `step` hides (itself without modality dropout)."""
+        if not self.modality_dropout:
+            return batch
+        rng = np.random.default_rng([self.seed, step, DROPOUT_STREAM])
+        return drop_modalities(batch, self.modality_dropout, rng)
 
     def _indices(self, step: int) -> torch.Tensor:
         per_epoch = -(-len(self.pool) // self.batch_size)
@@ -242,7 +287,7 @@ class Trainer:
             return {t: sums[t] / counts[t] for t in sums}
         for _ in range(k):
             idx = self._indices(self.step)
-            logits = self.model(self.train_batch.take(idx))
+            logits = self.model(self._dropped(self.train_batch.take(idx), self.step))
             total = torch.zeros(())
             fair = self.fairness
             w = torch.from_numpy(fair.weights(idx.numpy())).float() if fair is not None else None

@@ -39,6 +39,12 @@ Options (`[workload]` table of the node config):
                   the highest loss gain weight); see `m3tgossip.edu.train.GroupWeights`.
                   Training without differential privacy only: refused under a DP profile
     fairness_eta  group DRO's step size (0.1)
+    modality_dropout
+                  probability that a training step hides a record's modality from the
+                  fusion, per record and modality, in [0, 1) (DEFAULT_DROPOUT); the model then
+                  knows missing modalities (learners without a reflection or a wearable) and
+                  a masked modality is absence to it, which `m3tgossip explain` measures by
+                  (see `m3tgossip.edu.train`); 0: never
     continual     in a spec with [[stages]]: "replay" (default: a replay buffer of earlier
                   tasks and an L2 pull to the previous stage's weights) or "naive" (the
                   stage's new tasks only); see `m3tgossip.edu.continual`
@@ -71,12 +77,15 @@ from m3tgossip.edu.model.components import component_seed
 from m3tgossip.edu.model.lora import LoraSpec
 from m3tgossip.edu.model.node_model import build_node_model
 from m3tgossip.edu.model.pretrained import DEFAULT_CHECKPOINT
-from m3tgossip.edu.train import FAIRNESS, Trainer
+from m3tgossip.edu.train import FAIRNESS, Trainer, check_modality_dropout
 from m3tgossip.log import get_logger
 from m3tgossip.privacy import TrainingNoise, TrainingPlan
 from m3tgossip.topology import Topology
 
 log = get_logger(__name__)
+
+#: the default `modality_dropout`
+DEFAULT_DROPOUT = 0.0
 
 DEFAULTS: dict[str, Any] = {
     "local_steps": 5,
@@ -95,6 +104,7 @@ DEFAULTS: dict[str, Any] = {
     "data": None,
     "fairness": "none",
     "fairness_eta": 0.1,
+    "modality_dropout": DEFAULT_DROPOUT,
     "continual": "replay",
     "replay": 64,
     "anchor": 10.0,
@@ -140,6 +150,10 @@ def workload_options(raw: dict[str, Any] | None) -> dict[str, Any]:
         raise ValueError(
             f"workload option fairness: one of {', '.join(FAIRNESS)}, got {options['fairness']!r}"
         )
+    try:
+        options["modality_dropout"] = check_modality_dropout(options["modality_dropout"])
+    except ValueError as e:
+        raise ValueError(f"workload option {e}") from None
     if options["lora_alpha"] is None:
         options["lora_alpha"] = 2.0 * options["lora_rank"]
     return options
@@ -207,6 +221,7 @@ class EduWorkload:
             unseen=unseen,
             fairness=o["fairness"],
             fairness_eta=float(o["fairness_eta"]),
+            modality_dropout=o["modality_dropout"],
         )
         #: the stage checkpoint exact erasure returns to: the values before any training
         self.stage0 = {f"param/{c}": x.copy() for c, x in self.model.vectors().items()}
