@@ -573,3 +573,32 @@ def test_masked_coalitions_of_a_model_trained_with_dropout(
         assert sum(summary["shares"].values()) == pytest.approx(1.0, abs=1e-12)
         assert max(summary["shares"], key=summary["shares"].get) == "tabular"
         assert max(checks[t]["drop"], key=checks[t]["drop"].get) == "tabular"
+
+
+def test_explain_reports_the_neighbours_influence_from_the_metrics(
+    state: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:
+    """Rounds measured with `gossip.influence_every` in the state folder's metrics become the
+    per-neighbour summary of explain.json; a folder without them has none."""
+    import shutil
+
+    folder, data = state
+    copy = tmp_path / "state"
+    shutil.copytree(folder, copy)
+    argv = ["explain", "--state-dir", str(copy), "--data", str(data / "lab"), "--max-records", "8"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "a" / "explain.json").read_text())["neighbours"] is None
+    rounds = [
+        {"per_neighbour": {"uni": -0.2}, "first_order": {"uni": -0.25}, "actual_change": -0.2},
+        {"per_neighbour": {"uni": 0.1}, "first_order": {"uni": 0.05}, "actual_change": 0.1},
+    ]
+    with (copy / "metrics.jsonl").open("w") as f:
+        for r, inf in enumerate(rounds):
+            f.write(json.dumps({"round": r, "node": "lab", "train": {"influence": inf}}) + "\n")
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 0
+    report = json.loads((tmp_path / "b" / "explain.json").read_text())
+    uni = report["neighbours"]["neighbours"]["uni"]
+    assert report["neighbours"]["rounds_measured"] == [0, 1]
+    assert uni["rounds"] == 2 and uni["helped_rounds"] == 1
+    assert uni["mean_change"] == pytest.approx(-0.05)
+    capsys.readouterr()

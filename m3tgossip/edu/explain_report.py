@@ -34,6 +34,7 @@ from m3tgossip.edu.explain import (
     Explainer,
 )
 from m3tgossip.edu.restore import build_model, load_trained_node
+from m3tgossip.daemon.influence import summarize as neighbour_summary
 from m3tgossip.errors import ConfigError
 
 
@@ -291,6 +292,8 @@ def explain(
         label_names=label_names,
     )
     view_s = time.perf_counter() - t0
+    # which neighbours moved the held-out loss, from the rounds of `gossip.influence_every`
+    report["neighbours"] = neighbour_summary(trained.metrics())
     report["forward_passes"] = explainer.passes
     report["seconds"] = {
         "read": read_s,
