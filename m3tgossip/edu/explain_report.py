@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from m3tgossip.daemon.influence import summarize as neighbour_summary
 from m3tgossip.edu.data.folder import read_folder
 from m3tgossip.edu.explain import (
     FORMAT,
@@ -34,7 +35,6 @@ from m3tgossip.edu.explain import (
     Explainer,
 )
 from m3tgossip.edu.restore import build_model, load_trained_node
-from m3tgossip.daemon.influence import summarize as neighbour_summary
 from m3tgossip.errors import ConfigError
 
 
