@@ -53,9 +53,9 @@ from m3tgossip.edu.explain import (
     REPEATS,
     ROUND_ROWS,
     Explainer,
-    pooled_spearman,
     round_attribution,
 )
+from m3tgossip.edu.explain_ranks import pooled_spearman
 from m3tgossip.edu.model.m3t import Batch
 from m3tgossip.edu.restore import load_trained_node
 from m3tgossip.edu.workload import DEFAULT_DROPOUT, EduWorkload

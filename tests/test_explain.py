@@ -22,12 +22,11 @@ from m3tgossip.edu.explain import (
     QUANTITIES,
     TINY_TOTAL,
     Explainer,
-    pooled_spearman,
     round_attribution,
     shapley,
-    spearman,
     summarize,
 )
+from m3tgossip.edu.explain_ranks import pooled_spearman, spearman
 from m3tgossip.edu.explain_report import role_view
 from m3tgossip.edu.model import build_node_model
 from m3tgossip.edu.model.m3t import Batch
