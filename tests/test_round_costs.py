@@ -350,7 +350,7 @@ def test_adjacency_from_the_edges_matches_the_graph() -> None:
     for spec in sorted((ROOT / "topology").glob("*.toml")):
         topo = load_topology(spec)
         graph = topo.graph()
-        for nid in topo.ids():
+        for nid in topo.present():
             assert topo.neighbours(nid) == sorted(graph.neighbors(nid)), (spec.name, nid)
         for comp in topo.components():
             sub = topo.component_graph(comp)
