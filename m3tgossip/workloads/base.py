@@ -11,6 +11,11 @@ round) or None, `trained_components()` names every component it trains (shared o
 `use_private_training(noise)` takes the `m3tgossip.privacy.TrainingNoise` the daemon calibrated
 from the node's profile. Its releases are then post-processing: the daemon's gate charges the
 round's steps and adds no noise of its own.
+
+For `gossip.influence_every` (which neighbours help), a workload offers `loss_gradient()`,
+its held-out loss and that loss's gradient per shared component at the current values (or
+None), and `heldout_loss()`, the same loss at whatever values `shared()` holds; both are
+computed on the node and never sent (`m3tgossip.daemon.influence`).
 """
 
 from __future__ import annotations
