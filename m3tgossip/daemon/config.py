@@ -115,8 +115,8 @@ class GossipConfig:
     #: evaluate the workload every this many rounds (and always in the last round)
     eval_every: int = 1
     #: every this many rounds (0 = never), record how much each neighbour's term in the mix
-    #: moved this node's held-out loss, to first order (`daemon.influence`); needs a workload
-    #: with `loss_gradient()`, the `mean` aggregator and lockstep sync rounds
+    #: moved this node's held-out loss, alone and to first order (`daemon.influence`); needs a
+    #: workload with `loss_gradient()`, the `mean` aggregator and lockstep sync rounds
     influence_every: int = 0
     #: sync mode, static topologies: mix the previous round's messages after this round's local
     #: training, then send, so neighbours' messages arrive while this node trains instead of
