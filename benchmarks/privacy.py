@@ -26,9 +26,12 @@ Regulation-aware against strictest-for-all is the strict nodes' accuracy under `
 
 Membership inference (loss threshold, Yeom et al.) on every node: its final checkpoint of a
 run is loaded into the node's model (`EduWorkload.load_state`) and the per-record loss on its
-training records (members) is compared with its held-out records (non-members): AUC of minus
-the loss, its standard error and the membership advantage; for the `profiles` and `open` runs
-of every seed. With `--overfit` (default records=60,local_steps=20; '' to skip) the same pair
+training records (members) is compared with non-members: 500 learners drawn as the node's own
+are, with its label skew and from the same digit images, whom it never trained on
+(`m3tgossip.edu.data.nonmember_data`; the node's held-out records draw digits from images no
+training record uses, so against them even an untrained model would tell members apart). AUC of
+minus the loss, its standard error and the membership advantage, and the AUC against the
+held-out records as `auc_vs_test`; for the `profiles` and `open` runs of every seed. With `--overfit` (default records=60,local_steps=20; '' to skip) the same pair
 of runs is repeated for the first seed in an overfit-prone setting, so the attack has
 something to find without DP.
 
@@ -75,8 +78,9 @@ from _common import (
 from m3tgossip.daemon import checkpoint
 from m3tgossip.daemon.metrics import read_metrics
 from m3tgossip.edu.canary import canary_audit
+from m3tgossip.edu.data import DataConfig, nonmember_data
 from m3tgossip.edu.mia import loss_threshold_attack, record_losses
-from m3tgossip.edu.workload import EduWorkload
+from m3tgossip.edu.workload import EduWorkload, workload_options
 from m3tgossip.harness import Summary, Testbed, TestbedSpec
 from m3tgossip.harness.testbed_spec import parse_assignment
 from m3tgossip.privacy import PROFILES
@@ -282,8 +286,13 @@ def mia(
     members = record_losses(
         tr.model, tr.train_batch, {t: y.numpy() for t, y in tr.train_labels.items()}
     )
-    nonmembers = record_losses(tr.model, tr.test_set.batch, tr.test_set.labels)
+    o = workload_options(options)
+    config = DataConfig(records=o["records"], alpha=o["alpha"], seed=seed)
+    others = nonmember_data(topology.version(len(topology.stages)).node(nid), config)
+    nonmembers = record_losses(tr.model, tr.model.prepare(others), others.labels)
     result = loss_threshold_attack(members, nonmembers)
+    held_out = record_losses(tr.model, tr.test_set.batch, tr.test_set.labels)
+    result["auc_vs_test"] = loss_threshold_attack(members, held_out)["auc"]
     result["round"] = meta.get("round")
     return result
 

@@ -22,7 +22,8 @@ has one record, so one learner's forget accuracy is 0 or 1: the request names se
 the figure readable); `node` is `--node` leaving for good.
 Per node, its model is scored on the forget records (restricted to its tasks), on its retained
 train records, on its held-out records, by loss-threshold membership inference of the forget
-records against held-out non-members of the forget set's node, and by its distance to the
+records against 500 non-members of the forget set's node (learners drawn as its own are, whom
+no node trained on: `m3tgossip.edu.data.nonmember_data`), and by its distance to the
 retrained model. Over nodes and then over seeds (mean, 95% Student-t interval):
 
   forget_acc_gap_pts, retain_acc_gap_pts, test_acc_gap_pts   erasure minus retrain, points
@@ -46,7 +47,7 @@ import numpy as np
 import torch
 from _common import ROOT, interval, loadavg, parser, setup, write_json
 
-from m3tgossip.edu.data import DataConfig, node_data
+from m3tgossip.edu.data import DataConfig, node_data, nonmember_data
 from m3tgossip.edu.replay import Federation, learner_mask_of
 from m3tgossip.edu.unlearning import Probe, ascend, drop_records, verify
 from m3tgossip.edu.workload import workload_options
@@ -131,22 +132,22 @@ def one_seed(topo: Any, seed: int, args: Any, options: dict[str, Any]) -> dict[s
     pool = fed.full_pool[args.owner][fed.slice_of[args.owner] == cohort]
     chosen = rng.choice(pool, size=min(args.learners, len(pool)), replace=False)
     learners = sorted({str(owner.trainer.learners[i]) for i in chosen})
-    o_train, o_test = node_data(topo.node(args.owner), config)
+    o_train, _ = node_data(topo.node(args.owner), config)
     l_idx = np.flatnonzero(learner_mask_of(owner, learners))
-    n_train, n_test = node_data(topo.node(args.node), config)
+    n_train, _ = node_data(topo.node(args.node), config)
     n_idx = fed.full_pool[args.node]
     forgets = {
         "learner": {
             "node": args.owner,
             "idx": l_idx,
             "data": o_train.subset(l_idx),
-            "nonmembers": o_test,
+            "nonmembers": nonmember_data(topo.node(args.owner), config),
         },
         "node": {
             "node": args.node,
             "idx": n_idx,
             "data": n_train.subset(n_idx),
-            "nonmembers": n_test,
+            "nonmembers": nonmember_data(topo.node(args.node), config),
         },
     }
     result: dict[str, Any] = {

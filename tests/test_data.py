@@ -23,6 +23,7 @@ from m3tgossip.edu.data import (
     institution_profile,
     node_data,
     node_records,
+    nonmember_data,
     pooled_data,
     unseen_data,
 )
@@ -402,3 +403,29 @@ def test_unseen_learners_follow_the_population_not_the_node_skew() -> None:
     own = both(node, config)
     own_share = np.bincount(own.labels["at_risk"] * 3 + own.labels["engagement"], minlength=6)
     assert np.abs(own_share / own_share.sum() - prior).max() > 0.1  # the node's own are skewed
+
+
+# ----------------------------------------------------------------------------- non-members
+
+
+def _cells(d: EduData) -> np.ndarray:
+    c = np.bincount(d.labels["at_risk"] * 3 + d.labels["engagement"], minlength=6)
+    return c / c.sum()
+
+
+def test_nonmembers_are_drawn_as_the_nodes_own_records_are() -> None:
+    config = DataConfig(records=1500, alpha=0.1, seed=0)
+    node = make_node("uni-a-1")
+    own = both(node, config)
+    others = nonmember_data(node, config, 3000)
+    # the node's label skew, not the institution's proportions
+    np.testing.assert_allclose(_cells(others), _cells(own), atol=0.04)
+    assert np.abs(_cells(others) - _cell_prior("uni-a", config.seed)).max() > 0.1
+    # in the node's modalities and tasks, deterministic, and not the node's own learners
+    assert_same(others, nonmember_data(node, config, 3000))
+    assert not np.isin(others.tabular.round(6), own.tabular.round(6)).all(axis=1).any()
+    small = make_node("stu-1", role="student", modalities=("tabular",), tasks=("at_risk",))
+    few = nonmember_data(small, DataConfig(records=60, seed=0), 50)
+    assert not few.present["text"].any() and (few.labels["engagement"] == -1).all()
+    # drawing them changes neither the node's records nor the unseen learners
+    assert_same(own, both(node, config))

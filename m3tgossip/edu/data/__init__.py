@@ -7,7 +7,8 @@
 - `records`: `EduData`, the container every source fills;
 - `config`: `DataConfig`, how many built-in records a node makes and how skewed they are;
 - `federation`: `node_data`, `node_records`, `pooled_data`, the records of each node, and
-  `unseen_data`, learners of its institution that no node trains on;
+  `unseen_data`, learners of its institution that no node trains on, and `nonmember_data`,
+  learners drawn like the node's own that it never trains on (membership-inference controls);
 - `institutions`, `learners`: the population an institution draws and the learners' latents;
 - `text`, `clickstream`, `tabular`, `signals`, `handwriting`: one generator per modality;
 - `draws`: the seeded streams and link function the generators share;
@@ -25,9 +26,11 @@ A node's own data folder (format: `m3tgossip/docs/data.md`):
 
 from m3tgossip.edu.data.config import DataConfig
 from m3tgossip.edu.data.federation import (
+    NONMEMBER_RECORDS,
     UNSEEN_RECORDS,
     node_data,
     node_records,
+    nonmember_data,
     pooled_data,
     unseen_data,
 )
@@ -71,6 +74,8 @@ __all__ = [
     "institution_profile",
     "load_oulad",
     "node_data",
+    "nonmember_data",
+    "NONMEMBER_RECORDS",
     "unseen_data",
     "UNSEEN_RECORDS",
     "node_records",

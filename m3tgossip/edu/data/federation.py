@@ -24,7 +24,7 @@ from m3tgossip.edu.data.config import ROLE_SCALE, DataConfig
 from m3tgossip.edu.data.draws import entropy
 from m3tgossip.edu.data.handwriting import handwritten_answers
 from m3tgossip.edu.data.institutions import Institution, institution_profile
-from m3tgossip.edu.data.learners import draw_learners, skewed_learners
+from m3tgossip.edu.data.learners import draw_learners, node_share, skewed_learners
 from m3tgossip.edu.data.records import EduData
 from m3tgossip.edu.data.schema import MODALITIES, TASKS
 from m3tgossip.edu.data.signals import signal_windows
@@ -33,6 +33,8 @@ from m3tgossip.edu.data.text import reflections
 
 #: unseen learners per institution that every node is also tested on (`unseen_data`)
 UNSEEN_RECORDS = 300
+#: records of learners like the node's own that it never trained on (`nonmember_data`)
+NONMEMBER_RECORDS = 500
 
 if TYPE_CHECKING:
     from m3tgossip.topology import Topology
@@ -107,6 +109,28 @@ def unseen_data(node: NodeLike, config: DataConfig, n: int = UNSEEN_RECORDS) -> 
         np.random.SeedSequence(entropy(config.seed, "unseen-node", node.id))
     )
     return _render(node, inst, people, np.ones(n, bool), node_rng)
+
+
+def nonmember_data(node: NodeLike, config: DataConfig, n: int = NONMEMBER_RECORDS) -> EduData:
+    """n records drawn as the node's own training records are, of learners it never saw.
+
+    The non-members of a membership-inference attack on the node: the same label skew (the
+    node's own Dirichlet draw), modalities, tasks and missingness as its training records, and
+    handwritten answers from the same pool of digit images, so that whatever tells a member
+    from one of these is the training, not a shift of distribution. The node's held-out test
+    records are not that: they draw their digits from images that no training record uses.
+    New learners come from a stream of their own, so neither `node_data` nor `unseen_data`
+    changes.
+    """
+    _check_node(node)
+    inst = institution_profile(node.institution or node.id, config.seed)
+    own = np.random.default_rng(np.random.SeedSequence(entropy(config.seed, "node", node.id)))
+    share = node_share(inst, config, own)  # the first draw of the node's stream: its skew
+    rng = np.random.default_rng(
+        np.random.SeedSequence(entropy(config.seed, "nonmember", node.id))
+    )
+    people = skewed_learners(inst, config, rng, n, share=share)
+    return _render(node, inst, people, np.zeros(n, bool), rng)
 
 
 def _check_node(node: NodeLike) -> None:

@@ -83,11 +83,24 @@ def _largest_remainder(share: np.ndarray, n: int) -> np.ndarray:
     return counts
 
 
+def node_share(inst: Institution, config: DataConfig, rng: np.random.Generator) -> np.ndarray:
+    """The node's Dirichlet draw of the six label cells' proportions (its label skew)."""
+    return rng.dirichlet(config.alpha * _CELLS * _cell_prior(inst.name, config.seed))
+
+
 def skewed_learners(
-    inst: Institution, config: DataConfig, rng: np.random.Generator, n: int
+    inst: Institution,
+    config: DataConfig,
+    rng: np.random.Generator,
+    n: int,
+    share: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """n learners whose label cells follow the node's Dirichlet draw, in random order."""
-    share = rng.dirichlet(config.alpha * _CELLS * _cell_prior(inst.name, config.seed))
+    """n learners whose label cells follow the node's Dirichlet draw, in random order.
+
+    The draw is the first thing taken from `rng` (`node_share`) unless `share` gives it.
+    """
+    if share is None:
+        share = node_share(inst, config, rng)
     need = _largest_remainder(share, n)
     parts: list[dict[str, np.ndarray]] = []
     for _ in range(_MAX_BATCHES):
