@@ -28,11 +28,12 @@ Membership inference (loss threshold, Yeom et al.) on every node: its final chec
 run is loaded into the node's model (`EduWorkload.load_state`) and the per-record loss on its
 training records (members) is compared with non-members: 500 learners drawn as the node's own
 are, with its label skew and from the same digit images, whom it never trained on
-(`m3tgossip.edu.data.nonmember_data`; the node's held-out records draw digits from images no
-training record uses, so against them even an untrained model would tell members apart). AUC of
-minus the loss, its standard error and the membership advantage, and the AUC against the
-held-out records as `auc_vs_test`; for the `profiles` and `open` runs of every seed. With `--overfit` (default records=60,local_steps=20; '' to skip) the same pair
-of runs is repeated for the first seed in an overfit-prone setting, so the attack has
+(`m3tgossip.edu.data.nonmember_data`). The node's held-out records draw their digits from
+images no training record uses, so a gap in loss against them can come from the images rather
+than the training; their AUC is kept as `auc_vs_test`. Reported: AUC of minus the loss, its
+standard error and the membership advantage, for the `profiles` and `open` runs of every seed.
+With `--overfit` (default records=60,local_steps=20; '' to skip) the same pair of runs is
+repeated for the first seed in an overfit-prone setting, so the attack has
 something to find without DP.
 
 Canary audit (`--canaries`, default 200; `--canary-node`, default the first strict node): that

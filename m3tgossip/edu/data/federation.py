@@ -126,9 +126,7 @@ def nonmember_data(node: NodeLike, config: DataConfig, n: int = NONMEMBER_RECORD
     inst = institution_profile(node.institution or node.id, config.seed)
     own = np.random.default_rng(np.random.SeedSequence(entropy(config.seed, "node", node.id)))
     share = node_share(inst, config, own)  # the first draw of the node's stream: its skew
-    rng = np.random.default_rng(
-        np.random.SeedSequence(entropy(config.seed, "nonmember", node.id))
-    )
+    rng = np.random.default_rng(np.random.SeedSequence(entropy(config.seed, "nonmember", node.id)))
     people = skewed_learners(inst, config, rng, n, share=share)
     return _render(node, inst, people, np.zeros(n, bool), rng)
 
