@@ -184,7 +184,7 @@ def pooled_arm(topo: Topology, o: dict[str, Any], seed: int, args: argparse.Name
     if not profile.is_open:
         plan = TrainingPlan(trainer.private_sampling_rate(), o["local_steps"])
         noise = training_noise(profile, plan, args.rounds, model.vectors())
-        trainer.use_private(noise)
+        trainer.use_private(noise, lr=float(o["dp_lr"]))
     scorers = {}
     for n, (_, own) in zip(topo.nodes, parts, strict=True):
         new = unseen_data(n, config)

@@ -576,7 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.canaries > 0:
         cnode = args.canary_node or (strict_nodes[0] if strict_nodes else next(iter(profiles)))
         node = base.node(cnode)
-        steps = int(options.get("local_steps", 5))
+        o = workload_options(options)
+        steps = int(o["local_steps"])
         print(f"\ncanary audit of {cnode}: {args.canaries} canaries; load {loadavg()}", flush=True)
         for variant, prof_name in (("private", profiles[cnode]), ("open", "open")):
             canary[variant] = canary_audit(
@@ -586,8 +587,10 @@ def main(argv: list[str] | None = None) -> int:
                 rounds=args.rounds,
                 local_steps=steps,
                 canaries=args.canaries,
-                records=int(options.get("records", 240)),
-                batch_size=int(options.get("batch_size", 32)),
+                records=int(o["records"]),
+                batch_size=int(o["batch_size"]),
+                lr=float(o["lr"]),
+                dp_lr=float(o["dp_lr"]),
                 audit_seed=seeds[0],
             )
         canary["node"] = cnode

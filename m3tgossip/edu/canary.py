@@ -73,10 +73,14 @@ def canary_audit(
     canaries: int = 200,
     records: int = 240,
     batch_size: int = 32,
+    lr: float = 3e-3,
+    dp_lr: float = 1e-2,
     beta: float = 0.05,
     audit_seed: int | None = None,
 ) -> dict[str, Any]:
-    """The audit of one node's training (see the module docstring); JSON-able result."""
+    """The audit of one node's training (see the module docstring); JSON-able result.
+
+    The run without DP trains at `lr`, the private one at `dp_lr`, as the edu workload does."""
     torch.set_num_threads(1)
     rng = np.random.default_rng(audit_seed)
     train, test = node_data(node, DataConfig(records=records, seed=seed))
@@ -84,7 +88,7 @@ def canary_audit(
     included = rng.random(canaries) < 0.5
     data = EduData.concat([train, canary.subset(included)])
     model = build_node_model(node, seed=seed, lora=LoraSpec())
-    trainer = Trainer(model, data, test, batch_size=batch_size, seed=seed)
+    trainer = Trainer(model, data, test, lr=lr, batch_size=batch_size, seed=seed)
     result: dict[str, Any] = {
         "canaries": canaries,
         "included": int(included.sum()),
@@ -96,7 +100,7 @@ def canary_audit(
     if not profile.is_open:
         plan = TrainingPlan(trainer.private_sampling_rate(), local_steps)
         noise = training_noise(profile, plan, rounds, sorted(model.vectors()))
-        trainer.use_private(noise, seed=audit_seed)
+        trainer.use_private(noise, seed=audit_seed, lr=dp_lr)
         acc = RDPAccountant()
         acc.step(noise.noise_multiplier, rounds * local_steps, plan.sampling_rate)
         eps_accountant = acc.epsilon(profile.delta)

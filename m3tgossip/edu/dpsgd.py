@@ -15,6 +15,11 @@ weights never get a gradient):
 5. The sum is divided by the expected number of learners in a step (`q` times the learners)
    and handed to the optimiser as the gradient.
 
+The optimiser is the trainer's AdamW. Where the noise dominates a coordinate's gradient, as it
+does at these budgets, Adam's second moment is mostly the noise's variance, so its step on the
+gradient shrinks by the gradient's share of that moment; a private node therefore trains at
+the workload's `dp_lr`, above the learning rate of open training.
+
 Each step is the Poisson-subsampled Gaussian mechanism on one learner (add/remove), which is
 what `m3tgossip.privacy` accounts. The number of learners (which sets `q` and the divisor) is
 taken as public, as DP-SGD implementations do. The sampling and the noise draw from operating-system

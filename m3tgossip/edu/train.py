@@ -229,8 +229,11 @@ class Trainer:
         learners = self.population or len(np.unique(self.learners[self.pool]))
         return sampling_rate(self.batch_size, learners)
 
-    def use_private(self, noise: TrainingNoise, seed: int | None = None) -> None:
-        """Train with per-learner DP-SGD at `noise` from now on (`seed`: tests only).
+    def use_private(
+        self, noise: TrainingNoise, seed: int | None = None, lr: float | None = None
+    ) -> None:
+        """Train with per-learner DP-SGD at `noise` from now on, at learning rate `lr` if given
+        (`seed`: tests only).
 
         Refused with a fairness option: its weights read other learners' records, which
         per-learner clipping does not account for."""
@@ -250,6 +253,9 @@ class Trainer:
             noise,
             seed=seed,
         )
+        if lr is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = float(lr)
         if self.modality_dropout:
             self.private.augment = lambda batch: self._dropped(batch, self.step)
 

@@ -22,6 +22,10 @@ Options (`[workload]` table of the node config):
                   rounds (5); built-in data is also scored on 300 unseen learners of the node's
                   institution (`unseen` in the metrics: learners no node trained on)
     lr            AdamW learning rate (3e-3)
+    dp_lr         AdamW learning rate of a node that trains with per-learner DP-SGD (1e-2):
+                  the noise dominates Adam's second moment there, which shrinks the step it
+                  takes on the gradient by the gradient's share of that moment, so the same
+                  lr learns far less (see `m3tgossip.edu.dpsgd`)
     batch_size    records per step (32)
     lora_rank     LoRA rank (4)
     lora_alpha    LoRA alpha; the scale is alpha / rank (2 * rank)
@@ -91,6 +95,7 @@ DEFAULTS: dict[str, Any] = {
     "local_steps": 5,
     "eval_every": 5,
     "lr": 3e-3,
+    "dp_lr": 1e-2,
     "batch_size": 32,
     "lora_rank": 4,
     "lora_alpha": None,
@@ -131,7 +136,7 @@ def workload_options(raw: dict[str, Any] | None) -> dict[str, Any]:
         raise ValueError(f"workload option continual: one of {', '.join(CONTINUAL)}, got {given!r}")
     if options["lr"] * options["anchor"] >= 1:
         raise ValueError("workload options lr * anchor: below 1 (the L2 pull's share of a step)")
-    for key in ("lr", "alpha", "fairness_eta"):
+    for key in ("lr", "dp_lr", "alpha", "fairness_eta"):
         value = options[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ValueError(f"workload option {key}: a positive number, got {value!r}")
@@ -176,6 +181,8 @@ class EduWorkload:
         self.node_id = node_id
         #: optimiser steps a round: `local_steps` scaled by the node's declared speed
         self.steps = max(1, round(o["local_steps"] * node.speed))
+        #: the learning rate once the daemon turns on per-learner DP-SGD
+        self.dp_lr = float(o["dp_lr"])
         self.model = build_node_model(
             node,
             seed=seed,
@@ -263,8 +270,9 @@ class EduWorkload:
         return sorted(self.model.trained_flat())
 
     def use_private_training(self, noise: TrainingNoise) -> None:
-        """Train every step with per-learner DP-SGD at the daemon's calibrated `noise`."""
-        self.trainer.use_private(noise)
+        """Train every step with per-learner DP-SGD at the daemon's calibrated `noise`, at the
+        learning rate `dp_lr`."""
+        self.trainer.use_private(noise, lr=self.dp_lr)
 
     def model_id(self) -> str:
         """Base checkpoint, component layout, LoRA mode/rank/alpha, backbone, federation seed."""
