@@ -133,6 +133,20 @@ def test_bad_options_are_rejected(topology):
         EduWorkload(topology, "student", options={"local_steps": 0})
     with pytest.raises(ValueError, match="lora mode"):
         EduWorkload(topology, "student", options={"lora_mode": "average"})
+    with pytest.raises(ValueError, match="dp_lr"):
+        EduWorkload(topology, "student", options={"dp_lr": 0})
+
+
+def test_private_training_steps_at_dp_lr(topology):
+    from m3tgossip.privacy import TrainingNoise
+
+    w = EduWorkload(topology, "student", seed=1, options={"records": 60, "dp_lr": 0.02})
+    assert {g["lr"] for g in w.trainer.optimizer.param_groups} == {3e-3}
+    w.use_private_training(
+        TrainingNoise(clip=1.0, noise_multiplier=1.0, sampling_rate=0.5, steps_per_round=1)
+    )
+    assert {g["lr"] for g in w.trainer.optimizer.param_groups} == {0.02}
+    assert w.trainer.private is not None
 
 
 @pytest.mark.parametrize(("speed", "steps"), [(1.0, 5), (0.5, 2), (0.3, 2), (0.1, 1), (0.01, 1)])
