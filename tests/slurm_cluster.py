@@ -12,10 +12,11 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
+
+from m3tgossip.harness.testbed import free_ports
 
 PACKAGES = ("slurm-wlm", "munge")
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo")
@@ -56,31 +57,12 @@ def unavailable() -> str | None:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def consecutive_free_ports(n: int) -> int:
     """The first of `n` consecutive ports free on 127.0.0.1 right now."""
-    for _ in range(50):
-        start = free_port()
-        base = start - start % 64
-        if base < 1024 or base + n > 65535:
-            continue
-        socks = []
-        try:
-            for port in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"found no {n} consecutive free ports")
+    return free_ports(n, consecutive=True)[0]
 
 
 SLURM_CONF = """\

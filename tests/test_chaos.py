@@ -166,6 +166,23 @@ def _write_metrics(folder: Path, records: list[dict]) -> Path:
     return folder
 
 
+def test_free_ports_are_outside_the_ephemeral_range(monkeypatch, tmp_path) -> None:
+    """Picked ports cannot be taken by an outgoing connection before their daemon binds."""
+    from m3tgossip.harness import testbed
+
+    span = testbed.listen_range()
+    low, high = (int(v) for v in testbed.EPHEMERAL_RANGE.read_text().split())
+    assert not set(span) & set(range(low, high + 1))
+    ports = testbed.free_ports(20)
+    assert len(set(ports)) == 20 and all(p in span for p in ports)
+    run = testbed.free_ports(16, consecutive=True)
+    assert run == list(range(run[0], run[0] + 16))
+    fake = tmp_path / "range"
+    fake.write_text("1024\t60999\n")
+    monkeypatch.setattr(testbed, "EPHEMERAL_RANGE", fake)
+    assert testbed.listen_range() == range(61000, 65536)
+
+
 def test_summary_of_metrics_files(tmp_path) -> None:
     spec_path = tmp_path / "r3.toml"
     spec_path.write_text('name = "r3"\n[generator]\nkind = "cycle"\nn = 3\n')

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -76,18 +77,53 @@ class Placement:
     prefix: tuple[str, ...] = ()
 
 
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """`n` distinct ports free on `host` right now (held open together so they differ)."""
-    socks = []
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def listen_range() -> range:
+    """Ports a daemon may be told to listen on: outside the kernel's ephemeral range, so that
+    no outgoing connection (a neighbour dialling, a test's client) can take one between the
+    moment it is picked and the moment its daemon binds it."""
     try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+        low, high = (int(v) for v in EPHEMERAL_RANGE.read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    if low - 10000 >= 2048:
+        return range(10000, low)
+    if 65535 - high >= 2048:
+        return range(high + 1, 65536)
+    return range(1024, 65536)  # no room outside it: fall back to any unprivileged port
+
+
+def free_ports(n: int, host: str = "127.0.0.1", consecutive: bool = False) -> list[int]:
+    """`n` distinct ports free on `host` right now (held open together so they differ), drawn
+    at random from `listen_range()`; with `consecutive`, a run `p, p + 1, ..., p + n - 1`."""
+    span = listen_range()
+    draw = random.SystemRandom()
+    for _ in range(200):
+        if consecutive:
+            start = draw.randrange(span.start, span.stop - n)
+            candidates = list(range(start, start + n))
+        else:
+            candidates = draw.sample(span, min(len(span), 4 * n))
+        socks: list[socket.socket] = []
+        try:
+            for port in candidates:
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    s.close()
+                    if consecutive:
+                        break
+                    continue
+                socks.append(s)
+                if len(socks) == n:
+                    return [s.getsockname()[1] for s in socks]
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"found no {n} free ports on {host} in {span.start}..{span.stop - 1}")
 
 
 def _check_nodes(spec: TestbedSpec, ids: list[str], placements: Mapping[str, Placement]) -> None:
