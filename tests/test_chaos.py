@@ -173,6 +173,7 @@ def test_free_ports_are_outside_the_ephemeral_range(monkeypatch, tmp_path) -> No
     span = testbed.listen_range()
     low, high = (int(v) for v in testbed.EPHEMERAL_RANGE.read_text().split())
     assert not set(span) & set(range(low, high + 1))
+    assert testbed.free_ports(0) == []
     ports = testbed.free_ports(20)
     assert len(set(ports)) == 20 and all(p in span for p in ports)
     run = testbed.free_ports(16, consecutive=True)

@@ -98,6 +98,8 @@ def listen_range() -> range:
 def free_ports(n: int, host: str = "127.0.0.1", consecutive: bool = False) -> list[int]:
     """`n` distinct ports free on `host` right now (held open together so they differ), drawn
     at random from `listen_range()`; with `consecutive`, a run `p, p + 1, ..., p + n - 1`."""
+    if n <= 0:
+        return []
     span = listen_range()
     draw = random.SystemRandom()
     for _ in range(200):
