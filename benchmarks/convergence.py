@@ -4,7 +4,9 @@
 For each topology and seed, three arms on the same model, data, privacy and training budget
 per node (rounds x local_steps steps of batch_size records):
 
-  gossip   the multi-process testbed, `--workload edu` (one daemon per node, sync rounds);
+  gossip   the multi-process testbed, `--workload edu` (one daemon per node, sync rounds),
+           with `weighting = --weighting` (records: every record counts once in the network
+           mean, as it does in the pooled arm);
   local    the same testbed with `--mode local` (the daemons train and never exchange);
   pooled   in this process, one model holding every modality and task of the topology, trained
            on the pooled train records of all nodes for rounds x local_steps steps of
@@ -63,7 +65,7 @@ from m3tgossip.edu.data import MODALITIES, TASKS, DataConfig, EduData, node_data
 from m3tgossip.edu.model import DEFAULT_CHECKPOINT, LoraSpec, build_node_model
 from m3tgossip.edu.model.components import component_seed
 from m3tgossip.edu.train import Trainer
-from m3tgossip.edu.workload import workload_options
+from m3tgossip.edu.workload import WEIGHTING, workload_options
 from m3tgossip.harness import Testbed, TestbedSpec
 from m3tgossip.harness.testbed_spec import parse_assignment
 from m3tgossip.privacy import TrainingPlan, profile_for
@@ -94,9 +96,15 @@ class PooledSpec:
 
 
 def testbed_arm(
-    topo_path: Path, mode: str, seed: int, args: argparse.Namespace, folder: Path
+    topo_path: Path,
+    mode: str,
+    seed: int,
+    args: argparse.Namespace,
+    folder: Path,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One testbed run; per node its evaluations (round, own held-out, unseen) in order."""
+    """One testbed run; per node its evaluations (round, own held-out, unseen) in order
+    (`extra`: workload options of this arm on top of `args.option`)."""
     spec = TestbedSpec(
         topology=topo_path,
         out=folder,
@@ -104,7 +112,7 @@ def testbed_arm(
         rounds=args.rounds,
         seed=seed,
         mode=mode,
-        options=dict(parse_assignment(o) for o in args.option),
+        options={**dict(parse_assignment(o) for o in args.option), **(extra or {})},
         settings={"privacy.profile": args.privacy},
         deadline=args.deadline,
         quiet=True,
@@ -411,6 +419,13 @@ def main(argv: list[str] | None = None) -> int:
         default=60.0,
         help="round deadline (s): long, so a loaded machine does not drop neighbours' updates",
     )
+    p.add_argument(
+        "--weighting",
+        default="records",
+        choices=WEIGHTING,
+        help="the gossip arm's `weighting` (records: each record counts once in the network "
+        "mean, as in the pooled arm; local-only runs average with nobody)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads of the pooled arm")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -422,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out,
         f"topologies {', '.join(args.topologies)}; rounds {args.rounds}; seeds {seeds}; "
         f"privacy {args.privacy} for every arm; options {args.option or 'defaults'}; "
+        f"gossip weighting {args.weighting}; "
         f"torch {torch.__version__}",
     )
     print(
@@ -441,7 +457,12 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             runs = {
                 "gossip": testbed_arm(
-                    topo_path, "sync", seed, args, out / "runs" / topo.name / f"gossip-{seed}"
+                    topo_path,
+                    "sync",
+                    seed,
+                    args,
+                    out / "runs" / topo.name / f"gossip-{seed}",
+                    {"weighting": args.weighting},
                 ),
                 "local": testbed_arm(
                     topo_path, "local", seed, args, out / "runs" / topo.name / f"local-{seed}"
@@ -505,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         "privacy": args.privacy,
         "deadline_s": args.deadline,
         "options": args.option,
+        "gossip_weighting": args.weighting,
         "workload": o,
         "checkpoint": str(DEFAULT_CHECKPOINT.name),
         "load_average_end": loadavg(),

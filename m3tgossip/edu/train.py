@@ -183,6 +183,7 @@ class Trainer:
         fairness: str = "none",
         fairness_eta: float = 0.1,
         modality_dropout: float = 0.0,
+        lr_scale: Mapping[str, float] | None = None,
     ) -> None:
         weights = dict(loss_weights or {})
         unknown = sorted(set(weights) - set(model.tasks))
@@ -205,8 +206,18 @@ class Trainer:
         #: records with at least one label for the node's tasks
         self.pool = np.flatnonzero(labelled)
         self.params = model.trainable_parameters()
+        #: component -> factor on the learning rate (`weighting`; 1 for the others)
+        self.lr_scale = dict(lr_scale or {})
+        groups = [
+            {
+                "params": f.params,
+                "lr": lr * self.lr_scale.get(c, 1.0),
+                "scale": self.lr_scale.get(c, 1.0),
+            }
+            for c, f in model.trained_flat().items()
+        ]
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=lr, weight_decay=weight_decay, foreach=True
+            [g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay, foreach=True
         )
         self.step = 0
         self.learners = learners_of(len(train), train.learner)
@@ -255,7 +266,7 @@ class Trainer:
         )
         if lr is not None:
             for group in self.optimizer.param_groups:
-                group["lr"] = float(lr)
+                group["lr"] = float(lr) * group["scale"]
         if self.modality_dropout:
             self.private.augment = lambda batch: self._dropped(batch, self.step)
 

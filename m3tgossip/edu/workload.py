@@ -55,6 +55,16 @@ Options (`[workload]` table of the node config):
     replay        records per earlier task in the replay buffer (64; 0: none)
     anchor        weight of the L2 pull to the previous stage's weights (10; 0: none): every
                   optimiser step moves a component lr * anchor of the way back
+    weighting     "uniform" (default: every node's updates count the same in the network
+                  mean) or "records": each shared component trains at lr * n / mean(n), n
+                  being the records a node holds and the mean over the component's holders,
+                  so that the network mean follows the gradient of the loss over every
+                  holder's records, each record counting once, as pooled training weighs them
+                  (FedAvg's weighting, for gossip): a student with 24 records moves the mean
+                  a twentieth as far as an institution with 480. Every node's count comes from
+                  the spec: built-in data knows them, a node with its own data folder declares
+                  `records = N` in its topology entry (see `record_counts`). Local-only runs
+                  (`--mode local`) average with nobody and have no use for it
 
 All nodes of a federation must use the same lora_rank, lora_alpha, lora_mode, checkpoint and
 backbone: `model_id` differs otherwise, and peers with another id are rejected.
@@ -74,7 +84,7 @@ import torch
 from m3tgossip.edu import unlearning
 from m3tgossip.edu.continual import CONTINUAL, Anchor, stage_components, stage_train
 from m3tgossip.edu.data.config import DataConfig
-from m3tgossip.edu.data.federation import node_data, unseen_data
+from m3tgossip.edu.data.federation import node_data, node_records, unseen_data
 from m3tgossip.edu.data.node_folder import load_node_folder
 from m3tgossip.edu.influence import HeldoutLoss
 from m3tgossip.edu.model.components import component_seed
@@ -113,7 +123,9 @@ DEFAULTS: dict[str, Any] = {
     "continual": "replay",
     "replay": 64,
     "anchor": 10.0,
+    "weighting": "uniform",
 }
+WEIGHTING = ("uniform", "records")
 OPTIONS = tuple(DEFAULTS)
 
 
@@ -131,6 +143,9 @@ def workload_options(raw: dict[str, Any] | None) -> dict[str, Any]:
         value = options[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise ValueError(f"workload option {key}: a number >= 0, got {value!r}")
+    if options["weighting"] not in WEIGHTING:
+        given = options["weighting"]
+        raise ValueError(f"workload option weighting: one of {', '.join(WEIGHTING)}, got {given!r}")
     if options["continual"] not in CONTINUAL:
         given = options["continual"]
         raise ValueError(f"workload option continual: one of {', '.join(CONTINUAL)}, got {given!r}")
@@ -162,6 +177,41 @@ def workload_options(raw: dict[str, Any] | None) -> dict[str, Any]:
     if options["lora_alpha"] is None:
         options["lora_alpha"] = 2.0 * options["lora_rank"]
     return options
+
+
+def record_counts(topology: Topology, options: Mapping[str, Any], seed: int) -> dict[str, int]:
+    """How many records each node of the spec holds: its declared `records`, else, with the
+    built-in data (no `data` folder), what the generator gives it; ValueError naming the first
+    node whose count nobody can know."""
+    config = DataConfig(records=options["records"], alpha=options["alpha"], seed=seed)
+    last = topology.version(len(topology.stages)) if topology.stages else topology
+    counts: dict[str, int] = {}
+    for node in last.nodes:
+        if node.records is not None:
+            counts[node.id] = node.records
+        elif not options["data"]:
+            counts[node.id] = node_records(node, config)
+        else:
+            raise ValueError(
+                f'weighting = "records": node "{node.id}" declares no `records = N` in the '
+                "topology, and with data folders no node can know another's count"
+            )
+    return counts
+
+
+def lr_scales(
+    topology: Topology, node_id: str, options: Mapping[str, Any], seed: int
+) -> dict[str, float]:
+    """Per shared component, the factor on this node's learning rate of `weighting`: its
+    record count over the mean count of the component's holders (empty for "uniform")."""
+    if options["weighting"] == "uniform":
+        return {}
+    counts = record_counts(topology, options, seed)
+    node = topology.node(node_id)
+    return {
+        c: counts[node_id] / float(np.mean([counts[h] for h in topology.holders(c)]))
+        for c in node.shared_components
+    }
 
 
 class EduWorkload:
@@ -229,6 +279,7 @@ class EduWorkload:
             fairness=o["fairness"],
             fairness_eta=float(o["fairness_eta"]),
             modality_dropout=o["modality_dropout"],
+            lr_scale=lr_scales(topology, node_id, o, seed),
         )
         #: the stage checkpoint exact erasure returns to: the values before any training
         self.stage0 = {f"param/{c}": x.copy() for c, x in self.model.vectors().items()}

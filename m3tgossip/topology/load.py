@@ -63,6 +63,7 @@ _NODE_KEYS = (
     "single_learner",
     "speed",
     "bandwidth",
+    "records",
 )
 #: attributes that must be set per node, never in [defaults]
 _PER_NODE_KEYS = ("id", "port", "public_key")
@@ -80,6 +81,7 @@ _BUILTIN_DEFAULTS: dict[str, Any] = {
     "single_learner": None,
     "speed": 1.0,
     "bandwidth": 1.0,
+    "records": None,
 }
 
 
@@ -422,6 +424,11 @@ def _parse_node(
             f'{key} = {pace[key]:g} with single_learner = "cancel": its noise cancels only in '
             "lockstep rounds, and no neighbour keeps lockstep with a node declared slow",
         )
+    records = attrs["records"]
+    if records is not None and (isinstance(records, bool) or not isinstance(records, int)):
+        raise fail("records", f"must be a whole number of records, got {records!r}")
+    if records is not None and records < 1:
+        raise fail("records", f"{records} is not a positive number of records")
     public_key = attrs["public_key"]
     if public_key is not None and (
         not isinstance(public_key, str) or len(public_key) != 40 or not set(public_key) <= Z85_CHARS
@@ -441,6 +448,7 @@ def _parse_node(
         public_key=public_key,
         local=(),
         single_learner=single_learner,
+        records=records,
         **pace,
     )
     held = node.components

@@ -73,6 +73,9 @@ class NodeSpec:
     #: the node's uplink relative to a full-speed node, in (0, 1]: it sends in one round of
     #: every `send_every`
     bandwidth: float = 1.0
+    #: how many records (train and test) the node holds, declared for `weighting = "records"`
+    #: of the edu workload (None: not declared; built-in data knows every node's count)
+    records: int | None = None
 
     @property
     def straggler(self) -> bool:
@@ -312,6 +315,8 @@ class Topology:
             for key in PACE_KEYS:
                 if getattr(n, key) != 1.0:
                     lines.append(f"{key} = {getattr(n, key)!r}")
+            if n.records is not None:
+                lines.append(f"records = {n.records}")
         lines += stages_toml(self.stages, _toml_str)
         return "\n".join(lines) + "\n"
 
