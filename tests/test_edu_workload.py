@@ -10,6 +10,7 @@ import torch
 
 from m3tgossip.edu.data import UNSEEN_RECORDS
 from m3tgossip.edu.workload import EduWorkload
+from m3tgossip.privacy import TrainingNoise
 from m3tgossip.topology import parse_topology
 
 SPEC = {
@@ -147,6 +148,47 @@ def test_private_training_steps_at_dp_lr(topology):
     )
     assert {g["lr"] for g in w.trainer.optimizer.param_groups} == {0.02}
     assert w.trainer.private is not None
+
+
+def test_records_weighting_scales_each_shared_component_by_its_holders(topology):
+    from m3tgossip.edu.workload import lr_scales, record_counts, workload_options
+
+    o = workload_options({"records": 60, "weighting": "records"})
+    counts = record_counts(topology, o, 1)
+    assert counts == {"uni": 120, "teacher": 60, "student": 6}
+    w = EduWorkload(topology, "teacher", seed=1, options={"records": 60, "weighting": "records"})
+    scale = w.trainer.lr_scale
+    assert scale == lr_scales(topology, "teacher", o, 1)
+    # clickstream: all three hold it; tabular: uni and teacher; engagement's head stays local
+    assert scale["encoder.clickstream"] == pytest.approx(60 / np.mean([120, 60, 6]))
+    assert scale["encoder.tabular"] == pytest.approx(60 / 90)
+    assert "head.engagement" not in scale
+    by_group = {id(g["params"][0]): g for g in w.trainer.optimizer.param_groups}
+    for c, flat in w.model.trained_flat().items():
+        group = by_group[id(flat.params[0])]
+        assert group["lr"] == pytest.approx(3e-3 * scale.get(c, 1.0))
+    w.use_private_training(
+        TrainingNoise(clip=1.0, noise_multiplier=1.0, sampling_rate=0.5, steps_per_round=1)
+    )
+    assert {round(g["lr"] / g["scale"], 12) for g in w.trainer.optimizer.param_groups} == {1e-2}
+    uniform = EduWorkload(topology, "teacher", seed=1, options={"records": 60})
+    assert {g["lr"] for g in uniform.trainer.optimizer.param_groups} == {3e-3}
+    with pytest.raises(ValueError, match="weighting: one of"):
+        EduWorkload(topology, "teacher", options={"weighting": "size"})
+
+
+def test_records_weighting_with_data_folders_needs_declared_counts(topology):
+    from m3tgossip.edu.workload import record_counts, workload_options
+
+    o = workload_options({"weighting": "records", "data": "somewhere"})
+    with pytest.raises(ValueError, match='node "uni" declares no `records = N`'):
+        record_counts(topology, o, 0)
+    spec = {
+        **SPEC,
+        "nodes": [{**n, "records": r} for n, r in zip(SPEC["nodes"], (500, 90, 7), strict=True)],
+    }
+    declared = record_counts(parse_topology(spec, "test"), o, 0)
+    assert declared == {"uni": 500, "teacher": 90, "student": 7}
 
 
 @pytest.mark.parametrize(("speed", "steps"), [(1.0, 5), (0.5, 2), (0.3, 2), (0.1, 1), (0.01, 1)])

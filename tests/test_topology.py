@@ -187,6 +187,14 @@ def test_speed_and_bandwidth_declare_a_straggler(tmp_path: Path) -> None:
     assert len(stragglers) == 2 and "node b: declared a straggler (speed 0.1" in stragglers[0]
 
 
+def test_a_node_declares_how_many_records_it_holds(tmp_path: Path) -> None:
+    topo = load_topology(_write(tmp_path, "records.toml", _explicit(b="records = 480")))
+    assert [topo.node(i).records for i in "abc"] == [None, 480, None]
+    text = topo.to_toml()
+    assert text.count("records = 480") == 1
+    assert _same_spec(topo, load_topology(_write(tmp_path, "again.toml", text)))
+
+
 # ----------------------------------------------------------------------------- the API
 
 MINI = """
@@ -523,6 +531,9 @@ BAD_SPECS = [
     ("speed-type", _explicit(b='speed = "slow"'), '(id "b").speed', "a number in (0, 1]"),
     ("speed-bool", _explicit(b="speed = true"), '(id "b").speed', "a number in (0, 1]"),
     ("bandwidth", _explicit(b="bandwidth = -0.5"), '(id "b").bandwidth', "outside (0, 1]"),
+    ("records-zero", _explicit(b="records = 0"), '(id "b").records', "not a positive number"),
+    ("records-float", _explicit(b="records = 2.5"), '(id "b").records', "a whole number"),
+    ("records-bool", _explicit(b="records = true"), '(id "b").records', "a whole number"),
     (
         "defaults-speed",
         _generated('kind = "cycle"\nn = 4', "[defaults]\nspeed = 1.5\n"),
