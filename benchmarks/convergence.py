@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
                     seed,
                     args,
                     out / "runs" / topo.name / f"gossip-{seed}",
-                    {"weighting": args.weighting},
+                    {"weighting": args.weighting} if args.weighting != "uniform" else {},
                 ),
                 "local": testbed_arm(
                     topo_path, "local", seed, args, out / "runs" / topo.name / f"local-{seed}"
