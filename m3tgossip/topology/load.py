@@ -424,11 +424,9 @@ def _parse_node(
             f'{key} = {pace[key]:g} with single_learner = "cancel": its noise cancels only in '
             "lockstep rounds, and no neighbour keeps lockstep with a node declared slow",
         )
-    records = attrs["records"]
-    if records is not None and (isinstance(records, bool) or not isinstance(records, int)):
-        raise fail("records", f"must be a whole number of records, got {records!r}")
-    if records is not None and records < 1:
-        raise fail("records", f"{records} is not a positive number of records")
+    if (records := attrs["records"]) is not None and (type(records) is not int or records < 1):
+        bad = "is not a positive number of records" if type(records) is int else "is not whole"
+        raise fail("records", f"{records!r} {bad}: a whole number of records")
     public_key = attrs["public_key"]
     if public_key is not None and (
         not isinstance(public_key, str) or len(public_key) != 40 or not set(public_key) <= Z85_CHARS
