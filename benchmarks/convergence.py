@@ -462,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
                     seed,
                     args,
                     out / "runs" / topo.name / f"gossip-{seed}",
+                    # the default is left off the command line, so earlier runs are reused
                     {"weighting": args.weighting} if args.weighting != "uniform" else {},
                 ),
                 "local": testbed_arm(

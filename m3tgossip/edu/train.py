@@ -208,17 +208,13 @@ class Trainer:
         self.params = model.trainable_parameters()
         #: component -> factor on the learning rate (`weighting`; 1 for the others)
         self.lr_scale = dict(lr_scale or {})
+        scales = {c: self.lr_scale.get(c, 1.0) for c in model.trained_flat()}
         groups = [
-            {
-                "params": f.params,
-                "lr": lr * self.lr_scale.get(c, 1.0),
-                "scale": self.lr_scale.get(c, 1.0),
-            }
+            {"params": f.params, "lr": lr * scales[c], "scale": scales[c]}
             for c, f in model.trained_flat().items()
+            if f.params
         ]
-        self.optimizer = torch.optim.AdamW(
-            [g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay, foreach=True
-        )
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, foreach=True)
         self.step = 0
         self.learners = learners_of(len(train), train.learner)
         #: per-learner DP-SGD, once `use_private` was called

@@ -184,7 +184,7 @@ def record_counts(topology: Topology, options: Mapping[str, Any], seed: int) -> 
     built-in data (no `data` folder), what the generator gives it; ValueError naming the first
     node whose count nobody can know."""
     config = DataConfig(records=options["records"], alpha=options["alpha"], seed=seed)
-    last = topology.version(len(topology.stages)) if topology.stages else topology
+    last = topology.version(len(topology.stages))  # every node, the ones later stages add too
     counts: dict[str, int] = {}
     for node in last.nodes:
         if node.records is not None:
